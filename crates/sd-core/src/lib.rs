@@ -71,6 +71,6 @@ pub use posterior::{PosteriorCoefficients, VarianceType};
 pub use prediction::{Conversion, PredictionType, velocity};
 pub use real::Real;
 pub use schedule::{BetaSchedule, NoiseSchedule};
-pub use sigmas::{exponential_sigmas, karras_sigmas, sigma_to_t};
+pub use sigmas::{VpCoefficients, exponential_sigmas, karras_sigmas, sigma_to_t};
 pub use spacing::TimestepSpacing;
 pub use training::{LossWeighting, mse, timestep_from_uniform};

@@ -31,6 +31,35 @@ pub fn alpha_bar_from_sigma(sigma: f64) -> f64 {
     1.0 / (sigma * sigma + 1.0)
 }
 
+/// A noise level in the variance-preserving parametrisation of the DPM-Solver family (Lu et
+/// al., 2022, "DPM-Solver", sec. 2): `x_t = alpha_t x_0 + sigma_t eps` with
+/// `alpha_t = 1 / sqrt(sigma^2 + 1)` and `sigma_t = sigma alpha_t`, so that
+/// `alpha_t^2 + sigma_t^2 = 1` and `alpha_t = sqrt(alpha_bar)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VpCoefficients {
+    /// `alpha_t = sqrt(alpha_bar)`.
+    pub alpha_t: f64,
+    /// `sigma_t = sqrt(1 - alpha_bar)`.
+    pub sigma_t: f64,
+}
+
+impl VpCoefficients {
+    /// The pair for a k-diffusion noise level `sigma` (diffusers' `_sigma_to_alpha_sigma_t`).
+    pub fn from_sigma(sigma: f64) -> Self {
+        let alpha_t = 1.0 / (sigma * sigma + 1.0).sqrt();
+        VpCoefficients {
+            alpha_t,
+            sigma_t: sigma * alpha_t,
+        }
+    }
+
+    /// The half log-SNR `lambda_t = ln(alpha_t) - ln(sigma_t)`, the time variable of
+    /// DPM-Solver, UniPC and DEIS (computed as the reference does, from the two logs).
+    pub fn lambda(&self) -> f64 {
+        self.alpha_t.ln() - self.sigma_t.ln()
+    }
+}
+
 impl NoiseSchedule {
     /// The training sigmas, `sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)` for `t` in
     /// `0..T`, increasing with `t`.

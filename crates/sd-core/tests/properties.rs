@@ -99,6 +99,16 @@ proptest! {
         prop_assert!(close(via_alpha, via_sigma, 1e-9), "{via_alpha} vs {via_sigma}");
     }
 
+    /// The VP pair of a sigma has unit norm, alpha_t = sqrt(alpha_bar), and lambda = -ln(sigma).
+    #[test]
+    fn vp_coefficients_of_a_sigma(alpha_bar in 1e-4_f64..0.9999) {
+        let sigma = sd_core::sigmas::sigma_from_alpha_bar(alpha_bar);
+        let vp = sd_core::VpCoefficients::from_sigma(sigma);
+        prop_assert!(close(vp.alpha_t * vp.alpha_t + vp.sigma_t * vp.sigma_t, 1.0, 1e-12));
+        prop_assert!(close(vp.alpha_t, alpha_bar.sqrt(), 1e-12));
+        prop_assert!(close(vp.lambda(), -sigma.ln(), 1e-9));
+    }
+
     /// sigma_to_t inverts the log-linear interpolation of the training sigmas.
     #[test]
     fn sigma_to_t_inverts_log_linear_interpolation(schedule in schedules(), t_frac in 0.0_f64..1.0) {
