@@ -1,10 +1,11 @@
 //! Stable Diffusion networks over a `Backend` trait.
 //!
-//! This crate will hold the `Backend` trait and its CPU implementation (ndarray, rayon), the
-//! CLIP tokenizer and text encoder, the UNet and the VAE, safetensors weight loading and the
-//! pipelines (text-to-image, image-to-image, inpainting, outpainting).
-//!
-//! It is an empty shell until the sd-models issues land.
+//! This crate holds the `Backend` trait and its CPU implementation (ndarray, rayon, the `gemm`
+//! crate), the CLIP tokenizer and text encoder, safetensors weight loading, and (in later
+//! issues) the UNet, the VAE and the pipelines.
 #![warn(missing_docs)]
 
+pub mod error;
+
+pub use error::{Error, Result};
 pub use sd_core;
