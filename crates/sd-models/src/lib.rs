@@ -5,7 +5,11 @@
 //! issues) the UNet, the VAE and the pipelines.
 #![warn(missing_docs)]
 
+pub mod backend;
+pub mod cpu;
 pub mod error;
 
+pub use backend::Backend;
+pub use cpu::{CpuBackend, CpuTensor};
 pub use error::{Error, Result};
 pub use sd_core;

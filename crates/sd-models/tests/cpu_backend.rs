@@ -1,0 +1,58 @@
+//! The CPU backend against the conformance suite, and its determinism across thread counts.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use sd_models::backend::{AttentionMask, Conv2dParams, DataOps, conformance};
+use sd_models::backend::{AttentionOps, ConvOps, MatmulOps, NormOps};
+use sd_models::{CpuBackend, CpuTensor};
+
+#[test]
+fn cpu_backend_conforms() {
+    for seed in [1, 2, 3] {
+        let failures = conformance::run(&CpuBackend::new(), 1e-5, seed);
+        assert!(failures.is_empty(), "seed {seed}: {failures:#?}");
+    }
+}
+
+fn ops_once(cpu: &CpuBackend) -> Vec<Vec<f32>> {
+    let data = |n: usize, s: f32| {
+        (0..n)
+            .map(|i| (i as f32 * 0.37 + s).sin())
+            .collect::<Vec<f32>>()
+    };
+    let x = cpu
+        .upload(&data(2 * 32 * 16 * 16, 0.1), &[2, 32, 16, 16])
+        .unwrap();
+    let w = cpu
+        .upload(&data(64 * 32 * 9, 0.2), &[64, 32, 3, 3])
+        .unwrap();
+    let g = cpu.upload(&data(32, 0.3), &[32]).unwrap();
+    let q = cpu
+        .upload(&data(2 * 4 * 256 * 40, 0.4), &[2, 4, 256, 40])
+        .unwrap();
+    let lin_w = cpu.upload(&data(320 * 40, 0.5), &[320, 40]).unwrap();
+    let outs: Vec<CpuTensor> = vec![
+        cpu.conv2d(&x, &w, None, Conv2dParams::new(1, 1)).unwrap(),
+        cpu.group_norm_silu(&x, 8, &g, &g, 1e-5).unwrap(),
+        cpu.attention(&q, &q, &q, AttentionMask::None, 0.15)
+            .unwrap(),
+        cpu.linear(&q, &lin_w, None).unwrap(),
+    ];
+    outs.iter().map(|t| cpu.download(t).unwrap()).collect()
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let cpu = CpuBackend::new();
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| ops_once(&cpu))
+    };
+    let one = run(1);
+    let two = run(2);
+    let three = run(3);
+    assert_eq!(one, two, "1 vs 2 threads");
+    assert_eq!(one, three, "1 vs 3 threads");
+}
