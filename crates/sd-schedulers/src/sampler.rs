@@ -242,7 +242,6 @@ impl RunOrder {
     }
 
     /// Whether no step of the run has been taken yet (multistep samplers start at low order).
-    #[allow(dead_code)]
     pub(crate) fn is_first(&self) -> bool {
         self.next.is_none()
     }

@@ -248,10 +248,21 @@ fn replay_run(
     );
 }
 
+/// The largest absolute difference; a non-finite value where the other side differs (a NaN
+/// anywhere, or infinities that are not equal) counts as an infinite error, so that a NaN
+/// cannot hide from `f64::max`.
 fn max_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
-        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs())
+        .map(|(&x, &y)| {
+            if x.is_finite() && y.is_finite() {
+                (f64::from(x) - f64::from(y)).abs()
+            } else if x == y {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        })
         .fold(0.0, f64::max)
 }
