@@ -64,6 +64,16 @@ pub enum Error {
         /// The dtype found.
         dtype: String,
     },
+    /// Two files (or two keys renamed to one name) hold the same weight.
+    #[error("weight {key} is in {first} and again in {}", second.display())]
+    DuplicateWeight {
+        /// The key.
+        key: String,
+        /// Where it was found first (with the key as stored there).
+        first: String,
+        /// The second file holding it.
+        second: PathBuf,
+    },
     /// Strict loading found weights the network did not use.
     #[error("{} unused weights, e.g. {}", keys.len(), keys.iter().take(5).cloned().collect::<Vec<_>>().join(", "))]
     UnusedWeights {

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod cpu;
 pub mod error;
+pub mod weights;
 
 pub use backend::Backend;
 pub use cpu::{CpuBackend, CpuTensor};

@@ -25,17 +25,44 @@ use crate::error::Result;
 
 pub mod conformance;
 
-/// The element type a tensor is stored in. Computation accumulates in f32 whatever the
-/// storage.
+/// The element type a tensor or a stored weight is in. Computation accumulates in f32
+/// whatever the storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum DType {
-    /// 32-bit float.
+    /// IEEE 754 single precision (safetensors `F32`).
     F32,
-    /// IEEE half.
+    /// IEEE 754 half precision (safetensors `F16`).
     F16,
-    /// bfloat16.
+    /// bfloat16: `f32`'s exponent with a 7-bit mantissa (safetensors `BF16`).
     BF16,
+}
+
+impl DType {
+    /// The size of one element in bytes.
+    #[must_use]
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+        }
+    }
+
+    /// The safetensors name (`"F32"`, `"F16"`, `"BF16"`).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::BF16 => "BF16",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Host data in a half-precision type, for uploading weights kept in half precision.
