@@ -6,8 +6,11 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod clip;
+mod config;
 pub mod cpu;
 pub mod error;
+pub mod nn;
 pub mod weights;
 
 pub use backend::Backend;

@@ -1,0 +1,27 @@
+//! The building blocks the networks share: layers that load their parameters from a
+//! [`Weights`](crate::weights::Weights) scope, with fields named after the checkpoint's key
+//! segments, and run on any [`Backend`](crate::backend::Backend).
+
+mod embedding;
+mod linear;
+mod norm;
+
+pub use embedding::Embedding;
+pub use linear::Linear;
+pub use norm::LayerNorm;
+
+use crate::backend::{Backend, HalfData};
+use crate::error::Result;
+use crate::weights::{HostData, HostTensor};
+
+/// Uploads a host tensor to the backend in its dtype (half precision stays half).
+///
+/// # Errors
+/// The backend's errors.
+pub fn upload<B: Backend>(backend: &B, tensor: &HostTensor) -> Result<B::Tensor> {
+    match tensor.data() {
+        HostData::F32(v) => backend.upload(v, tensor.shape()),
+        HostData::F16(v) => backend.upload_half(HalfData::F16(v), tensor.shape()),
+        HostData::BF16(v) => backend.upload_half(HalfData::BF16(v), tensor.shape()),
+    }
+}
