@@ -1,6 +1,6 @@
 //! The building blocks the networks share: layers that load their parameters from a
 //! [`Weights`](crate::weights::Weights) scope, with fields named after the checkpoint's key
-//! segments, and run on any [`Backend`](crate::backend::Backend).
+//! segments, and run on any [`Backend`].
 
 mod embedding;
 mod linear;
