@@ -62,10 +62,6 @@ pub mod training;
 
 pub use error::{Error, Result};
 
-/// The README's example, run as a doctest so that it cannot rot.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-struct ReadmeExample;
 pub use forward::ForwardCoefficients;
 pub use posterior::{PosteriorCoefficients, VarianceType};
 pub use prediction::{Conversion, PredictionType, velocity};

@@ -82,3 +82,9 @@ pub use tcd::{Tcd, TcdOptions};
 pub use unipc::UniPc;
 
 pub use sd_core;
+
+/// The README's programs (sd-core's and this crate's), run as doctests so that they cannot
+/// rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExamples;
