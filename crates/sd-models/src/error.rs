@@ -88,6 +88,15 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A single-file checkpoint whose model could not be recognised from its tensors' names
+    /// and shapes.
+    #[error("{file} (single-file checkpoint): cannot infer {message}")]
+    CannotInfer {
+        /// The checkpoint.
+        file: String,
+        /// What could not be inferred, and from what.
+        message: String,
+    },
     /// The tokenizer could not be built or could not encode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -6,6 +6,7 @@
 //! header (ranges contiguous, sizes matching dtype and shape, the data covering the file
 //! exactly) before any tensor is read, so every read is a checked sub-slice of the mapping.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use memmap2::Mmap;
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::weights::derive::Derived;
 use crate::weights::tensor::{self, DType, HostTensor, LoadDType};
 
 /// What a file says about one tensor, without reading its data.
@@ -26,8 +28,11 @@ pub struct TensorInfo<'a> {
     pub file_key: &'a str,
     /// The file holding it.
     pub file: &'a Path,
-    /// Its shape (in a store, after any reshape hook).
+    /// Its shape (in a store, after any derived view and reshape hook).
     pub shape: &'a [usize],
+    /// In a store, the view of the stored tensor it is (see
+    /// [`OpenOptions::derive`](super::OpenOptions::derive)); `None` for the whole tensor.
+    pub derived: Option<Derived>,
     /// Its dtype, or `None` for a dtype that cannot be loaded (an integer buffer, `F64`, ...).
     pub dtype: Option<DType>,
     /// The safetensors name of its dtype (`"F32"`, `"I64"`, ...).
@@ -184,6 +189,7 @@ impl WeightFile {
             file_key: key,
             file: &self.path,
             shape: &stored.shape,
+            derived: None,
             dtype: stored.dtype,
             dtype_name: &stored.dtype_name,
         })
@@ -199,18 +205,20 @@ impl WeightFile {
             key: key.to_owned(),
             files: self.path.display().to_string(),
         })?;
-        self.load_stored(stored, &stored.shape, key, expected, dtype)
+        self.load_stored(stored, None, &stored.shape, key, expected, dtype)
     }
 
     pub(crate) fn stored(&self, key: &str) -> Option<&Stored> {
         self.tensors.get(key)
     }
 
-    /// Reads `stored` viewed with `shape` (its own shape, or one of as many elements from a
-    /// reshape hook); `describe` names the tensor in errors.
+    /// Reads `stored`, or the `derived` view of it, presented with `shape` (the stored or
+    /// derived shape, or one of as many elements from a reshape hook); `describe` names the
+    /// tensor in errors.
     pub(crate) fn load_stored(
         &self,
         stored: &Stored,
+        derived: Option<&Derived>,
         shape: &[usize],
         describe: &str,
         expected: &[usize],
@@ -238,7 +246,20 @@ impl WeightFile {
                 path: self.path.clone(),
                 message: format!("tensor {describe}: data lies outside the file"),
             })?;
-        let data = tensor::decode(bytes, stored_dtype, dtype.resolve(stored_dtype));
+        let bytes = match derived {
+            None => Cow::Borrowed(bytes),
+            Some(view) => view
+                .bytes(bytes, &stored.shape, stored_dtype.size_in_bytes())
+                .ok_or_else(|| Error::SafeTensors {
+                    path: self.path.clone(),
+                    message: format!(
+                        "tensor {describe}: cannot take {view} of {} bytes as shape {:?}",
+                        bytes.len(),
+                        stored.shape
+                    ),
+                })?,
+        };
+        let data = tensor::decode(&bytes, stored_dtype, dtype.resolve(stored_dtype));
         HostTensor::new(shape.to_vec(), data).map_err(|_| Error::SafeTensors {
             path: self.path.clone(),
             message: format!(

@@ -13,6 +13,8 @@
 //! | [`WeightPath`] | a key built from typed segments (`push("resnets").index(0)`) |
 //! | [`Weights`] | the store at a prefix: what a layer loads its `weight` and `bias` from |
 //! | [`WeightStore`], [`OpenOptions`] | a set of files as one checkpoint: lookup, checks, used keys, renaming |
+//! | [`Derived`] | a key that is a view of a stored tensor (rows along dim 0, a transpose) |
+//! | [`compvis`] | single-file checkpoints with the original CompVis key names, mapped to diffusers' |
 //! | [`WeightFile`] | one memory-mapped, validated safetensors file |
 //! | [`find_weights`], [`Variant`] | which file(s) of a component folder to open |
 //! | [`HostTensor`], [`DType`], [`LoadDType`] | host tensors in `f32`, `f16` or `bf16` |
@@ -20,7 +22,9 @@
 //! `F32`, `F16` and `BF16` tensors load, converted to `f32` ([`LoadDType::F32`], the default)
 //! or kept as stored ([`LoadDType::Stored`]); any other dtype is an error naming the key and
 //! the file when it is loaded. Other key layouts (the original CompVis single-file names) are
-//! mapped to the diffusers names once, at open time, by [`OpenOptions::rename`].
+//! mapped to the diffusers names once, at open time, by [`OpenOptions::rename`],
+//! [`OpenOptions::derive`] and [`OpenOptions::reshape`]: [`compvis::SingleFile`] does so for
+//! Stable Diffusion 1.x and 2.x checkpoints.
 //!
 //! # Example
 //!
@@ -46,6 +50,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod compvis;
+mod derive;
 mod file;
 mod folder;
 mod path;
@@ -53,6 +59,7 @@ mod scope;
 mod store;
 mod tensor;
 
+pub use derive::Derived;
 pub use file::{TensorInfo, WeightFile};
 pub use folder::{Variant, find_weights};
 pub use path::WeightPath;

@@ -1,5 +1,5 @@
 //! A set of safetensors files seen as one checkpoint, with shape-checked loading, used-key
-//! tracking and load-time key renaming.
+//! tracking and load-time key renaming, reshaping and derived views.
 //!
 //! The checks follow PyTorch's `Module.load_state_dict(strict=True)` as diffusers and
 //! transformers use it: every parameter a network asks for must be present with the shape it
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
+use crate::weights::derive::Derived;
 use crate::weights::file::{TensorInfo, WeightFile};
 use crate::weights::folder::{self, Variant};
 use crate::weights::path::{WeightPath, key_starts_with};
@@ -22,9 +23,10 @@ use crate::weights::tensor::{HostTensor, LoadDType};
 
 type RenameFn = dyn Fn(&str) -> Option<String> + Send + Sync;
 type ReshapeFn = dyn Fn(&str, &[usize]) -> Option<Vec<usize>> + Send + Sync;
+type DeriveFn = dyn Fn(&str, &[usize]) -> Option<Vec<(String, Derived)>> + Send + Sync;
 
-/// How to open a [`WeightStore`]: key renaming, reshaping, the default load dtype and strict
-/// mode.
+/// How to open a [`WeightStore`]: key renaming, derived views, reshaping, the default load
+/// dtype and strict mode.
 ///
 /// ```
 /// use std::collections::HashMap;
@@ -39,6 +41,7 @@ type ReshapeFn = dyn Fn(&str, &[usize]) -> Option<Vec<usize>> + Send + Sync;
 #[derive(Clone, Default)]
 pub struct OpenOptions {
     rename: Option<Arc<RenameFn>>,
+    derive: Option<Arc<DeriveFn>>,
     reshape: Option<Arc<ReshapeFn>>,
     dtype: LoadDType,
     strict: bool,
@@ -48,6 +51,7 @@ impl fmt::Debug for OpenOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenOptions")
             .field("rename", &self.rename.is_some())
+            .field("derive", &self.derive.is_some())
             .field("reshape", &self.reshape.is_some())
             .field("dtype", &self.dtype)
             .field("strict", &self.strict)
@@ -56,7 +60,7 @@ impl fmt::Debug for OpenOptions {
 }
 
 impl OpenOptions {
-    /// No renaming, no reshaping, loading as `f32`, not strict.
+    /// No renaming, no derived views, no reshaping, loading as `f32`, not strict.
     #[must_use]
     pub fn new() -> Self {
         Self::default()
@@ -86,10 +90,40 @@ impl OpenOptions {
         self.rename(move |key| Some(map.get(key).cloned().unwrap_or_else(|| key.to_owned())))
     }
 
+    /// Replaces some tensors by [`Derived`] views of them, once, at open time:
+    /// `derive(store_key, stored_shape)` is the list of `(key, view)` the tensor is presented
+    /// as instead of itself, or `None` to keep it whole. For example OpenCLIP's fused
+    /// `in_proj_weight` `[3 D, D]` as the three `[D, D]` rows `q_proj.weight`,
+    /// `k_proj.weight` and `v_proj.weight`, or a stored `x @ P` projection as the linear
+    /// weight `P^T`. Each derived key is loaded, counted as used and reported unused on its
+    /// own; only the bytes of a view are read (a transpose is copied). Applied after renaming
+    /// (to the renamed key), before reshaping (which sees the derived shape). Replaces an
+    /// earlier [`derive`](Self::derive).
+    ///
+    /// ```
+    /// use sd_models::weights::{Derived, OpenOptions};
+    ///
+    /// let options = OpenOptions::new().derive(|key, shape| {
+    ///     let fused = key.strip_suffix(".in_proj_weight")?;
+    ///     let rows = *shape.first()?;
+    ///     let part = |name: &str, i| Some((format!("{fused}.{name}.weight"), Derived::chunk(rows, 3, i)?));
+    ///     Some(vec![part("q_proj", 0)?, part("k_proj", 1)?, part("v_proj", 2)?])
+    /// });
+    /// # let _ = options;
+    /// ```
+    #[must_use]
+    pub fn derive(
+        mut self,
+        derive: impl Fn(&str, &[usize]) -> Option<Vec<(String, Derived)>> + Send + Sync + 'static,
+    ) -> Self {
+        self.derive = Some(Arc::new(derive));
+        self
+    }
+
     /// Views some tensors with another shape of as many elements, once, at open time:
-    /// `reshape(store_key, stored_shape)` is the shape to present, or `None` to keep it (for
+    /// `reshape(store_key, shape)` is the shape to present, or `None` to keep it (for
     /// example a `[out, in, 1, 1]` 1x1 convolution kernel read as a `[out, in]` linear
-    /// weight). Applied after renaming.
+    /// weight). Applied after renaming and derived views (`shape` is the derived one).
     #[must_use]
     pub fn reshape(
         mut self,
@@ -118,10 +152,11 @@ impl OpenOptions {
     ///
     /// # Errors
     /// [`Error::Io`] naming a file that cannot be read; [`Error::SafeTensors`] naming a file
-    /// that is not valid safetensors; [`Error::Config`] for a malformed index; [`Error::DuplicateWeight`] for a key held by
-    /// two files (or two keys renamed alike); [`Error::MissingWeight`] if a shard lacks a key
-    /// its index places there; [`Error::Shape`] if the reshape hook changes a tensor's number
-    /// of elements.
+    /// that is not valid safetensors; [`Error::Config`] for a malformed index;
+    /// [`Error::DuplicateWeight`] for a key held by two files (or two keys renamed or derived
+    /// alike); [`Error::MissingWeight`] if a shard lacks a key its index places there;
+    /// [`Error::Shape`] if a derived view does not apply to its tensor or the reshape hook
+    /// changes a tensor's number of elements.
     pub fn open<P: AsRef<Path>>(&self, paths: &[P]) -> Result<WeightStore> {
         let mut files = Vec::new();
         let mut expected = Vec::new();
@@ -163,8 +198,9 @@ impl OpenOptions {
     /// A store over files already open.
     ///
     /// # Errors
-    /// [`Error::DuplicateWeight`] for a key held by two files (or two keys renamed alike);
-    /// [`Error::Shape`] if the reshape hook changes a tensor's number of elements.
+    /// [`Error::DuplicateWeight`] for a key held by two files (or two keys renamed or derived
+    /// alike); [`Error::Shape`] if a derived view does not apply to its tensor or the reshape
+    /// hook changes a tensor's number of elements.
     pub fn from_files(&self, files: Vec<WeightFile>) -> Result<WeightStore> {
         let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
         for (index, file) in files.iter().enumerate() {
@@ -179,43 +215,67 @@ impl OpenOptions {
                 let Some(stored) = file.stored(file_key) else {
                     continue;
                 };
-                let shape = match &self.reshape {
-                    Some(reshape) => {
-                        reshape(&key, &stored.shape).unwrap_or_else(|| stored.shape.clone())
-                    }
-                    None => stored.shape.clone(),
+                let views = match &self.derive {
+                    Some(derive) => derive(&key, &stored.shape),
+                    None => None,
                 };
-                let elements = |s: &[usize]| s.iter().try_fold(1_usize, |n, &d| n.checked_mul(d));
-                if elements(&shape) != elements(&stored.shape) {
-                    return Err(Error::Shape {
-                        op: "weight reshape hook",
-                        expected: format!(
-                            "a shape of as many elements as {:?} for {}",
-                            stored.shape,
-                            describe(&key, file_key)
-                        ),
-                        found: format!("{shape:?}"),
-                    });
+                let views: Vec<(String, Option<Derived>)> = match views {
+                    Some(views) => views.into_iter().map(|(k, v)| (k, Some(v))).collect(),
+                    None => vec![(key, None)],
+                };
+                for (key, derived) in views {
+                    let base = match derived {
+                        Some(view) => view.shape(&stored.shape).ok_or_else(|| Error::Shape {
+                            op: "weight derive hook",
+                            expected: format!("a tensor to take {view} of, for {key}"),
+                            found: format!("{file_key} of shape {:?}", stored.shape),
+                        })?,
+                        None => stored.shape.clone(),
+                    };
+                    let shape = match &self.reshape {
+                        Some(reshape) => reshape(&key, &base).unwrap_or_else(|| base.clone()),
+                        None => base.clone(),
+                    };
+                    let elements =
+                        |s: &[usize]| s.iter().try_fold(1_usize, |n, &d| n.checked_mul(d));
+                    if elements(&shape) != elements(&base) {
+                        return Err(Error::Shape {
+                            op: "weight reshape hook",
+                            expected: format!(
+                                "a shape of as many elements as {base:?} for {}",
+                                describe(&key, file_key, derived.as_ref())
+                            ),
+                            found: format!("{shape:?}"),
+                        });
+                    }
+                    if let Some(previous) = entries.get(&key) {
+                        let other = files
+                            .get(previous.file)
+                            .map_or(Path::new(""), WeightFile::path);
+                        return Err(Error::DuplicateWeight {
+                            key: describe(&key, file_key, derived.as_ref()),
+                            first: match &previous.derived {
+                                Some(view) => format!(
+                                    "{} (as {view} of {})",
+                                    other.display(),
+                                    previous.file_key
+                                ),
+                                None => format!("{} (as {})", other.display(), previous.file_key),
+                            },
+                            second: file.path().to_path_buf(),
+                        });
+                    }
+                    entries.insert(
+                        key,
+                        Entry {
+                            file: index,
+                            file_key: file_key.to_owned(),
+                            derived,
+                            shape,
+                            used: AtomicBool::new(false),
+                        },
+                    );
                 }
-                if let Some(previous) = entries.get(&key) {
-                    let other = files
-                        .get(previous.file)
-                        .map_or(Path::new(""), WeightFile::path);
-                    return Err(Error::DuplicateWeight {
-                        key: describe(&key, file_key),
-                        first: format!("{} (as {})", other.display(), previous.file_key),
-                        second: file.path().to_path_buf(),
-                    });
-                }
-                entries.insert(
-                    key,
-                    Entry {
-                        file: index,
-                        file_key: file_key.to_owned(),
-                        shape,
-                        used: AtomicBool::new(false),
-                    },
-                );
             }
         }
         Ok(WeightStore {
@@ -227,12 +287,13 @@ impl OpenOptions {
     }
 }
 
-/// A key's name in errors: the store key, and the file key when renaming changed it.
-fn describe(key: &str, file_key: &str) -> String {
-    if key == file_key {
-        key.to_owned()
-    } else {
-        format!("{key} (stored as {file_key})")
+/// A key's name in errors: the store key, and the file key when renaming changed it or the
+/// view it is of.
+fn describe(key: &str, file_key: &str, derived: Option<&Derived>) -> String {
+    match derived {
+        Some(view) => format!("{key} ({view} of {file_key})"),
+        None if key == file_key => key.to_owned(),
+        None => format!("{key} (stored as {file_key})"),
     }
 }
 
@@ -241,7 +302,9 @@ struct Entry {
     /// Index into `WeightStore::files`.
     file: usize,
     file_key: String,
-    /// The shape presented (the stored one unless reshaped).
+    /// The view of the stored tensor, if derived.
+    derived: Option<Derived>,
+    /// The shape presented (the stored one unless derived or reshaped).
     shape: Vec<usize>,
     used: AtomicBool,
 }
@@ -394,6 +457,7 @@ impl WeightStore {
             file_key: &entry.file_key,
             file: file.path(),
             shape: &entry.shape,
+            derived: entry.derived,
             dtype: stored.dtype,
             dtype_name: &stored.dtype_name,
         })
@@ -456,13 +520,14 @@ impl WeightStore {
         let stored = file
             .stored(&entry.file_key)
             .ok_or_else(|| Error::MissingWeight {
-                key: describe(key, &entry.file_key),
+                key: describe(key, &entry.file_key, entry.derived.as_ref()),
                 files: file.path().display().to_string(),
             })?;
         file.load_stored(
             stored,
+            entry.derived.as_ref(),
             &entry.shape,
-            &describe(key, &entry.file_key),
+            &describe(key, &entry.file_key, entry.derived.as_ref()),
             expected,
             dtype,
         )

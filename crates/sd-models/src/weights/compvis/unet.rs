@@ -1,0 +1,405 @@
+//! The UNet: ldm's `openaimodel.UNetModel` (keys `model.diffusion_model.*`) as diffusers'
+//! `UNet2DConditionModel`, following `convert_ldm_unet_checkpoint` and
+//! `create_unet_diffusers_config_from_ldm`.
+//!
+//! ldm numbers its blocks flat: `input_blocks.0` is `conv_in`; then, for each level `l` of
+//! `n` and each of its `L = layers_per_block` layers `j`, `input_blocks.{1 + l (L+1) + j}`
+//! holds a ResBlock (`.0`) and, in attention levels, a SpatialTransformer (`.1`); the last
+//! slot of a level, `input_blocks.{(l+1)(L+1)}.0.op`, is its downsampler (all levels but the
+//! last). `middle_block.{0,1,2}` are ResBlock, SpatialTransformer, ResBlock. The up path has
+//! `L + 1` layers per level: `output_blocks.{u (L+1) + j}` holds a ResBlock (`.0`), a
+//! SpatialTransformer (`.1`) in attention levels, and after the level's last layer its
+//! upsampler (`.1.conv`, or `.2.conv` after a transformer). Inside a ResBlock, `in_layers.0`,
+//! `in_layers.2`, `emb_layers.1`, `out_layers.0`, `out_layers.3` and `skip_connection` are
+//! diffusers' `norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2` and `conv_shortcut`; a
+//! SpatialTransformer already has diffusers' names (`norm`, `proj_in`,
+//! `transformer_blocks.N.{attn1,attn2,ff,norm1,norm2,norm3}`, `proj_out`).
+
+use serde_json::{Map, Value, json};
+
+use crate::error::Result;
+use crate::weights::WeightPath;
+use crate::weights::compvis::cannot_infer;
+use crate::weights::compvis::table::{ConfigReader, Shapes, Table, WB, set};
+
+/// The prefix of the UNet's keys.
+pub(crate) const PREFIX: &str = "model.diffusion_model.";
+
+/// The width of SD 2.x's attention heads (`num_head_channels: 64` in ldm's v2 configs;
+/// diffusers' `attention_head_dim: [5, 10, 20, 20]` counts heads, `channels / 64`).
+const SD2_HEAD_WIDTH: usize = 64;
+
+/// What the weights show about the UNet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UnetShape {
+    pub(crate) in_channels: usize,
+    pub(crate) out_channels: usize,
+    pub(crate) block_out_channels: Vec<usize>,
+    pub(crate) layers_per_block: usize,
+    pub(crate) down_attention: Vec<bool>,
+    pub(crate) up_attention: Vec<bool>,
+    pub(crate) cross_attention_dim: usize,
+    pub(crate) linear_projection: bool,
+    pub(crate) transformer_depth: usize,
+}
+
+fn key(path: &WeightPath) -> String {
+    format!("{PREFIX}{path}")
+}
+
+fn input(i: usize) -> WeightPath {
+    WeightPath::new("input_blocks").index(i)
+}
+
+fn output(i: usize) -> WeightPath {
+    WeightPath::new("output_blocks").index(i)
+}
+
+/// Reads the UNet's structure from the shapes of its keys.
+///
+/// # Errors
+/// [`MissingWeight`](crate::Error::MissingWeight) naming a key the structure needs;
+/// [`CannotInfer`](crate::Error::CannotInfer) for a block layout that is not a UNet's.
+pub(crate) fn infer(shapes: &Shapes<'_>) -> Result<UnetShape> {
+    let inputs = shapes.indices(&key(&WeightPath::new("input_blocks")));
+    let count = inputs.last().map_or(0, |&i| i + 1);
+    let downsamplers: Vec<usize> = inputs
+        .iter()
+        .copied()
+        .filter(|&i| shapes.has(&key(&input(i).push("0.op"))))
+        .collect();
+    let levels = downsamplers.len() + 1;
+    let layout = || {
+        format!(
+            "the UNet's block layout: input_blocks 0..{count} with downsamplers at {downsamplers:?} fit no number of layers per block"
+        )
+    };
+    if count < 2 || !count.is_multiple_of(levels) {
+        return Err(cannot_infer(shapes.what, layout()));
+    }
+    let per = count / levels;
+    let expected: Vec<usize> = (1..levels).map(|l| l * per).collect();
+    if per < 2 || downsamplers != expected || inputs != (0..count).collect::<Vec<_>>() {
+        return Err(cannot_infer(shapes.what, layout()));
+    }
+    let first = |level: usize| input(1 + level * per);
+    let block_out_channels = (0..levels)
+        .map(|l| {
+            shapes.dim(
+                &key(&first(l).push("0.in_layers.2.weight")),
+                4,
+                0,
+                "block_out_channels",
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let conv_in = key(&input(0).push("0.weight"));
+    let in_channels = shapes.dim(&conv_in, 4, 1, "in_channels")?;
+    let out_channels = shapes.dim(&key(&WeightPath::new("out.2.weight")), 4, 0, "out_channels")?;
+    let down_attention: Vec<bool> = (0..levels)
+        .map(|l| shapes.has(&key(&first(l).push("1"))))
+        .collect();
+    let up_attention: Vec<bool> = (0..levels)
+        .map(|u| shapes.has(&key(&output(u * per).push("1"))))
+        .collect();
+    // The first transformer: of the first attention level, else of the middle block.
+    let transformer = down_attention
+        .iter()
+        .position(|&a| a)
+        .map(|l| first(l).push("1"))
+        .or_else(|| {
+            let mid = WeightPath::new("middle_block.1");
+            shapes.has(&key(&mid)).then_some(mid)
+        })
+        .ok_or_else(|| {
+            cannot_infer(
+                shapes.what,
+                "the UNet's cross-attention width: it has no transformer (no input_blocks.N.1.* or middle_block.1.*)".to_owned(),
+            )
+        })?;
+    let cross_attention_dim = shapes.dim(
+        &key(&transformer.push("transformer_blocks.0.attn2.to_k.weight")),
+        2,
+        1,
+        "cross_attention_dim",
+    )?;
+    let proj_in = key(&transformer.push("proj_in.weight"));
+    let linear_projection = shapes.need(&proj_in, "use_linear_projection")?.len() == 2;
+    let transformer_depth = shapes
+        .indices(&key(&transformer.push("transformer_blocks")))
+        .len();
+    Ok(UnetShape {
+        in_channels,
+        out_channels,
+        block_out_channels,
+        layers_per_block: per - 1,
+        down_attention,
+        up_attention,
+        cross_attention_dim,
+        linear_projection,
+        transformer_depth,
+    })
+}
+
+/// Writes what the weights show into the preset `config`, and the fields whose preset value
+/// the weights contradict (with why) into `unresolved`.
+pub(crate) fn apply(
+    shape: &UnetShape,
+    sd2: bool,
+    config: &mut Map<String, Value>,
+    unresolved: &mut Vec<(&'static str, String)>,
+) {
+    let down: Vec<&str> = shape
+        .down_attention
+        .iter()
+        .map(|&a| {
+            if a {
+                "CrossAttnDownBlock2D"
+            } else {
+                "DownBlock2D"
+            }
+        })
+        .collect();
+    let up: Vec<&str> = shape
+        .up_attention
+        .iter()
+        .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
+        .collect();
+    config.insert("in_channels".into(), json!(shape.in_channels));
+    config.insert("out_channels".into(), json!(shape.out_channels));
+    config.insert("block_out_channels".into(), json!(shape.block_out_channels));
+    config.insert("layers_per_block".into(), json!(shape.layers_per_block));
+    config.insert("down_block_types".into(), json!(down));
+    config.insert("up_block_types".into(), json!(up));
+    config.insert(
+        "cross_attention_dim".into(),
+        json!(shape.cross_attention_dim),
+    );
+    set(
+        config,
+        "use_linear_projection",
+        json!(shape.linear_projection),
+        &json!(false),
+    );
+    set(
+        config,
+        "transformer_layers_per_block",
+        json!(shape.transformer_depth),
+        &json!(1),
+    );
+    let channels = &shape.block_out_channels;
+    if sd2 {
+        // SD 2.x: 64-wide heads, so `attention_head_dim` (a head count) is channels / 64.
+        if channels.iter().all(|c| c.is_multiple_of(SD2_HEAD_WIDTH)) {
+            let heads: Vec<usize> = channels.iter().map(|c| c / SD2_HEAD_WIDTH).collect();
+            config.insert("attention_head_dim".into(), json!(heads));
+        } else {
+            unresolved.push((
+                "attention_head_dim",
+                format!(
+                    "block_out_channels {channels:?} are not multiples of SD 2.x's {SD2_HEAD_WIDTH}-wide attention heads"
+                ),
+            ));
+        }
+    } else {
+        // SD 1.x: 8 heads at every level (`num_heads: 8` in ldm's v1 config).
+        let heads = config
+            .get("attention_head_dim")
+            .and_then(Value::as_u64)
+            .unwrap_or(8);
+        if !channels
+            .iter()
+            .all(|&c| u64::try_from(c).is_ok_and(|c| c.is_multiple_of(heads.max(1))))
+        {
+            unresolved.push((
+                "attention_head_dim",
+                format!("block_out_channels {channels:?} do not split into SD 1.x's {heads} heads"),
+            ));
+        }
+    }
+    let groups = config
+        .get("norm_num_groups")
+        .and_then(Value::as_u64)
+        .unwrap_or(32);
+    if !channels
+        .iter()
+        .all(|&c| u64::try_from(c).is_ok_and(|c| c.is_multiple_of(groups.max(1))))
+    {
+        unresolved.push((
+            "norm_num_groups",
+            format!(
+                "block_out_channels {channels:?} do not split into the preset's {groups} groups"
+            ),
+        ));
+    }
+}
+
+/// The ResBlock sub-modules: (ldm name, diffusers name).
+const RESNET: [(&str, &str); 5] = [
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+];
+
+fn resnet(table: &mut Table, file: &WeightPath, to: &WeightPath, shortcut: bool) {
+    for (ldm, diffusers) in RESNET {
+        table.module(&file.push(ldm), &to.push(diffusers), WB);
+    }
+    if shortcut {
+        table.module(&file.push("skip_connection"), &to.push("conv_shortcut"), WB);
+    }
+}
+
+fn transformer(table: &mut Table, file: &WeightPath, to: &WeightPath, depth: usize) {
+    let same = |table: &mut Table, name: &str, params: &[&str]| {
+        table.module(&file.push(name), &to.push(name), params);
+    };
+    same(table, "norm", WB);
+    same(table, "proj_in", WB);
+    for t in 0..depth {
+        let block = WeightPath::new("transformer_blocks").index(t);
+        for attn in ["attn1", "attn2"] {
+            for proj in ["to_q", "to_k", "to_v"] {
+                same(table, block.push(attn).push(proj).as_str(), &["weight"]);
+            }
+            same(table, block.push(attn).push("to_out.0").as_str(), WB);
+        }
+        for name in ["norm1", "norm2", "norm3", "ff.net.0.proj", "ff.net.2"] {
+            same(table, block.push(name).as_str(), WB);
+        }
+    }
+    same(table, "proj_out", WB);
+}
+
+/// The key map of a UNet of the (final) `config`.
+///
+/// # Errors
+/// [`Config`](crate::Error::Config) for a config that is not an SD 1.x/2.x UNet's (an
+/// unknown block type, a per-block transformer depth, a missing field).
+pub(crate) fn keys(config: &ConfigReader<'_>) -> Result<Table> {
+    let channels = config.usizes("block_out_channels")?;
+    let layers = config.usize("layers_per_block")?;
+    let depth = match config.map.get("transformer_layers_per_block") {
+        Some(Value::Array(_)) => {
+            return Err(config.unsupported(
+                "transformer_layers_per_block",
+                "one depth per block is not a Stable Diffusion 1.x/2.x UNet",
+            ));
+        }
+        _ => config.usize_or("transformer_layers_per_block", 1)?,
+    };
+    if let Some(mid) = config.map.get("mid_block_type").and_then(Value::as_str)
+        && mid != "UNetMidBlock2DCrossAttn"
+    {
+        return Err(config.unsupported("mid_block_type", "only UNetMidBlock2DCrossAttn is mapped"));
+    }
+    let attention = |key: &str, with: &str, without: &str| -> Result<Vec<bool>> {
+        let types = config.strings(key)?;
+        if types.len() != channels.len() {
+            return Err(config.unsupported(key, "needs one entry per block_out_channels"));
+        }
+        types
+            .iter()
+            .map(|&t| match t {
+                _ if t == with => Ok(true),
+                _ if t == without => Ok(false),
+                _ => Err(config.unsupported(key, &format!("{t} is not mapped"))),
+            })
+            .collect()
+    };
+    let down = attention("down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")?;
+    let up = attention("up_block_types", "CrossAttnUpBlock2D", "UpBlock2D")?;
+    let (Some(&first), levels) = (channels.first(), channels.len()) else {
+        return Err(config.unsupported("block_out_channels", "is empty"));
+    };
+    let per = layers + 1;
+    let mut table = Table::new(PREFIX);
+    let d = WeightPath::new;
+    table.module(&d("time_embed.0"), &d("time_embedding.linear_1"), WB);
+    table.module(&d("time_embed.2"), &d("time_embedding.linear_2"), WB);
+    table.module(&input(0).index(0), &d("conv_in"), WB);
+    let mut out = first;
+    for (level, (&ch, &attn)) in channels.iter().zip(&down).enumerate() {
+        let (block_in, to) = (out, d("down_blocks").index(level));
+        out = ch;
+        for j in 0..layers {
+            let file = input(1 + level * per + j);
+            let resnet_in = if j == 0 { block_in } else { ch };
+            resnet(
+                &mut table,
+                &file.index(0),
+                &to.push("resnets").index(j),
+                resnet_in != ch,
+            );
+            if attn {
+                transformer(
+                    &mut table,
+                    &file.index(1),
+                    &to.push("attentions").index(j),
+                    depth,
+                );
+            }
+        }
+        if level + 1 < levels {
+            table.module(
+                &input(1 + level * per + layers).push("0.op"),
+                &to.push("downsamplers.0.conv"),
+                WB,
+            );
+        }
+    }
+    let mid = d("mid_block");
+    resnet(
+        &mut table,
+        &d("middle_block.0"),
+        &mid.push("resnets.0"),
+        false,
+    );
+    transformer(
+        &mut table,
+        &d("middle_block.1"),
+        &mid.push("attentions.0"),
+        depth,
+    );
+    resnet(
+        &mut table,
+        &d("middle_block.2"),
+        &mid.push("resnets.1"),
+        false,
+    );
+    for (u, &attn) in up.iter().enumerate() {
+        let to = d("up_blocks").index(u);
+        for j in 0..per {
+            let file = output(u * per + j);
+            // Every up ResBlock also takes a skip connection: its input is wider than its
+            // output, so it always has a shortcut.
+            resnet(
+                &mut table,
+                &file.index(0),
+                &to.push("resnets").index(j),
+                true,
+            );
+            if attn {
+                transformer(
+                    &mut table,
+                    &file.index(1),
+                    &to.push("attentions").index(j),
+                    depth,
+                );
+            }
+        }
+        if u + 1 < levels {
+            let slot = if attn { 2 } else { 1 };
+            table.module(
+                &output(u * per + layers).index(slot).push("conv"),
+                &to.push("upsamplers.0.conv"),
+                WB,
+            );
+        }
+    }
+    table.module(&d("out.0"), &d("conv_norm_out"), WB);
+    table.module(&d("out.2"), &d("conv_out"), WB);
+    Ok(table)
+}
