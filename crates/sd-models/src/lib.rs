@@ -1,8 +1,17 @@
 //! Stable Diffusion networks over a `Backend` trait.
 //!
-//! This crate holds the `Backend` trait and its CPU implementation (ndarray, rayon, the `gemm`
-//! crate), the CLIP tokenizer and text encoder, safetensors weight loading, and (in later
-//! issues) the UNet, the VAE and the pipelines.
+//! | module | what |
+//! |---|---|
+//! | [`backend`] | the `Backend` trait (op families with defaults) and its conformance suite |
+//! | [`cpu`] | `CpuBackend`: ndarray, rayon and the `gemm` crate |
+//! | [`weights`] | memory-mapped safetensors (folders, shards, fp16 variants, single-file CompVis checkpoints), typed keys, checked shapes |
+//! | [`clip`] | the CLIP tokenizer and text encoder (SD 1.x and 2.x) |
+//! | [`unet`] | `UNet2DConditionModel` (SD 1.x, 2.x, inpainting) and `UNet2DModel` (pixel-space DDPM) |
+//! | [`vae`] | `AutoencoderKL`: encoder, decoder, tiling, f16-safe decoding |
+//! | [`nn`] | the layers and blocks they share, loading from a checkpoint or random weights |
+//!
+//! Every network matches diffusers/transformers on fixtures written by `tools/fixtures`; the
+//! pipelines come with a later issue.
 #![warn(missing_docs)]
 
 pub mod backend;
@@ -11,6 +20,8 @@ mod config;
 pub mod cpu;
 pub mod error;
 pub mod nn;
+pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use backend::Backend;

@@ -2,7 +2,7 @@
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::weights::Weights;
+use crate::nn::source::WeightSource;
 
 /// A linear layer; keys `weight` `[out, in]` and optionally `bias` `[out]`.
 #[derive(Debug, Clone)]
@@ -14,13 +14,13 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    /// Loads `weight` (and `bias` if `bias`) from `w`.
+    /// Loads `weight` (and `bias` if `bias`) from `w` (a checkpoint scope or random weights).
     ///
     /// # Errors
     /// A missing or misshapen weight.
-    pub fn load(
+    pub fn load<S: WeightSource>(
         backend: &B,
-        w: &Weights<'_>,
+        w: &S,
         in_features: usize,
         out_features: usize,
         bias: bool,

@@ -6,9 +6,32 @@ mod embedding;
 mod linear;
 mod norm;
 
+pub mod activation;
+pub mod attention;
+pub mod conv;
+pub mod embeddings;
+pub mod group_norm;
+pub mod resnet;
+pub mod sampling;
+pub mod source;
+
+pub use activation::Activation;
+pub use attention::{
+    Attention, AttentionConfig, BasicTransformerBlock, FeedForward, Transformer2DModel,
+    TransformerConfig, rename_legacy_attention,
+};
+pub use conv::Conv2d;
 pub use embedding::Embedding;
+pub use embeddings::{
+    ClassEmbedType, ClassEmbedding, ClassLabels, TimestepEmbedding, Timesteps,
+    get_timestep_embedding,
+};
+pub use group_norm::GroupNorm;
 pub use linear::Linear;
 pub use norm::LayerNorm;
+pub use resnet::{Resample, ResnetBlock2D, ResnetConfig, TimeEmbeddingNorm};
+pub use sampling::{Downsample2D, Upsample2D};
+pub use source::{RandomWeights, WeightSource};
 
 use crate::backend::{Backend, HalfData};
 use crate::error::Result;

@@ -2,7 +2,7 @@
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::weights::Weights;
+use crate::nn::source::WeightSource;
 
 /// Layer normalisation over the last axis; keys `weight` and `bias`, both `[C]`.
 #[derive(Debug, Clone)]
@@ -20,7 +20,7 @@ impl<B: Backend> LayerNorm<B> {
     ///
     /// # Errors
     /// A missing or misshapen weight.
-    pub fn load(backend: &B, w: &Weights<'_>, channels: usize, eps: f32) -> Result<Self> {
+    pub fn load<S: WeightSource>(backend: &B, w: &S, channels: usize, eps: f32) -> Result<Self> {
         Ok(LayerNorm {
             weight: super::upload(backend, &w.get("weight", &[channels])?)?,
             bias: super::upload(backend, &w.get("bias", &[channels])?)?,
