@@ -1,0 +1,133 @@
+//! The CPU backend's hot kernels at Stable Diffusion 1.5 shapes, and the machine's GEMM peak.
+//!
+//! Throughput is in floating-point operations (criterion's "elem/s" = FLOP/s; a multiply-add
+//! counts 2), so each kernel's rate reads directly against `peak/sgemm_2048`, a large square
+//! f32 GEMM through the same `gemm` crate call the backend makes: the fraction of the
+//! measured peak is the ratio of the two rates. Run:
+//! `cargo bench -p sd-benches --bench cpu_kernels`.
+
+// A benchmark fails loudly, like a test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sd_models::CpuBackend;
+use sd_models::backend::{
+    AttentionMask, AttentionOps, Conv2dParams, ConvOps, DataOps, MatmulOps, NormOps,
+};
+
+fn data(n: usize, seed: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32) * 0.618 + seed).sin() * 0.5)
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let cpu = CpuBackend::new();
+
+    let mut g = c.benchmark_group("peak");
+    let n = 2048;
+    let a = cpu.upload(&data(n * n, 0.1), &[n, n]).unwrap();
+    let b = cpu.upload(&data(n * n, 0.2), &[n, n]).unwrap();
+    g.throughput(Throughput::Elements((2 * n * n * n) as u64));
+    g.bench_function("sgemm_2048", |bch| bch.iter(|| cpu.matmul(&a, &b).unwrap()));
+    g.finish();
+
+    // 3x3 convolutions of the UNet's resnets (batch 1, padding 1), and the stride-2 downsamples.
+    let mut g = c.benchmark_group("conv3x3");
+    for (hw, ch, stride) in [
+        (64, 320, 1),
+        (32, 640, 1),
+        (16, 1280, 1),
+        (8, 1280, 1),
+        (64, 320, 2),
+    ] {
+        let x = cpu
+            .upload(&data(ch * hw * hw, 0.3), &[1, ch, hw, hw])
+            .unwrap();
+        let w = cpu
+            .upload(&data(ch * ch * 9, 0.4), &[ch, ch, 3, 3])
+            .unwrap();
+        let bias = cpu.upload(&data(ch, 0.5), &[ch]).unwrap();
+        let out = hw / stride;
+        g.throughput(Throughput::Elements((2 * ch * ch * 9 * out * out) as u64));
+        g.bench_with_input(
+            BenchmarkId::new(format!("s{stride}"), format!("{hw}x{hw}x{ch}")),
+            &(),
+            |bch, _| {
+                bch.iter(|| {
+                    cpu.conv2d(&x, &w, Some(&bias), Conv2dParams::new(stride, 1))
+                        .unwrap()
+                })
+            },
+        );
+    }
+    g.finish();
+
+    // Linear layers of the 64x64 transformer blocks: 4096 tokens of 320 channels, the
+    // projections, the GEGLU up-projection (320 -> 2 x 1280) and its down-projection.
+    let mut g = c.benchmark_group("linear");
+    for (rows, inf, outf) in [
+        (4096, 320, 320),
+        (4096, 320, 2560),
+        (4096, 1280, 320),
+        (77, 768, 320),
+    ] {
+        let x = cpu.upload(&data(rows * inf, 0.6), &[rows, inf]).unwrap();
+        let w = cpu.upload(&data(outf * inf, 0.7), &[outf, inf]).unwrap();
+        g.throughput(Throughput::Elements((2 * rows * inf * outf) as u64));
+        g.bench_with_input(
+            BenchmarkId::from_parameter(format!("{rows}x{inf}x{outf}")),
+            &(),
+            |bch, _| bch.iter(|| cpu.linear(&x, &w, None).unwrap()),
+        );
+    }
+    g.finish();
+
+    // Attention at the 64x64 level: 8 heads of 40, 4096 queries, self (4096 keys) and cross
+    // (77 keys).
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(10);
+    for keys in [4096, 77] {
+        let (b, h, lq, d) = (1, 8, 4096, 40);
+        let q = cpu
+            .upload(&data(b * h * lq * d, 0.8), &[b, h, lq, d])
+            .unwrap();
+        let k = cpu
+            .upload(&data(b * h * keys * d, 0.9), &[b, h, keys, d])
+            .unwrap();
+        g.throughput(Throughput::Elements((4 * b * h * lq * keys * d) as u64));
+        g.bench_with_input(
+            BenchmarkId::from_parameter(format!("4096q_{keys}k_h8_d40")),
+            &(),
+            |bch, _| {
+                bch.iter(|| {
+                    cpu.attention(&q, &k, &k, AttentionMask::None, 0.158)
+                        .unwrap()
+                })
+            },
+        );
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("group_norm_silu");
+    for (hw, ch) in [(64, 320), (32, 640)] {
+        let x = cpu
+            .upload(&data(ch * hw * hw, 1.0), &[1, ch, hw, hw])
+            .unwrap();
+        let p = cpu.upload(&data(ch, 1.1), &[ch]).unwrap();
+        g.throughput(Throughput::Bytes((ch * hw * hw * 4) as u64));
+        g.bench_with_input(
+            BenchmarkId::from_parameter(format!("{hw}x{hw}x{ch}")),
+            &(),
+            |bch, _| bch.iter(|| cpu.group_norm_silu(&x, 32, &p, &p, 1e-5).unwrap()),
+        );
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(3));
+    targets = bench
+}
+criterion_main!(benches);
