@@ -18,7 +18,7 @@ use crate::common::postprocess_x0;
 use crate::config::{BaseConfig, BetaScheduleName, SchedulerConfig, ThresholdConfig};
 use crate::error::{Error, Result, check_len};
 use crate::noise::NoiseSource;
-use crate::sampler::{Plan, RunOrder, Sampler, Steps};
+use crate::sampler::{Plan, RunOrder, Sampler, Steps, check_step_slices};
 
 /// The step options of DDIM that diffusers passes to `step` rather than keeping in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -177,13 +177,7 @@ impl Sampler for Ddim {
         pred_original_sample: &mut [f32],
     ) -> Result<()> {
         self.check_index(index)?;
-        check_len("model_output", sample.len(), model_output.len())?;
-        check_len("prev_sample", sample.len(), prev_sample.len())?;
-        check_len(
-            "pred_original_sample",
-            sample.len(),
-            pred_original_sample.len(),
-        )?;
+        check_step_slices(model_output, sample, prev_sample, pred_original_sample)?;
         self.run.advance(index)?;
 
         let t = self.train_timesteps[index];

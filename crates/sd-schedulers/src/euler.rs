@@ -18,9 +18,9 @@ use crate::config::{
     BaseConfig, BetaScheduleName, FinalSigmasType, InterpolationType, SchedulerConfig, SigmaConfig,
     TimestepType,
 };
-use crate::error::{Error, Result, check_len};
+use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
-use crate::sampler::{Plan, RunOrder, Sampler, Steps};
+use crate::sampler::{Plan, RunOrder, Sampler, Steps, check_step_slices};
 
 /// The churn options of Euler that diffusers passes to `step` (all off by default).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -261,13 +261,7 @@ impl Sampler for Euler {
         pred_original_sample: &mut [f32],
     ) -> Result<()> {
         self.check_index(index)?;
-        check_len("model_output", sample.len(), model_output.len())?;
-        check_len("prev_sample", sample.len(), prev_sample.len())?;
-        check_len(
-            "pred_original_sample",
-            sample.len(),
-            pred_original_sample.len(),
-        )?;
+        check_step_slices(model_output, sample, prev_sample, pred_original_sample)?;
         self.run.advance(index)?;
 
         let o = self.options;

@@ -31,9 +31,9 @@ use sd_core::{PredictionType, TimestepSpacing, sigma_to_t};
 
 use crate::common::{KSchedule, add_noise_sigma, f32_round, k_alphas_cumprod};
 use crate::config::{BaseConfig, BetaScheduleName, FinalSigmasType, SchedulerConfig, SigmaConfig};
-use crate::error::{Error, Result, check_len};
+use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
-use crate::sampler::{Plan, RunOrder, Sampler, Steps};
+use crate::sampler::{Plan, RunOrder, Sampler, Steps, check_step_slices};
 
 /// The noise levels KDPM2 and KDPM2 ancestral share, before interleaving.
 #[derive(Debug, Clone)]
@@ -278,13 +278,7 @@ impl Sampler for Kdpm2 {
         pred_original_sample: &mut [f32],
     ) -> Result<()> {
         self.check_index(index)?;
-        check_len("model_output", sample.len(), model_output.len())?;
-        check_len("prev_sample", sample.len(), prev_sample.len())?;
-        check_len(
-            "pred_original_sample",
-            sample.len(),
-            pred_original_sample.len(),
-        )?;
+        check_step_slices(model_output, sample, prev_sample, pred_original_sample)?;
         self.run.advance(index)?;
 
         if self.pending {

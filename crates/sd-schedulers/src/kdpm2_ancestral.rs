@@ -35,10 +35,10 @@ use sd_core::PredictionType;
 
 use crate::common::{add_noise_sigma, f32_round};
 use crate::config::SchedulerConfig;
-use crate::error::{Result, check_len};
+use crate::error::Result;
 use crate::kdpm2::{Kdpm2Levels, interleave};
 use crate::noise::NoiseSource;
-use crate::sampler::{Plan, RunOrder, Sampler};
+use crate::sampler::{Plan, RunOrder, Sampler, check_step_slices};
 
 /// The KDPM2 ancestral sampler; see the module documentation.
 #[derive(Debug, Clone)]
@@ -179,13 +179,7 @@ impl Sampler for Kdpm2Ancestral {
         pred_original_sample: &mut [f32],
     ) -> Result<()> {
         self.check_index(index)?;
-        check_len("model_output", sample.len(), model_output.len())?;
-        check_len("prev_sample", sample.len(), prev_sample.len())?;
-        check_len(
-            "pred_original_sample",
-            sample.len(),
-            pred_original_sample.len(),
-        )?;
+        check_step_slices(model_output, sample, prev_sample, pred_original_sample)?;
         self.run.advance(index)?;
 
         if self.pending {

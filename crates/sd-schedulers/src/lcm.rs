@@ -39,7 +39,7 @@ use crate::config::{BaseConfig, BetaScheduleName, SchedulerConfig, ThresholdConf
 use crate::ddpm::{check_custom_timesteps, predict_x0};
 use crate::error::{Error, Result, check_len};
 use crate::noise::NoiseSource;
-use crate::sampler::{Plan, RunOrder, Sampler, Steps};
+use crate::sampler::{Plan, RunOrder, Sampler, Steps, check_step_slices};
 
 /// `sigma_data` of the consistency boundary conditions.
 const SIGMA_DATA: f64 = 0.5;
@@ -340,13 +340,7 @@ impl Sampler for Lcm {
         pred_original_sample: &mut [f32],
     ) -> Result<()> {
         self.check_index(index)?;
-        check_len("model_output", sample.len(), model_output.len())?;
-        check_len("prev_sample", sample.len(), prev_sample.len())?;
-        check_len(
-            "pred_original_sample",
-            sample.len(),
-            pred_original_sample.len(),
-        )?;
+        check_step_slices(model_output, sample, prev_sample, pred_original_sample)?;
         self.run.advance(index)?;
 
         let t = self.train_timesteps[index];

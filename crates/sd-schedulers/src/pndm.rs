@@ -60,7 +60,7 @@ use sd_core::{NoiseSchedule, PredictionType, TimestepSpacing};
 use crate::config::{BaseConfig, BetaScheduleName, SchedulerConfig};
 use crate::error::{Error, Result, check_len};
 use crate::noise::NoiseSource;
-use crate::sampler::{Plan, RunOrder, Sampler, Steps};
+use crate::sampler::{Plan, RunOrder, Sampler, Steps, check_step_slices};
 
 /// The number of model evaluations of the PRK warm-up (three Runge-Kutta steps of four).
 const PRK_EVALUATIONS: usize = 12;
@@ -369,13 +369,7 @@ impl Sampler for Pndm {
         pred_original_sample: &mut [f32],
     ) -> Result<()> {
         self.check_index(index)?;
-        check_len("model_output", sample.len(), model_output.len())?;
-        check_len("prev_sample", sample.len(), prev_sample.len())?;
-        check_len(
-            "pred_original_sample",
-            sample.len(),
-            pred_original_sample.len(),
-        )?;
+        check_step_slices(model_output, sample, prev_sample, pred_original_sample)?;
         if self.ets_len > 0 && self.ets[0].len() != sample.len() {
             return Err(Error::LengthMismatch {
                 what: "sample (against the run's earlier steps)",

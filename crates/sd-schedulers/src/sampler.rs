@@ -219,6 +219,26 @@ pub trait Sampler: Send {
     }
 }
 
+/// The slice checks every step starts with: the model output and both output buffers have
+/// the sample's length.
+///
+/// # Errors
+/// [`Error::LengthMismatch`] naming the slice.
+pub(crate) fn check_step_slices(
+    model_output: &[f32],
+    sample: &[f32],
+    prev_sample: &[f32],
+    pred_original_sample: &[f32],
+) -> Result<()> {
+    check_len("model_output", sample.len(), model_output.len())?;
+    check_len("prev_sample", sample.len(), prev_sample.len())?;
+    check_len(
+        "pred_original_sample",
+        sample.len(),
+        pred_original_sample.len(),
+    )
+}
+
 /// Keeps the order of a run's steps: the first step may be any index, each later one must be
 /// the next.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -37,7 +37,7 @@ use crate::config::{BetaScheduleName, SchedulerConfig};
 use crate::error::{Error, Result, check_len};
 use crate::lcm::{check_strength, consistency_base, consistency_timesteps, distillation_timesteps};
 use crate::noise::NoiseSource;
-use crate::sampler::{Plan, RunOrder, Sampler};
+use crate::sampler::{Plan, RunOrder, Sampler, check_step_slices};
 
 /// The options of TCD: the `eta` diffusers passes to `step` and the arguments of its
 /// `set_timesteps` beyond the step count.
@@ -228,13 +228,7 @@ impl Sampler for Tcd {
         pred_original_sample: &mut [f32],
     ) -> Result<()> {
         self.check_index(index)?;
-        check_len("model_output", sample.len(), model_output.len())?;
-        check_len("prev_sample", sample.len(), prev_sample.len())?;
-        check_len(
-            "pred_original_sample",
-            sample.len(),
-            pred_original_sample.len(),
-        )?;
+        check_step_slices(model_output, sample, prev_sample, pred_original_sample)?;
         self.run.advance(index)?;
 
         let t = self.train_timesteps[index];
