@@ -188,6 +188,17 @@ impl KSchedule {
     }
 }
 
+/// The standard deviation of the initial noise of a k-diffusion sampler: its largest sigma
+/// for `linspace` and `trailing` spacing, `sqrt(sigma_max^2 + 1)` for `leading` (diffusers'
+/// `init_noise_sigma`).
+pub(crate) fn k_init_noise_sigma(sigmas: &[f64], spacing: TimestepSpacing) -> f64 {
+    let max_sigma = sigmas.iter().copied().fold(0.0, f64::max);
+    match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+        _ => (max_sigma * max_sigma + 1.0).sqrt(),
+    }
+}
+
 /// The alpha-bars of `schedule` as diffusers' k-diffusion samplers use them: with zero
 /// terminal SNR, the last alpha-bar is set to 2^-24 so that the first sigma is finite.
 pub(crate) fn k_alphas_cumprod(schedule: &NoiseSchedule, rescaled: bool) -> Vec<f64> {

@@ -13,7 +13,7 @@
 
 use sd_core::TimestepSpacing;
 
-use crate::common::{KSchedule, add_noise_sigma, f32_round, k_alphas_cumprod};
+use crate::common::{KSchedule, add_noise_sigma, f32_round, k_alphas_cumprod, k_init_noise_sigma};
 use crate::config::{
     BaseConfig, BetaScheduleName, FinalSigmasType, InterpolationType, SchedulerConfig, SigmaConfig,
     TimestepType,
@@ -177,11 +177,7 @@ impl Euler {
         } else {
             timesteps.into_iter().map(f32_round).collect()
         };
-        let max_sigma = sigmas.iter().copied().fold(0.0, f64::max);
-        let init_noise_sigma = match base.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            _ => (max_sigma * max_sigma + 1.0).sqrt(),
-        };
+        let init_noise_sigma = k_init_noise_sigma(&sigmas, base.timestep_spacing);
         Ok(Euler {
             base,
             timesteps,

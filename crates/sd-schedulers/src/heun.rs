@@ -26,7 +26,9 @@
 
 use sd_core::{PredictionType, TimestepSpacing};
 
-use crate::common::{KSchedule, add_noise_sigma, f32_round, k_alphas_cumprod, postprocess_x0};
+use crate::common::{
+    KSchedule, add_noise_sigma, f32_round, k_alphas_cumprod, k_init_noise_sigma, postprocess_x0,
+};
 use crate::config::{
     BaseConfig, BetaScheduleName, FinalSigmasType, SchedulerConfig, SigmaConfig, ThresholdConfig,
 };
@@ -129,11 +131,7 @@ impl Heun {
             }
         }
         sigmas.push(0.0);
-        let max_sigma = sigmas.iter().copied().fold(0.0, f64::max);
-        let init_noise_sigma = match base.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            _ => (max_sigma * max_sigma + 1.0).sqrt(),
-        };
+        let init_noise_sigma = k_init_noise_sigma(&sigmas, base.timestep_spacing);
         let mut clip = ThresholdConfig::resolve(config, false);
         // The class clips (`clip_sample`) but does not threshold.
         clip.thresholding = false;

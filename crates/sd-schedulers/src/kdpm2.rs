@@ -29,7 +29,7 @@
 
 use sd_core::{PredictionType, TimestepSpacing, sigma_to_t};
 
-use crate::common::{KSchedule, add_noise_sigma, f32_round, k_alphas_cumprod};
+use crate::common::{KSchedule, add_noise_sigma, f32_round, k_alphas_cumprod, k_init_noise_sigma};
 use crate::config::{BaseConfig, BetaScheduleName, FinalSigmasType, SchedulerConfig, SigmaConfig};
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
@@ -142,11 +142,7 @@ impl Kdpm2Levels {
 
     /// The largest sigma and `init_noise_sigma` from it.
     pub(crate) fn init_noise_sigma(&self) -> f64 {
-        let max_sigma = self.sigmas.iter().copied().fold(0.0, f64::max);
-        match self.base.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            _ => (max_sigma * max_sigma + 1.0).sqrt(),
-        }
+        k_init_noise_sigma(&self.sigmas, self.base.timestep_spacing)
     }
 }
 

@@ -26,7 +26,7 @@
 
 use sd_core::{PredictionType, TimestepSpacing};
 
-use crate::common::{KSchedule, add_noise_sigma, f32_round, k_alphas_cumprod};
+use crate::common::{KSchedule, add_noise_sigma, f32_round, k_alphas_cumprod, k_init_noise_sigma};
 use crate::config::{BaseConfig, BetaScheduleName, FinalSigmasType, SchedulerConfig, SigmaConfig};
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
@@ -150,11 +150,7 @@ impl LmsDiscrete {
         let mut sigmas: Vec<f64> = k.sigmas.into_iter().map(f32_round).collect();
         sigmas.push(0.0);
         let timesteps: Vec<f64> = k.timesteps.into_iter().map(f32_round).collect();
-        let max_sigma = sigmas.iter().copied().fold(0.0, f64::max);
-        let init_noise_sigma = match base.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            _ => (max_sigma * max_sigma + 1.0).sqrt(),
-        };
+        let init_noise_sigma = k_init_noise_sigma(&sigmas, base.timestep_spacing);
         Ok(LmsDiscrete {
             prediction_type: base.prediction_type,
             timesteps,
