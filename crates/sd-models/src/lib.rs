@@ -9,9 +9,10 @@
 //! | [`unet`] | `UNet2DConditionModel` (SD 1.x, 2.x, inpainting) and `UNet2DModel` (pixel-space DDPM) |
 //! | [`vae`] | `AutoencoderKL`: encoder, decoder, tiling, f16-safe decoding |
 //! | [`nn`] | the layers and blocks they share, loading from a checkpoint or random weights |
+//! | [`pipeline`] | text-to-image, image-to-image, inpainting and outpainting over any backend and sampler |
 //!
-//! Every network matches diffusers/transformers on fixtures written by `tools/fixtures`; the
-//! pipelines come with a later issue.
+//! Every network, and the pipelines end to end, match diffusers/transformers on fixtures
+//! written by `tools/fixtures`.
 #![warn(missing_docs)]
 
 pub mod backend;
@@ -20,6 +21,7 @@ mod config;
 pub mod cpu;
 pub mod error;
 pub mod nn;
+pub mod pipeline;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -1,0 +1,733 @@
+//! The denoising loop shared by every task, and its parameters, progress and outcome.
+//!
+//! Follows `__call__` of diffusers' `StableDiffusionPipeline`, `...Img2ImgPipeline` and
+//! `...InpaintPipeline` (diffusers 0.42); the order of random draws is in the
+//! [module documentation](super).
+
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use sd_schedulers::{NoiseSource, Plan, RngNoise, Sampler, SchedulerConfig, registry};
+
+use crate::backend::Backend;
+use crate::clip::LongPrompt;
+use crate::error::{Error, Result};
+use crate::pipeline::StableDiffusion;
+use crate::pipeline::image::{Image, Margins, Mask, outpaint_canvas};
+use crate::pipeline::load::scheduler_error;
+use crate::vae::DecoderPrecision;
+
+/// Which sampler to run.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[non_exhaustive]
+pub enum SamplerChoice {
+    /// The one the model's scheduler config names (its `_class_name`).
+    #[default]
+    Model,
+    /// A sampler by name (`"Euler a"`, `"DPM++ 2M Karras"`, `"DDIMScheduler"`, ...: see
+    /// [`sd_schedulers::registry::names`]), built from the model's scheduler config.
+    Name(String),
+    /// A complete scheduler config of its own (its `_class_name` picks the sampler).
+    Config(Box<SchedulerConfig>),
+}
+
+/// What to generate; the task-specific inputs are in [`Task`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// The prompt.
+    pub prompt: String,
+    /// What to steer away from (the unconditional half of guidance); `""` as diffusers'
+    /// default.
+    pub negative_prompt: String,
+    /// Inference steps (image tasks run the last `floor(steps * strength)` of them).
+    pub steps: usize,
+    /// Classifier-free guidance scale; at most 1 disables guidance (one UNet pass per step,
+    /// the negative prompt unused).
+    pub guidance_scale: f64,
+    /// Guidance rescale factor in [0, 1] (`guidance_rescale`, Lin et al. 2023); 0 is off.
+    pub guidance_rescale: f64,
+    /// The sampler.
+    pub sampler: SamplerChoice,
+    /// The seed of the random number generator every random value is drawn from.
+    pub seed: u64,
+    /// The width in pixels: a multiple of 8. `None`: the model's default for text-to-image,
+    /// the image's width for image tasks (where a given width must equal it).
+    pub width: Option<usize>,
+    /// The height in pixels, as [`Params::width`].
+    pub height: Option<usize>,
+    /// Images per prompt.
+    pub num_images: usize,
+    /// CLIP layers to skip from the end (diffusers' `clip_skip`; 0 uses the last layer).
+    pub clip_skip: usize,
+    /// What to do with prompts longer than the tokenizer's 75 tokens: truncate (diffusers) or
+    /// encode in chunks of 75 tokens, concatenated along the sequence.
+    pub long_prompt: LongPrompt,
+    /// Decode with the VAE's tiling (for large images).
+    pub vae_tiling: bool,
+}
+
+impl Default for Params {
+    /// diffusers' defaults: 50 steps, guidance 7.5, the model's sampler, one image.
+    fn default() -> Self {
+        Params {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 50,
+            guidance_scale: 7.5,
+            guidance_rescale: 0.0,
+            sampler: SamplerChoice::Model,
+            seed: 0,
+            width: None,
+            height: None,
+            num_images: 1,
+            clip_skip: 0,
+            long_prompt: LongPrompt::Truncate,
+            vae_tiling: false,
+        }
+    }
+}
+
+/// The task and its inputs.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Task<'a> {
+    /// Text-to-image: from pure noise.
+    TextToImage,
+    /// Image-to-image: the image encoded and noised to the level at which the last
+    /// `floor(steps * strength)` steps start.
+    ImageToImage {
+        /// The starting image.
+        image: &'a Image,
+        /// How much to change it, in [0, 1]: 0 runs no step (the VAE round trip of the
+        /// image), 1 all steps.
+        strength: f64,
+    },
+    /// Inpainting: the mask's white part repainted.
+    Inpaint {
+        /// The image.
+        image: &'a Image,
+        /// The mask, of the image's size.
+        mask: &'a Mask,
+        /// As for image-to-image; 1 starts the repainted region from pure noise.
+        strength: f64,
+    },
+}
+
+/// What the progress callback sees after each step.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    /// The step just taken, counted from 0 among the steps run.
+    pub step: usize,
+    /// The number of steps to run (model evaluations: twice the steps for Heun and KDPM2).
+    pub steps: usize,
+    /// The timestep the UNet was evaluated at.
+    pub timestep: f64,
+    /// The latents after the step, `[N, C, h, w]`.
+    pub latents: &'a [f32],
+    /// The sampler's prediction of the clean latents at this step, `[N, C, h, w]`
+    /// (decode it with [`StableDiffusion::decode_latents`] for a preview).
+    pub pred_original: &'a [f32],
+    /// `[N, C, h, w]`.
+    pub latent_shape: [usize; 4],
+}
+
+/// What the progress callback asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Go on.
+    Continue,
+    /// Stop here and decode the latents as they are (as diffusers' `interrupt`).
+    Stop,
+    /// Stop here without decoding.
+    Cancel,
+}
+
+/// Where each stage's time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// Tokenizing and encoding the prompts.
+    pub text_encoding: Duration,
+    /// Encoding the input image (and the masked image) with the VAE.
+    pub image_encoding: Duration,
+    /// The denoising loop.
+    pub denoising: Duration,
+    /// Decoding the latents.
+    pub decoding: Duration,
+}
+
+/// A finished (or stopped) generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The images, `num_images` of them.
+    pub images: Vec<Image>,
+    /// The decoded images before quantisation, `[N, 3, H, W]` in [0, 1] (diffusers'
+    /// `output_type="np"`, channels first).
+    pub pixels: Vec<f32>,
+    /// The final latents, `[N, C, h, w]`.
+    pub latents: Vec<f32>,
+    /// `[N, C, h, w]`.
+    pub latent_shape: [usize; 4],
+    /// The steps run.
+    pub steps_run: usize,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Every step ran.
+    Finished(Generation),
+    /// The callback said [`Control::Stop`]: the latents of that step, decoded.
+    Stopped(Generation),
+    /// The callback said [`Control::Cancel`] after `steps_run` steps.
+    Cancelled {
+        /// The steps run.
+        steps_run: usize,
+    },
+}
+
+impl Outcome {
+    /// The generation, unless cancelled.
+    pub fn into_generation(self) -> Option<Generation> {
+        match self {
+            Outcome::Finished(g) | Outcome::Stopped(g) => Some(g),
+            Outcome::Cancelled { .. } => None,
+        }
+    }
+
+    /// Whether every step ran.
+    pub fn is_finished(&self) -> bool {
+        matches!(self, Outcome::Finished(_))
+    }
+}
+
+fn config_error(what: &str, message: String) -> Error {
+    Error::Config {
+        what: what.to_string(),
+        message,
+    }
+}
+
+fn fill(noise: &mut dyn NoiseSource, len: usize) -> Result<Vec<f32>> {
+    let mut out = vec![0.0; len];
+    noise
+        .fill(&mut out)
+        .map_err(|e| scheduler_error("noise", e))?;
+    Ok(out)
+}
+
+/// `noise_cfg` rescaled towards the standard deviation of `text` per image, as diffusers'
+/// `rescale_noise_cfg` (PyTorch's unbiased `std` over all but the batch axis).
+fn rescale_noise_cfg(cfg: &mut [f32], text: &[f32], per_image: usize, rescale: f64) {
+    fn std(x: &[f32]) -> f64 {
+        let n = x.len() as f64;
+        let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = x
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / (n - 1.0).max(1.0);
+        var.sqrt()
+    }
+    for (c, t) in cfg
+        .chunks_exact_mut(per_image)
+        .zip(text.chunks_exact(per_image))
+    {
+        let factor = std(t) / std(c);
+        for v in c.iter_mut() {
+            let rescaled = f64::from(*v) * factor;
+            *v = (rescale * rescaled + (1.0 - rescale) * f64::from(*v)) as f32;
+        }
+    }
+}
+
+/// Repeats `one` (one image's values) `n` times.
+fn repeat(one: &[f32], n: usize) -> Vec<f32> {
+    one.repeat(n)
+}
+
+impl<B: Backend> StableDiffusion<B> {
+    /// Text-to-image with the seeded generator of [`Params::seed`].
+    ///
+    /// # Errors
+    /// As [`StableDiffusion::generate`].
+    pub fn txt2img(
+        &self,
+        params: &Params,
+        mut callback: impl FnMut(&Progress<'_>) -> Control,
+    ) -> Result<Outcome> {
+        self.generate(
+            params,
+            Task::TextToImage,
+            &mut seeded(params),
+            &mut callback,
+        )
+    }
+
+    /// Image-to-image with the seeded generator of [`Params::seed`].
+    ///
+    /// # Errors
+    /// As [`StableDiffusion::generate`].
+    pub fn img2img(
+        &self,
+        params: &Params,
+        image: &Image,
+        strength: f64,
+        mut callback: impl FnMut(&Progress<'_>) -> Control,
+    ) -> Result<Outcome> {
+        let task = Task::ImageToImage { image, strength };
+        self.generate(params, task, &mut seeded(params), &mut callback)
+    }
+
+    /// Inpainting with the seeded generator of [`Params::seed`].
+    ///
+    /// # Errors
+    /// As [`StableDiffusion::generate`].
+    pub fn inpaint(
+        &self,
+        params: &Params,
+        image: &Image,
+        mask: &Mask,
+        strength: f64,
+        mut callback: impl FnMut(&Progress<'_>) -> Control,
+    ) -> Result<Outcome> {
+        let task = Task::Inpaint {
+            image,
+            mask,
+            strength,
+        };
+        self.generate(params, task, &mut seeded(params), &mut callback)
+    }
+
+    /// Outpainting: the image extended by `margins` ([`outpaint_canvas`]) and the new
+    /// border inpainted from pure noise (strength 1), with the seeded generator of
+    /// [`Params::seed`]. The extended size must be a multiple of 8.
+    ///
+    /// # Errors
+    /// Those of [`outpaint_canvas`] and [`StableDiffusion::generate`].
+    pub fn outpaint(
+        &self,
+        params: &Params,
+        image: &Image,
+        margins: Margins,
+        callback: impl FnMut(&Progress<'_>) -> Control,
+    ) -> Result<Outcome> {
+        let (canvas, mask) = outpaint_canvas(image, margins)?;
+        self.inpaint(params, &canvas, &mask, 1.0, callback)
+    }
+
+    /// Decodes latents `[N, C, h, w]` (at the UNet's scale) to images and their `[N, 3, H, W]`
+    /// values in [0, 1]: for the final latents, or a preview of a step's predicted x0.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a length other than the shape's; the VAE's errors.
+    pub fn decode_latents(
+        &self,
+        latents: &[f32],
+        shape: [usize; 4],
+        tiling: bool,
+    ) -> Result<(Vec<Image>, Vec<f32>)> {
+        let b = &self.backend;
+        let z = b.upload(latents, &shape)?;
+        let z = self.vae.unscale_latents(b, &z)?;
+        let tiling = tiling.then(|| self.vae.default_tiling());
+        let x = self.vae.decode_with(b, &z, DecoderPrecision::F32, tiling)?;
+        let dims = b.shape(&x).to_vec();
+        let (h, w) = match dims[..] {
+            [_, 3, h, w] => (h, w),
+            _ => {
+                return Err(Error::Shape {
+                    op: "decode_latents",
+                    expected: "[N, 3, H, W] images from the VAE".into(),
+                    found: format!("{dims:?}"),
+                });
+            }
+        };
+        let pixels: Vec<f32> = b
+            .download(&x)?
+            .into_iter()
+            .map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0))
+            .collect();
+        let images = pixels
+            .chunks_exact(3 * h * w)
+            .map(|p| Image::from_chw_unit(p, w, h))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((images, pixels))
+    }
+
+    /// The sampler `params` asks for, planned for `params.steps` steps.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an unknown sampler name or a config the sampler rejects.
+    pub fn sampler(&self, params: &Params) -> Result<Box<dyn Sampler>> {
+        let plan = Plan::steps(params.steps).with_batch_size(params.num_images.max(1));
+        match &params.sampler {
+            SamplerChoice::Model => registry::from_config(&self.scheduler, plan),
+            SamplerChoice::Name(name) => registry::sampler(name, &self.scheduler, plan),
+            SamplerChoice::Config(config) => registry::from_config(config, plan),
+        }
+        .map_err(|e| scheduler_error("sampler", e))
+    }
+
+    /// The text embeddings the UNet sees: `[2N, L, D]` (negative prompt first, then the
+    /// prompt, each repeated `N` times) with guidance, else `[N, L, D]`.
+    fn encode_prompts(&self, params: &Params, guidance: bool) -> Result<B::Tensor> {
+        let b = &self.backend;
+        let mut rows = vec![
+            self.tokenizer
+                .encode_long(&params.prompt, params.long_prompt)?,
+        ];
+        if guidance {
+            rows.insert(
+                0,
+                self.tokenizer
+                    .encode_long(&params.negative_prompt, params.long_prompt)?,
+            );
+            // Chunked prompts of different lengths: pad the shorter with empty chunks.
+            let chunks = rows.iter().map(Vec::len).max().unwrap_or(1);
+            let empty = self.tokenizer.encode("")?;
+            for r in &mut rows {
+                r.resize(chunks, empty.clone());
+            }
+        }
+        let mut embeds = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let e = self.text_encoder.encode(b, r, params.clip_skip)?;
+            let (k, l, d) = match b.shape(&e)[..] {
+                [k, l, d] => (k, l, d),
+                ref other => {
+                    return Err(Error::Shape {
+                        op: "encode_prompts",
+                        expected: "[chunks, L, D] text embeddings".into(),
+                        found: format!("{other:?}"),
+                    });
+                }
+            };
+            let e = b.reshape(&e, &[1, k * l, d])?;
+            let copies: Vec<&B::Tensor> = std::iter::repeat_n(&e, params.num_images).collect();
+            embeds.push(b.concat(&copies, 0)?);
+        }
+        let refs: Vec<&B::Tensor> = embeds.iter().collect();
+        b.concat(&refs, 0)
+    }
+
+    /// The image task's image encoded to scaled latents `[1, C, h, w]` with the posterior
+    /// noise drawn from `noise`.
+    fn encode_image(
+        &self,
+        pixels: &[f32],
+        w: usize,
+        h: usize,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Vec<f32>> {
+        let b = &self.backend;
+        let x = b.upload(pixels, &[1, 3, h, w])?;
+        let dist = self.vae.encode(b, &x)?;
+        let len = b.shape(&dist.mean).iter().product();
+        let eps = b.upload(&fill(noise, len)?, b.shape(&dist.mean))?;
+        let z = dist.sample(b, &eps)?;
+        b.download(&self.vae.scale_latents(b, &z)?)
+    }
+
+    fn check_params(&self, params: &Params, task: &Task<'_>) -> Result<(usize, usize, f64)> {
+        if params.steps == 0 {
+            return Err(config_error(
+                "steps",
+                "0 steps: at least 1 is needed".into(),
+            ));
+        }
+        if params.num_images == 0 {
+            return Err(config_error("num_images", "0 images asked for".into()));
+        }
+        if !params.guidance_scale.is_finite() {
+            return Err(config_error(
+                "guidance_scale",
+                format!("{} is not a finite number", params.guidance_scale),
+            ));
+        }
+        if !(0.0..=1.0).contains(&params.guidance_rescale) {
+            return Err(config_error(
+                "guidance_rescale",
+                format!("{} is outside [0, 1]", params.guidance_rescale),
+            ));
+        }
+        let (image, strength) = match *task {
+            Task::TextToImage => (None, 1.0),
+            Task::ImageToImage { image, strength } => (Some(image), strength),
+            Task::Inpaint {
+                image,
+                mask,
+                strength,
+            } => {
+                if (mask.width(), mask.height()) != (image.width(), image.height()) {
+                    return Err(Error::Shape {
+                        op: "inpaint",
+                        expected: format!(
+                            "a mask of the image's size {}x{}",
+                            image.width(),
+                            image.height()
+                        ),
+                        found: format!("{}x{}", mask.width(), mask.height()),
+                    });
+                }
+                (Some(image), strength)
+            }
+        };
+        if !(0.0..=1.0).contains(&strength) {
+            return Err(config_error(
+                "strength",
+                format!("{strength} is outside [0, 1]"),
+            ));
+        }
+        let (dw, dh) = self.default_size();
+        let (w, h) = match image {
+            None => (params.width.unwrap_or(dw), params.height.unwrap_or(dh)),
+            Some(img) => {
+                for (what, given, actual) in [
+                    ("width", params.width, img.width()),
+                    ("height", params.height, img.height()),
+                ] {
+                    if let Some(g) = given.filter(|&g| g != actual) {
+                        return Err(config_error(
+                            what,
+                            format!(
+                                "{g} differs from the input image's {actual} (resize the image)"
+                            ),
+                        ));
+                    }
+                }
+                (img.width(), img.height())
+            }
+        };
+        let multiple = self.size_multiple();
+        for (what, v) in [("width", w), ("height", h)] {
+            if v == 0 || v % 8 != 0 {
+                return Err(config_error(
+                    what,
+                    format!("{v} is not a positive multiple of 8"),
+                ));
+            }
+            if v % multiple != 0 {
+                return Err(config_error(
+                    what,
+                    format!(
+                        "{v} is not a multiple of {multiple}, which this model needs ({} pixels \
+                         per latent pixel, latents divisible by the UNet's {})",
+                        self.vae_scale_factor(),
+                        self.unet.config().downsample_factor()
+                    ),
+                ));
+            }
+        }
+        Ok((w, h, strength))
+    }
+
+    /// Runs `task` with the noise of `noise` (see the [module documentation](super) for the
+    /// order of draws), calling `callback` after every step.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the parameter for 0 steps or images, a width or height that
+    /// is not a multiple of 8 (or of what the UNet needs) or differs from the input
+    /// image's, a strength or guidance rescale outside [0, 1], an unknown sampler, or a
+    /// noise source that fails; [`Error::Shape`] for a mask of another size than the image;
+    /// [`Error::Prompt`] and the networks' errors.
+    pub fn generate(
+        &self,
+        params: &Params,
+        task: Task<'_>,
+        noise: &mut dyn NoiseSource,
+        callback: &mut dyn FnMut(&Progress<'_>) -> Control,
+    ) -> Result<Outcome> {
+        let (w, h, strength) = self.check_params(params, &task)?;
+        let b = &self.backend;
+        let mut timings = Timings::default();
+        let mut sampler = self.sampler(params)?;
+        let timesteps = sampler.timesteps().to_vec();
+        let start = match task {
+            Task::TextToImage => 0,
+            _ => sampler
+                .start_index(strength)
+                .map_err(|e| scheduler_error("strength", e))?,
+        };
+
+        let guidance = params.guidance_scale > 1.0;
+        let t0 = Instant::now();
+        let embeds = self.encode_prompts(params, guidance)?;
+        timings.text_encoding = t0.elapsed();
+
+        let n = params.num_images;
+        let f = self.vae_scale_factor();
+        let c = self.vae.config().latent_channels;
+        let (lw, lh) = (w / f, h / f);
+        let per_image = c * lh * lw;
+        let shape = [n, c, lh, lw];
+        let inpainting_unet = self.is_inpainting();
+
+        // 1. The image's latents.
+        let t0 = Instant::now();
+        let (pixels, mask) = match task {
+            Task::TextToImage => (None, None),
+            Task::ImageToImage { image, .. } => (Some(image.to_chw_signed()), None),
+            Task::Inpaint { image, mask, .. } => (Some(image.to_chw_signed()), Some(mask)),
+        };
+        let encode_image = match task {
+            Task::TextToImage => false,
+            Task::ImageToImage { .. } => true,
+            Task::Inpaint { .. } => !inpainting_unet || strength < 1.0,
+        };
+        let image_latents = match &pixels {
+            Some(p) if encode_image => Some(repeat(&self.encode_image(p, w, h, noise)?, n)),
+            _ => None,
+        };
+        timings.image_encoding = t0.elapsed();
+
+        // 2. The initial noise and latents.
+        let init_noise = fill(noise, n * per_image)?;
+        let pure_noise = match task {
+            Task::TextToImage => true,
+            Task::ImageToImage { .. } => false,
+            Task::Inpaint { .. } => strength == 1.0,
+        };
+        let mut latents = match &image_latents {
+            Some(x0) if !pure_noise => {
+                if start < timesteps.len() {
+                    let mut out = vec![0.0; x0.len()];
+                    sampler
+                        .add_noise(x0, &init_noise, start, &mut out)
+                        .map_err(|e| scheduler_error("add_noise", e))?;
+                    out
+                } else {
+                    x0.clone()
+                }
+            }
+            _ => {
+                let sigma = sampler.init_noise_sigma() as f32;
+                init_noise.iter().map(|v| v * sigma).collect()
+            }
+        };
+
+        // 3. The mask at the latents' size, and the masked image's latents.
+        let t0 = Instant::now();
+        let mut mask_latent = None;
+        let mut masked_latents = None;
+        if let (Some(mask), Some(p)) = (mask, &pixels) {
+            let m = mask.binary();
+            let masked: Vec<f32> = p
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| if m[i % (w * h)] < 0.5 { v } else { 0.0 })
+                .collect();
+            if inpainting_unet {
+                masked_latents = Some(self.encode_image(&masked, w, h, noise)?);
+            } else {
+                // Drawn and unused, as diffusers does.
+                fill(noise, per_image)?;
+            }
+            mask_latent = Some(mask.binary_nearest(lw, lh));
+        }
+        timings.image_encoding += t0.elapsed();
+
+        // The denoising loop.
+        let t0 = Instant::now();
+        let total = timesteps.len() - start;
+        let in_channels = self.unet.config().in_channels;
+        let mut scaled = vec![0.0; latents.len()];
+        let mut steps_run = 0;
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
+            sampler
+                .scale_model_input(&latents, i, &mut scaled)
+                .map_err(|e| scheduler_error("scale_model_input", e))?;
+            let mut input = Vec::with_capacity(n * in_channels * lh * lw);
+            for img in scaled.chunks_exact(per_image) {
+                input.extend_from_slice(img);
+                if let (Some(m), Some(ml)) = (&mask_latent, &masked_latents) {
+                    input.extend_from_slice(m);
+                    input.extend_from_slice(ml);
+                }
+            }
+            let batch = if guidance {
+                input.extend_from_within(..);
+                2 * n
+            } else {
+                n
+            };
+            let x = b.upload(&input, &[batch, in_channels, lh, lw])?;
+            let out = b.download(&self.unet.forward(b, &x, &[t], &embeds)?)?;
+            let model_output = if guidance {
+                let (uncond, text) = out.split_at(n * per_image);
+                let g = params.guidance_scale as f32;
+                let mut cfg: Vec<f32> = uncond
+                    .iter()
+                    .zip(text)
+                    .map(|(&u, &t)| u + g * (t - u))
+                    .collect();
+                if params.guidance_rescale > 0.0 {
+                    rescale_noise_cfg(&mut cfg, text, per_image, params.guidance_rescale);
+                }
+                cfg
+            } else {
+                out
+            };
+            let step = sampler
+                .step(i, &model_output, &latents, noise)
+                .map_err(|e| scheduler_error("sampler step", e))?;
+            latents = step.prev_sample;
+            if let (Some(m), Some(x0), false) = (&mask_latent, &image_latents, inpainting_unet) {
+                // Blend the known region back, noised to the next step's level.
+                let known = if i + 1 < timesteps.len() {
+                    let mut out = vec![0.0; x0.len()];
+                    sampler
+                        .add_noise(x0, &init_noise, i + 1, &mut out)
+                        .map_err(|e| scheduler_error("add_noise", e))?;
+                    out
+                } else {
+                    x0.clone()
+                };
+                let plane = lh * lw;
+                for (j, v) in latents.iter_mut().enumerate() {
+                    let keep = 1.0 - m[j % plane];
+                    *v = keep * known[j] + (1.0 - keep) * *v;
+                }
+            }
+            steps_run += 1;
+            let control = callback(&Progress {
+                step: steps_run - 1,
+                steps: total,
+                timestep: t,
+                latents: &latents,
+                pred_original: &step.pred_original_sample,
+                latent_shape: shape,
+            });
+            match control {
+                Control::Continue => {}
+                Control::Stop => break,
+                Control::Cancel => {
+                    return Ok(Outcome::Cancelled { steps_run });
+                }
+            }
+        }
+        timings.denoising = t0.elapsed();
+
+        let t0 = Instant::now();
+        let (images, pixels) = self.decode_latents(&latents, shape, params.vae_tiling)?;
+        timings.decoding = t0.elapsed();
+        let generation = Generation {
+            images,
+            pixels,
+            latents,
+            latent_shape: shape,
+            steps_run,
+            timings,
+        };
+        Ok(if steps_run == total {
+            Outcome::Finished(generation)
+        } else {
+            Outcome::Stopped(generation)
+        })
+    }
+}
+
+fn seeded(params: &Params) -> RngNoise<rand::rngs::StdRng> {
+    RngNoise(rand::rngs::StdRng::seed_from_u64(params.seed))
+}

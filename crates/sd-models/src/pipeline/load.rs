@@ -1,0 +1,186 @@
+//! Loading a [`StableDiffusion`] pipeline: from a diffusers folder (`model_index.json` and
+//! the component folders, as `DiffusionPipeline.from_pretrained` reads them) or from a
+//! single-file CompVis checkpoint (as `from_single_file`), whose tokenizer comes from a folder
+//! the caller names.
+
+use std::path::{Path, PathBuf};
+
+use sd_schedulers::SchedulerConfig;
+use serde_json::Value;
+
+use crate::backend::Backend;
+use crate::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use crate::error::{Error, Result};
+use crate::pipeline::StableDiffusion;
+use crate::unet::{Unet2DConditionConfig, Unet2DConditionModel};
+use crate::vae::{AutoencoderKl, AutoencoderKlConfig};
+use crate::weights::compvis::{Component, SingleFileOptions};
+use crate::weights::{LoadDType, Variant};
+
+/// How to load a pipeline.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Prefer the `fp16` variant files (`*.fp16.safetensors`) of each component folder,
+    /// falling back to the default files; weights are computed in `f32` either way.
+    pub fp16_variant: bool,
+    /// Unused weights are an error (otherwise ignored).
+    pub strict: bool,
+    /// The tokenizer folder (`vocab.json`, `merges.txt`, optionally the tokenizer configs).
+    /// Required for a single-file checkpoint, which carries no tokenizer; for a diffusers
+    /// folder it replaces the folder's `tokenizer/`.
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl LoadOptions {
+    fn variants(&self) -> Vec<Variant> {
+        if self.fp16_variant {
+            vec![Variant::Fp16, Variant::Default]
+        } else {
+            vec![Variant::Default]
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A `sd_schedulers` error as an sd-models one (sd-models' error type has no variant for
+/// them yet), naming what was being done.
+pub(crate) fn scheduler_error(what: &str, e: sd_schedulers::Error) -> Error {
+    Error::Config {
+        what: what.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn scheduler_config(json: &str, what: &str) -> Result<SchedulerConfig> {
+    SchedulerConfig::from_json(json).map_err(|e| scheduler_error(what, e))
+}
+
+impl<B: Backend> StableDiffusion<B> {
+    /// Loads a diffusers Stable Diffusion folder: `model_index.json`, `tokenizer/` (or
+    /// [`LoadOptions::tokenizer`]), `text_encoder/`, `unet/`, `vae/` and
+    /// `scheduler/scheduler_config.json`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming a missing file (`model_index.json`, a config, the weights);
+    /// [`Error::Config`] for a malformed `model_index.json` or config; the loading errors of
+    /// each network; those of [`StableDiffusion::from_parts`].
+    pub fn from_dir(backend: B, dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        let index_path = dir.join("model_index.json");
+        let index: Value =
+            serde_json::from_str(&read(&index_path)?).map_err(|e| Error::Config {
+                what: index_path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        if !index.is_object() {
+            return Err(Error::Config {
+                what: index_path.display().to_string(),
+                message: "not a JSON object".into(),
+            });
+        }
+        let variants = options.variants();
+        let tokenizer_dir = options
+            .tokenizer
+            .clone()
+            .unwrap_or_else(|| dir.join("tokenizer"));
+        let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+        let text_encoder = ClipTextModel::from_dir(
+            &backend,
+            dir.join("text_encoder"),
+            &variants,
+            options.strict,
+        )?;
+        let unet =
+            Unet2DConditionModel::from_dir(&backend, dir.join("unet"), &variants, options.strict)?;
+        let vae = AutoencoderKl::from_dir(&backend, dir.join("vae"), &variants, options.strict)?;
+        let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
+        let scheduler = scheduler_config(
+            &read(&scheduler_path)?,
+            &scheduler_path.display().to_string(),
+        )?;
+        Self::from_parts(backend, tokenizer, text_encoder, unet, vae, scheduler)
+    }
+
+    /// Loads a single-file CompVis checkpoint (SD 1.x or 2.x, inpainting included) with every
+    /// config inferred (see [`crate::weights::compvis`]), and the tokenizer from
+    /// [`LoadOptions::tokenizer`].
+    ///
+    /// # Errors
+    /// [`Error::Config`] if no tokenizer folder is given, or the file has no VAE or text
+    /// encoder; those of [`SingleFileOptions::open`] and of loading each network.
+    pub fn from_single_file(
+        backend: B,
+        path: impl AsRef<Path>,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let Some(tokenizer_dir) = &options.tokenizer else {
+            return Err(Error::Config {
+                what: format!("{} (single-file checkpoint)", path.display()),
+                message: "a single file carries no tokenizer: give a tokenizer folder \
+                          (vocab.json and merges.txt, e.g. a diffusers model's tokenizer/)"
+                    .into(),
+            });
+        };
+        let tokenizer = ClipTokenizer::from_dir(tokenizer_dir)?;
+        let file = SingleFileOptions::new().strict(options.strict).open(path)?;
+        let what = |c: &str| format!("{}: {c} config", path.display());
+        let config_json = |component: Component| -> Result<String> {
+            file.config(component)
+                .map(|m| Value::Object(m.clone()).to_string())
+                .ok_or_else(|| Error::Config {
+                    what: path.display().to_string(),
+                    message: format!("the checkpoint has no {component}"),
+                })
+        };
+        let missing = |component: Component| Error::Config {
+            what: path.display().to_string(),
+            message: format!("the checkpoint has no {component}"),
+        };
+        let unet_config =
+            Unet2DConditionConfig::from_json(&config_json(Component::Unet)?, &what("unet"))?;
+        let unet = Unet2DConditionModel::load(&backend, file.unet(), unet_config, LoadDType::F32)?;
+        let vae_config =
+            AutoencoderKlConfig::from_json(&config_json(Component::Vae)?, &what("vae"))?;
+        let vae_store = file.vae().ok_or_else(|| missing(Component::Vae))?;
+        let vae = AutoencoderKl::load(&backend, vae_store, vae_config, LoadDType::F32)?;
+        let text_config = ClipTextConfig::from_json(
+            &config_json(Component::TextEncoder)?,
+            &what("text_encoder"),
+        )?;
+        let text_store = file
+            .text_encoder()
+            .ok_or_else(|| missing(Component::TextEncoder))?;
+        let text_encoder = ClipTextModel::load(&backend, text_store, text_config, LoadDType::F32)?;
+        file.finish()?;
+        let scheduler = scheduler_config(
+            &Value::Object(file.scheduler_config().clone()).to_string(),
+            &what("scheduler"),
+        )?;
+        Self::from_parts(backend, tokenizer, text_encoder, unet, vae, scheduler)
+    }
+
+    /// Loads `path`: a diffusers folder ([`from_dir`](Self::from_dir)) if it is a directory,
+    /// else a single-file checkpoint ([`from_single_file`](Self::from_single_file)).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if `path` does not exist; those of the loader chosen.
+    pub fn load(backend: B, path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if meta.is_dir() {
+            Self::from_dir(backend, path, options)
+        } else {
+            Self::from_single_file(backend, path, options)
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Stable Diffusion pipelines: text-to-image, image-to-image, inpainting and outpainting over
+//! any [`Backend`], with any sampler of `sd-schedulers`.
+//!
+//! Follows diffusers 0.42's `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` and
+//! `StableDiffusionInpaintPipeline` (`diffusers/pipelines/stable_diffusion/`): prompt
+//! encoding with classifier-free guidance (the unconditional and conditional halves in one
+//! batched UNet pass, unconditional first), guidance rescale (Lin et al. 2023,
+//! `rescale_noise_cfg`), image-to-image from part-way through the schedule
+//! (`get_timesteps`, `add_noise` at the first step run), inpainting with a 9-channel
+//! inpainting UNet (latents, mask, masked-image latents) or, for an ordinary UNet, by
+//! blending the known region back after every step, noised to the next step's level.
+//! Outpainting is inpainting of a border added around the image ([`outpaint_canvas`]).
+//!
+//! # Randomness
+//!
+//! Every random value comes from one [`NoiseSource`](sd_schedulers::NoiseSource), standard
+//! normal, drawn in the order diffusers draws from its one `generator` (so that diffusers'
+//! noise, recorded, can be replayed with [`sd_schedulers::ReplayNoise`]):
+//!
+//! 1. image tasks that encode the image: the VAE posterior sample of the image
+//!    (`[1, 4, h, w]`, repeated for each image);
+//! 2. the initial noise `[N, 4, h, w]` (all images of the batch, image after image);
+//! 3. inpainting: the VAE posterior sample of the masked image (`[1, 4, h, w]`; drawn also
+//!    for an ordinary UNet, which does not use it, as diffusers does);
+//! 4. each step of a stochastic sampler, `[N, 4, h, w]`.
+//!
+//! With [`Params::seed`] the source is [`rand::rngs::StdRng`] seeded with it (ChaCha12 in
+//! `rand` 0.9), so a seed gives the same image on every run and with any number of threads.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use sd_models::CpuBackend;
+//! use sd_models::pipeline::{Control, LoadOptions, Params, StableDiffusion};
+//!
+//! let pipe = StableDiffusion::load(CpuBackend::new(), "stable-diffusion-v1-5", &LoadOptions::default())?;
+//! let params = Params { prompt: "a red fox in the snow".into(), steps: 25, seed: 42, ..Params::default() };
+//! let outcome = pipe.txt2img(&params, |_| Control::Continue)?;
+//! let images = outcome.into_generation().map(|g| g.images).unwrap_or_default();
+//! # let _ = images;
+//! # Ok::<(), sd_models::Error>(())
+//! ```
+
+mod generate;
+pub mod image;
+mod load;
+
+pub use generate::{Control, Generation, Outcome, Params, Progress, SamplerChoice, Task, Timings};
+pub use image::{Image, Margins, Mask, outpaint_canvas};
+pub use load::LoadOptions;
+
+use sd_schedulers::SchedulerConfig;
+
+use crate::backend::Backend;
+use crate::clip::{ClipTextModel, ClipTokenizer};
+use crate::error::{Error, Result};
+use crate::unet::Unet2DConditionModel;
+use crate::vae::AutoencoderKl;
+
+/// A Stable Diffusion 1.x / 2.x pipeline: tokenizer, text encoder, UNet, VAE and the model's
+/// scheduler config (the base every sampler is built from).
+#[derive(Debug)]
+pub struct StableDiffusion<B: Backend> {
+    backend: B,
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel<B>,
+    unet: Unet2DConditionModel<B>,
+    vae: AutoencoderKl<B>,
+    scheduler: SchedulerConfig,
+}
+
+impl<B: Backend> StableDiffusion<B> {
+    /// A pipeline from its parts.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the parts do not fit together: the UNet's cross-attention width
+    /// is not the text encoder's width, its input channels are neither the VAE's latent
+    /// channels nor those plus 1 + latent channels (inpainting), or its output channels are
+    /// not the latent channels.
+    pub fn from_parts(
+        backend: B,
+        tokenizer: ClipTokenizer,
+        text_encoder: ClipTextModel<B>,
+        unet: Unet2DConditionModel<B>,
+        vae: AutoencoderKl<B>,
+        scheduler: SchedulerConfig,
+    ) -> Result<Self> {
+        let pipe = StableDiffusion {
+            backend,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+        };
+        pipe.check_parts()?;
+        Ok(pipe)
+    }
+
+    fn check_parts(&self) -> Result<()> {
+        let u = self.unet.config();
+        let latent = self.vae.config().latent_channels;
+        let text = self.text_encoder.config().hidden_size;
+        let fail = |message: String| {
+            Err(Error::Config {
+                what: "pipeline".into(),
+                message,
+            })
+        };
+        if u.cross_attention_dim(0) != Some(text) {
+            return fail(format!(
+                "the UNet's cross_attention_dim {:?} is not the text encoder's hidden_size {text}",
+                u.cross_attention_dim(0)
+            ));
+        }
+        if u.in_channels != latent && u.in_channels != 2 * latent + 1 {
+            return fail(format!(
+                "the UNet's in_channels {} is neither the VAE's latent_channels {latent} nor \
+                 {} (inpainting)",
+                u.in_channels,
+                2 * latent + 1
+            ));
+        }
+        if u.out_channels != latent {
+            return fail(format!(
+                "the UNet's out_channels {} is not the VAE's latent_channels {latent}",
+                u.out_channels
+            ));
+        }
+        Ok(())
+    }
+
+    /// The same pipeline with another UNet (an inpainting UNet, say).
+    ///
+    /// # Errors
+    /// As [`StableDiffusion::from_parts`].
+    pub fn with_unet(mut self, unet: Unet2DConditionModel<B>) -> Result<Self> {
+        self.unet = unet;
+        self.check_parts()?;
+        Ok(self)
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// The text encoder.
+    pub fn text_encoder(&self) -> &ClipTextModel<B> {
+        &self.text_encoder
+    }
+
+    /// The UNet.
+    pub fn unet(&self) -> &Unet2DConditionModel<B> {
+        &self.unet
+    }
+
+    /// The VAE.
+    pub fn vae(&self) -> &AutoencoderKl<B> {
+        &self.vae
+    }
+
+    /// The model's scheduler config.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler
+    }
+
+    /// Whether the UNet is an inpainting UNet (latents, mask and masked-image latents in).
+    pub fn is_inpainting(&self) -> bool {
+        self.unet.config().in_channels != self.vae.config().latent_channels
+    }
+
+    /// Pixels per latent pixel (diffusers' `vae_scale_factor`, 8 for Stable Diffusion).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().downsample_factor()
+    }
+
+    /// What the width and height must be a multiple of: 8 (diffusers' check), and the VAE's
+    /// scale factor times the UNet's downsampling factor (64 for Stable Diffusion, whose UNet
+    /// here needs latents divisible by 8).
+    pub fn size_multiple(&self) -> usize {
+        // Both factors are powers of two.
+        (self.vae_scale_factor() * self.unet.config().downsample_factor()).max(8)
+    }
+
+    /// The default image size (width, height): the UNet's `sample_size` times
+    /// [`vae_scale_factor`](Self::vae_scale_factor), as diffusers (512 for SD 1.5).
+    pub fn default_size(&self) -> (usize, usize) {
+        let (h, w) = self
+            .unet
+            .config()
+            .sample_size
+            .as_ref()
+            .map_or((64, 64), |s| s.height_width());
+        let f = self.vae_scale_factor();
+        (w * f, h * f)
+    }
+}

@@ -1,0 +1,625 @@
+//! The pipelines on the tiny SD-1.x-like fixture pipeline (`generate.py pipeline`): parity
+//! with diffusers' own outputs given the noise it drew, and the behaviour the pipelines
+//! promise (determinism, guidance, strength, masks, the callback, typed errors).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use sd_models::CpuBackend;
+use sd_models::Error;
+use sd_models::pipeline::{
+    Control, Generation, Image, LoadOptions, Margins, Mask, Outcome, Params, SamplerChoice,
+    StableDiffusion, Task,
+};
+use sd_models::unet::Unet2DConditionModel;
+use sd_models::weights::Variant;
+use sd_schedulers::ReplayNoise;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pipeline")
+}
+
+fn pipe() -> StableDiffusion<CpuBackend> {
+    StableDiffusion::from_dir(
+        CpuBackend::new(),
+        root().join("sd1"),
+        &LoadOptions::default(),
+    )
+    .unwrap()
+}
+
+fn inpaint_pipe() -> StableDiffusion<CpuBackend> {
+    let p = pipe();
+    let unet = Unet2DConditionModel::from_dir(
+        p.backend(),
+        root().join("inpaint_unet"),
+        &[Variant::Default],
+        true,
+    )
+    .unwrap();
+    p.with_unet(unet).unwrap()
+}
+
+fn params(prompt: &str) -> Params {
+    Params {
+        prompt: prompt.into(),
+        steps: 4,
+        guidance_scale: 7.5,
+        seed: 7,
+        // The fixture's own sampler, PNDM (PLMS), evaluates the model 5 times for 4 steps.
+        sampler: SamplerChoice::Name("DDIM".into()),
+        ..Params::default()
+    }
+}
+
+fn finished(o: Outcome) -> Generation {
+    match o {
+        Outcome::Finished(g) => g,
+        other => panic!("not finished: {other:?}"),
+    }
+}
+
+fn go(_: &sd_models::pipeline::Progress<'_>) -> Control {
+    Control::Continue
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn mean_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parity with diffusers
+// ---------------------------------------------------------------------------------------------
+
+struct Case {
+    meta: serde_json::Value,
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+fn case(name: &str) -> Case {
+    let dir = root().join("cases");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
+            .unwrap();
+    let bytes = std::fs::read(dir.join(format!("{name}.safetensors"))).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (k, (v.shape().to_vec(), data))
+        })
+        .collect();
+    Case { meta, tensors }
+}
+
+impl Case {
+    fn noise(&self) -> ReplayNoise {
+        let count = self.meta["noise_tensors"].as_u64().unwrap() as usize;
+        ReplayNoise::new(
+            (0..count)
+                .map(|k| self.tensors[&format!("noise.{k}")].1.clone())
+                .collect(),
+        )
+    }
+
+    fn params(&self) -> Params {
+        let a = &self.meta["args"];
+        Params {
+            prompt: a["prompt"].as_str().unwrap().into(),
+            negative_prompt: a["negative_prompt"].as_str().unwrap_or("").into(),
+            steps: a["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: a["guidance_scale"].as_f64().unwrap(),
+            guidance_rescale: a["guidance_rescale"].as_f64().unwrap_or(0.0),
+            num_images: a["num_images_per_prompt"].as_u64().unwrap_or(1) as usize,
+            sampler: SamplerChoice::Name(self.meta["sampler"].as_str().unwrap().into()),
+            width: Some(64),
+            height: Some(64),
+            ..Params::default()
+        }
+    }
+
+    fn strength(&self) -> f64 {
+        self.meta["args"]["strength"].as_f64().unwrap()
+    }
+
+    fn image(&self) -> Image {
+        let (shape, v) = &self.tensors["input"];
+        Image::new(shape[1], shape[0], v.iter().map(|&x| x as u8).collect()).unwrap()
+    }
+
+    fn mask(&self) -> Mask {
+        let (shape, v) = &self.tensors["mask"];
+        Mask::new(shape[1], shape[0], v.iter().map(|&x| x as u8).collect()).unwrap()
+    }
+
+    /// diffusers' `[B, H, W, 3]` images as `[B, 3, H, W]`.
+    fn expected(&self) -> Vec<f32> {
+        let (shape, v) = &self.tensors["image"];
+        let [b, h, w, c] = shape[..] else { panic!() };
+        let mut out = vec![0.0; v.len()];
+        for n in 0..b {
+            for y in 0..h {
+                for x in 0..w {
+                    for ch in 0..c {
+                        out[((n * c + ch) * h + y) * w + x] = v[((n * h + y) * w + x) * c + ch];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn check(&self, pipe: &StableDiffusion<CpuBackend>, task: Task<'_>) {
+        let mut noise = self.noise();
+        let g = finished(
+            pipe.generate(&self.params(), task, &mut noise, &mut go)
+                .unwrap(),
+        );
+        assert_eq!(
+            noise.used(),
+            self.meta["noise_tensors"].as_u64().unwrap() as usize,
+            "every noise tensor diffusers drew is used, in order"
+        );
+        let expected = self.expected();
+        let (max, mean) = (
+            max_diff(&g.pixels, &expected),
+            mean_diff(&g.pixels, &expected),
+        );
+        println!("{}: max {max:.2e} mean {mean:.2e}", self.meta["sampler"]);
+        assert!(max < 1e-4 && mean < 1e-5, "max {max}, mean {mean}");
+    }
+}
+
+#[test]
+fn txt2img_matches_diffusers_pndm() {
+    let c = case("txt2img_pndm");
+    let mut p = c.params();
+    p.sampler = SamplerChoice::Model;
+    let mut noise = c.noise();
+    let g = finished(
+        pipe()
+            .generate(&p, Task::TextToImage, &mut noise, &mut go)
+            .unwrap(),
+    );
+    let expected = c.expected();
+    let (max, mean) = (
+        max_diff(&g.pixels, &expected),
+        mean_diff(&g.pixels, &expected),
+    );
+    println!("pndm: max {max:.2e} mean {mean:.2e}");
+    assert!(max < 1e-4 && mean < 1e-5, "max {max}, mean {mean}");
+}
+
+#[test]
+fn txt2img_matches_diffusers_euler_ancestral_with_rescale_and_two_images() {
+    let c = case("txt2img_euler_a");
+    c.check(&pipe(), Task::TextToImage);
+}
+
+#[test]
+fn img2img_matches_diffusers_ddim() {
+    let c = case("img2img_ddim");
+    let image = c.image();
+    c.check(
+        &pipe(),
+        Task::ImageToImage {
+            image: &image,
+            strength: c.strength(),
+        },
+    );
+}
+
+#[test]
+fn inpaint_blend_matches_diffusers_euler() {
+    let c = case("inpaint_blend_euler");
+    let (image, mask) = (c.image(), c.mask());
+    c.check(
+        &pipe(),
+        Task::Inpaint {
+            image: &image,
+            mask: &mask,
+            strength: c.strength(),
+        },
+    );
+}
+
+#[test]
+fn inpaint_with_inpainting_unet_matches_diffusers_ddim() {
+    let c = case("inpaint_unet9_ddim");
+    let (image, mask) = (c.image(), c.mask());
+    c.check(
+        &inpaint_pipe(),
+        Task::Inpaint {
+            image: &image,
+            mask: &mask,
+            strength: c.strength(),
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Behaviour
+// ---------------------------------------------------------------------------------------------
+
+fn test_image() -> Image {
+    let c = case("img2img_ddim");
+    c.image()
+}
+
+#[test]
+fn shapes_and_several_images_per_prompt() {
+    let p = pipe();
+    assert_eq!(p.default_size(), (64, 64));
+    let mut q = params("a fox");
+    q.width = Some(128);
+    q.height = Some(64);
+    q.num_images = 3;
+    let g = finished(p.txt2img(&q, go).unwrap());
+    assert_eq!(g.images.len(), 3);
+    assert!(
+        g.images
+            .iter()
+            .all(|i| (i.width(), i.height()) == (128, 64))
+    );
+    assert_eq!(g.latent_shape, [3, 4, 8, 16]);
+    assert_eq!(g.pixels.len(), 3 * 3 * 64 * 128);
+    assert_eq!(g.steps_run, 4);
+    // The first image of a batch is the image of a batch of one (the noise is drawn image
+    // after image), for a deterministic sampler.
+    q.num_images = 1;
+    q.sampler = SamplerChoice::Name("DDIM".into());
+    let one = finished(p.txt2img(&q, go).unwrap());
+    q.num_images = 2;
+    let two = finished(p.txt2img(&q, go).unwrap());
+    assert!(max_diff(&one.pixels, &two.pixels[..one.pixels.len()]) < 1e-4);
+}
+
+#[test]
+fn same_seed_same_bytes_with_any_thread_count_and_seeds_differ() {
+    let p = pipe();
+    let mut q = params("a lighthouse");
+    q.sampler = SamplerChoice::Name("Euler a".into());
+    let run = |threads: usize, q: &Params| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| finished(p.txt2img(q, go).unwrap()))
+    };
+    let a = run(1, &q);
+    let b = run(2, &q);
+    let c = run(2, &q);
+    assert_eq!(a.images, b.images);
+    assert_eq!(a.latents, b.latents);
+    assert_eq!(b.latents, c.latents);
+    q.seed += 1;
+    let d = run(2, &q);
+    assert_ne!(a.images, d.images);
+    assert!(mean_diff(&a.pixels, &d.pixels) > 1e-3);
+}
+
+#[test]
+fn guidance_negative_prompt_rescale_and_clip_skip_change_the_result() {
+    let p = pipe();
+    let base = params("a red fox");
+    let g0 = finished(p.txt2img(&base, go).unwrap());
+    let variants = [
+        Params {
+            guidance_scale: 1.0,
+            ..base.clone()
+        },
+        Params {
+            guidance_scale: 3.0,
+            ..base.clone()
+        },
+        Params {
+            negative_prompt: "blurry, low quality".into(),
+            ..base.clone()
+        },
+        Params {
+            guidance_rescale: 0.7,
+            ..base.clone()
+        },
+        Params {
+            clip_skip: 1,
+            ..base.clone()
+        },
+        Params {
+            prompt: "a blue whale".into(),
+            ..base.clone()
+        },
+    ];
+    for v in &variants {
+        let g = finished(p.txt2img(v, go).unwrap());
+        let d = mean_diff(&g0.latents, &g.latents);
+        assert!(d > 1e-4, "{v:?} changed the latents by only {d}");
+    }
+}
+
+#[test]
+fn long_prompts_truncate_or_chunk() {
+    let p = pipe();
+    let long = "a very long prompt about foxes ".repeat(20);
+    let mut q = params(&long);
+    let truncated = finished(p.txt2img(&q, go).unwrap());
+    q.long_prompt = sd_models::clip::LongPrompt::Chunks;
+    let chunked = finished(p.txt2img(&q, go).unwrap());
+    assert!(mean_diff(&truncated.latents, &chunked.latents) > 1e-5);
+}
+
+#[test]
+fn img2img_strength_zero_is_the_vae_round_trip_and_one_starts_from_noise() {
+    let p = pipe();
+    let image = test_image();
+    let q = params("a watercolour");
+    let zero = finished(p.img2img(&q, &image, 0.0, go).unwrap());
+    assert_eq!(zero.steps_run, 0);
+    // The round trip by hand: encode (posterior sample with the same seed), decode.
+    let b = p.backend();
+    use sd_models::backend::{BackendBase, DataOps};
+    let x = b.upload(&image.to_chw_signed(), &[1, 3, 64, 64]).unwrap();
+    let dist = p.vae().encode(b, &x).unwrap();
+    let mut rng = sd_schedulers::RngNoise(
+        <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(q.seed),
+    );
+    let mut eps = vec![0.0; 4 * 8 * 8];
+    sd_schedulers::NoiseSource::fill(&mut rng, &mut eps).unwrap();
+    let z = dist
+        .sample(b, &b.upload(&eps, b.shape(&dist.mean)).unwrap())
+        .unwrap();
+    let z = p.vae().scale_latents(b, &z).unwrap();
+    let (_, round_trip) = p
+        .decode_latents(&b.download(&z).unwrap(), [1, 4, 8, 8], false)
+        .unwrap();
+    assert!(max_diff(&zero.pixels, &round_trip) < 1e-5);
+
+    // Strength 1 runs every step; the image matters much less than at strength 0.3.
+    let other = Image::filled(64, 64, [20, 200, 90]).unwrap();
+    let strong = finished(p.img2img(&q, &image, 1.0, go).unwrap());
+    assert_eq!(strong.steps_run, 4);
+    let strong_other = finished(p.img2img(&q, &other, 1.0, go).unwrap());
+    let weak = finished(p.img2img(&q, &image, 0.3, go).unwrap());
+    assert_eq!(weak.steps_run, 1);
+    let weak_other = finished(p.img2img(&q, &other, 0.3, go).unwrap());
+    let d_strong = mean_diff(&strong.latents, &strong_other.latents);
+    let d_weak = mean_diff(&weak.latents, &weak_other.latents);
+    assert!(
+        d_strong < d_weak,
+        "strength 1: {d_strong}, strength 0.3: {d_weak}"
+    );
+}
+
+#[test]
+fn blend_inpainting_keeps_the_known_region() {
+    let p = pipe();
+    let image = test_image();
+    // Repaint the right half; the left half, in latent pixels, must be the image's latents.
+    let mut m = vec![0u8; 64 * 64];
+    for y in 0..64 {
+        for x in 32..64 {
+            m[y * 64 + x] = 255;
+        }
+    }
+    let mask = Mask::new(64, 64, m).unwrap();
+    let q = params("a cat");
+    let g = finished(p.inpaint(&q, &image, &mask, 1.0, go).unwrap());
+    // The image's latents, with the same first draw (the posterior sample).
+    let zero = finished(p.img2img(&q, &image, 0.0, go).unwrap());
+    for ch in 0..4 {
+        for y in 0..8 {
+            for x in 0..8 {
+                let i = (ch * 8 + y) * 8 + x;
+                if x < 4 {
+                    assert_eq!(g.latents[i], zero.latents[i], "known latent {ch},{y},{x}");
+                }
+            }
+        }
+    }
+    assert!(
+        mean_diff(&g.latents, &zero.latents) > 1e-3,
+        "the masked half changed"
+    );
+}
+
+#[test]
+fn outpaint_extends_the_canvas() {
+    let p = inpaint_pipe();
+    let image = test_image();
+    let q = params("a landscape");
+    let g = finished(
+        p.outpaint(
+            &q,
+            &image,
+            Margins {
+                left: 32,
+                top: 0,
+                right: 32,
+                bottom: 64,
+            },
+            go,
+        )
+        .unwrap(),
+    );
+    assert_eq!((g.images[0].width(), g.images[0].height()), (128, 128));
+    // A margin that leaves the canvas off the multiple of 8 is refused.
+    let err = p.outpaint(&q, &image, Margins::uniform(4), go).unwrap_err();
+    assert!(err.to_string().contains("72"), "{err}");
+}
+
+#[test]
+fn the_callback_sees_every_step_and_can_stop_or_cancel() {
+    let p = pipe();
+    let q = params("a fox");
+    let mut seen = Vec::new();
+    let outcome = p
+        .txt2img(&q, |s| {
+            assert_eq!(s.steps, 4);
+            assert_eq!(s.pred_original.len(), s.latents.len());
+            seen.push(s.timestep);
+            if s.step == 1 {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        })
+        .unwrap();
+    assert_eq!(seen.len(), 2);
+    match outcome {
+        Outcome::Stopped(g) => {
+            assert_eq!(g.steps_run, 2);
+            assert_eq!(g.images.len(), 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    let cancelled = p.txt2img(&q, |_| Control::Cancel).unwrap();
+    assert_eq!(cancelled, Outcome::Cancelled { steps_run: 1 });
+    // A preview of the predicted x0 decodes.
+    let mut preview = None;
+    p.txt2img(&q, |s| {
+        preview = Some((s.pred_original.to_vec(), s.latent_shape));
+        Control::Cancel
+    })
+    .unwrap();
+    let (x0, shape) = preview.unwrap();
+    let (images, _) = p.decode_latents(&x0, shape, false).unwrap();
+    assert_eq!((images[0].width(), images[0].height()), (64, 64));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+fn config_field(err: Error) -> (String, String) {
+    match err {
+        Error::Config { what, message } => (what, message),
+        other => panic!("not a config error: {other:?}"),
+    }
+}
+
+#[test]
+fn bad_inputs_are_typed_errors_naming_the_value() {
+    let p = pipe();
+    let image = test_image();
+    let mut q = params("x");
+    q.width = Some(100);
+    let (what, message) = config_field(p.txt2img(&q, go).unwrap_err());
+    assert_eq!(what, "width");
+    assert!(message.contains("100"), "{message}");
+    q.width = Some(72); // a multiple of 8, not of what the 2-level UNet needs
+    let (what, message) = config_field(p.txt2img(&q, go).unwrap_err());
+    assert_eq!(what, "width");
+    assert!(
+        message.contains("72") && message.contains("16"),
+        "{message}"
+    );
+    q.width = None;
+    q.steps = 0;
+    assert_eq!(config_field(p.txt2img(&q, go).unwrap_err()).0, "steps");
+    q.steps = 4;
+    for s in [-0.1, 1.5, f64::NAN] {
+        let (what, message) = config_field(p.img2img(&q, &image, s, go).unwrap_err());
+        assert_eq!(what, "strength");
+        assert!(message.contains(&s.to_string()), "{message}");
+    }
+    let small = Mask::new(32, 32, vec![255; 32 * 32]).unwrap();
+    assert!(matches!(
+        p.inpaint(&q, &image, &small, 1.0, go).unwrap_err(),
+        Error::Shape { .. }
+    ));
+    q.height = Some(128);
+    assert_eq!(
+        config_field(p.img2img(&q, &image, 0.5, go).unwrap_err()).0,
+        "height"
+    );
+    q.height = None;
+    q.sampler = SamplerChoice::Name("Euler b".into());
+    let (what, message) = config_field(p.txt2img(&q, go).unwrap_err());
+    assert_eq!(what, "sampler");
+    assert!(message.contains("Euler b"), "{message}");
+}
+
+#[test]
+fn missing_files_and_tokenizers_are_typed_errors() {
+    let missing = root().join("no-such-model");
+    match StableDiffusion::load(CpuBackend::new(), &missing, &LoadOptions::default()) {
+        Err(Error::Io { path, .. }) => assert_eq!(path, missing),
+        other => panic!("{other:?}"),
+    }
+    // A folder without model_index.json.
+    match StableDiffusion::from_dir(
+        CpuBackend::new(),
+        root().join("inpaint_unet"),
+        &LoadOptions::default(),
+    ) {
+        Err(Error::Io { path, .. }) => assert!(path.ends_with("model_index.json")),
+        other => panic!("{other:?}"),
+    }
+    // A single file needs a tokenizer folder.
+    let single = root().join("../single_file/sd1/model.safetensors");
+    let (what, message) = config_field(
+        StableDiffusion::from_single_file(CpuBackend::new(), &single, &LoadOptions::default())
+            .unwrap_err(),
+    );
+    assert!(what.contains("model.safetensors"), "{what}");
+    assert!(message.contains("tokenizer"), "{message}");
+}
+
+#[test]
+fn fp16_variant_files_are_preferred() {
+    // A copy of the pipeline whose UNet exists only as the fp16 variant.
+    let dir = std::env::temp_dir().join(format!("sd-pipeline-fp16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for entry in [
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+    ] {
+        let from = root().join("sd1").join(entry);
+        let to = dir.join(entry);
+        if from.is_dir() {
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(&from).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        } else {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+    std::fs::rename(
+        dir.join("unet/diffusion_pytorch_model.safetensors"),
+        dir.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
+    assert!(StableDiffusion::from_dir(CpuBackend::new(), &dir, &LoadOptions::default()).is_err());
+    let options = LoadOptions {
+        fp16_variant: true,
+        ..LoadOptions::default()
+    };
+    let p = StableDiffusion::from_dir(CpuBackend::new(), &dir, &options).unwrap();
+    let q = params("a fox");
+    let a = finished(p.txt2img(&q, go).unwrap());
+    let b = finished(pipe().txt2img(&q, go).unwrap());
+    assert_eq!(a.images, b.images);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,241 @@
+//! What the image programs (`txt2img`, `img2img`, `inpaint`, `outpaint`) share: the common
+//! arguments, loading, the progress bar, PNG in and out, and the timing report. Each program
+//! uses part of it.
+#![allow(dead_code)]
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use sd_models::CpuBackend;
+use sd_models::pipeline::{
+    Control, Generation, Image, LoadOptions, Mask, Outcome, Params, Progress, SamplerChoice,
+    StableDiffusion,
+};
+
+/// The arguments every image program takes.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// The model: a diffusers folder (model_index.json, unet/, vae/, ...) or a single
+    /// .safetensors checkpoint.
+    #[arg(long, short)]
+    pub model: PathBuf,
+    /// The prompt.
+    #[arg(long, short)]
+    pub prompt: String,
+    /// The negative prompt.
+    #[arg(long, short, default_value = "")]
+    pub negative: String,
+    /// Inference steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (at most 1: no guidance).
+    #[arg(long, short, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Guidance rescale in [0, 1].
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
+    /// The sampler ("Euler a", "DPM++ 2M Karras", "DDIM", ...); the model's own if absent.
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// The seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images to generate.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// CLIP layers to skip from the end.
+    #[arg(long, default_value_t = 0)]
+    pub clip_skip: usize,
+    /// The output PNG (several images: NAME-1.png, NAME-2.png, ...).
+    #[arg(long, short, default_value = "out.png")]
+    pub output: PathBuf,
+    /// Replace existing output files.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Prefer the fp16 variant weight files.
+    #[arg(long)]
+    pub fp16: bool,
+    /// The tokenizer folder (required for a single-file checkpoint).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl Common {
+    /// The pipeline parameters (width and height set by the caller).
+    pub fn params(&self) -> Params {
+        Params {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative.clone(),
+            steps: self.steps,
+            guidance_scale: self.guidance,
+            guidance_rescale: self.guidance_rescale,
+            sampler: self
+                .sampler
+                .clone()
+                .map_or(SamplerChoice::Model, SamplerChoice::Name),
+            seed: self.seed,
+            num_images: self.num_images,
+            clip_skip: self.clip_skip,
+            ..Params::default()
+        }
+    }
+
+    /// The output files, refused if one exists and `--overwrite` is not given.
+    pub fn outputs(&self) -> Result<Vec<PathBuf>, Box<dyn Error>> {
+        let paths: Vec<PathBuf> = if self.num_images == 1 {
+            vec![self.output.clone()]
+        } else {
+            let stem = self
+                .output
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy();
+            let ext = self
+                .output
+                .extension()
+                .unwrap_or_default()
+                .to_string_lossy();
+            (1..=self.num_images)
+                .map(|i| self.output.with_file_name(format!("{stem}-{i}.{ext}")))
+                .collect()
+        };
+        if let Some(p) = paths.iter().find(|p| !self.overwrite && p.exists()) {
+            return Err(format!("{} exists; pass --overwrite to replace it", p.display()).into());
+        }
+        Ok(paths)
+    }
+
+    /// Sets the thread count, loads the model and reports how long it took.
+    pub fn load(&self) -> Result<StableDiffusion<CpuBackend>, Box<dyn Error>> {
+        if let Some(n) = self.threads {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()?;
+        }
+        let t0 = Instant::now();
+        let options = LoadOptions {
+            fp16_variant: self.fp16,
+            strict: false,
+            tokenizer: self.tokenizer.clone(),
+        };
+        let pipe = StableDiffusion::load(CpuBackend::new(), &self.model, &options)?;
+        eprintln!("load:          {}", secs(t0.elapsed()));
+        Ok(pipe)
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// A progress bar over the steps, as a pipeline callback.
+pub fn progress_bar() -> (ProgressBar, impl FnMut(&Progress<'_>) -> Control) {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed} < {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let b = bar.clone();
+    let callback = move |p: &Progress<'_>| {
+        b.set_length(p.steps as u64);
+        b.set_position(p.step as u64 + 1);
+        Control::Continue
+    };
+    (bar, callback)
+}
+
+/// Writes the images of an outcome and reports the stages' times.
+pub fn finish(
+    outcome: Outcome,
+    outputs: &[PathBuf],
+    overwrite: bool,
+) -> Result<(), Box<dyn Error>> {
+    let generation: Generation = outcome.into_generation().ok_or("the run was cancelled")?;
+    let t = generation.timings;
+    eprintln!("text encoding: {}", secs(t.text_encoding));
+    if !t.image_encoding.is_zero() {
+        eprintln!("image encoding: {}", secs(t.image_encoding));
+    }
+    eprintln!(
+        "denoising:     {} ({} steps)",
+        secs(t.denoising),
+        generation.steps_run
+    );
+    eprintln!("decoding:      {}", secs(t.decoding));
+    for (image, path) in generation.images.iter().zip(outputs) {
+        save(image, path, overwrite)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn save(image: &Image, path: &Path, overwrite: bool) -> Result<(), Box<dyn Error>> {
+    let buffer = image::RgbImage::from_raw(
+        image.width() as u32,
+        image.height() as u32,
+        image.as_raw().to_vec(),
+    )
+    .ok_or("image buffer of the wrong size")?;
+    // Created only if absent (unless --overwrite), so nothing that appeared meanwhile is lost.
+    let file = if overwrite {
+        std::fs::File::create(path)?
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?
+    };
+    let mut writer = std::io::BufWriter::new(file);
+    buffer.write_to(&mut writer, image::ImageFormat::Png)?;
+    Ok(())
+}
+
+/// Reads an RGB image, resized down (Lanczos, as diffusers' default resampling) to the
+/// nearest multiple of what the model needs, if it is not one already.
+pub fn load_image(path: &Path, multiple: usize) -> Result<Image, Box<dyn Error>> {
+    let rgb = image::open(path)?.to_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let (tw, th) = (w / multiple * multiple, h / multiple * multiple);
+    if tw == 0 || th == 0 {
+        return Err(format!(
+            "{}: {w}x{h} is smaller than {multiple} pixels",
+            path.display()
+        )
+        .into());
+    }
+    let rgb = if (tw, th) == (w, h) {
+        rgb
+    } else {
+        eprintln!("resizing {w}x{h} to {tw}x{th}");
+        image::imageops::resize(
+            &rgb,
+            tw as u32,
+            th as u32,
+            image::imageops::FilterType::Lanczos3,
+        )
+    };
+    Ok(Image::new(tw, th, rgb.into_raw())?)
+}
+
+/// Reads a mask (white: repaint), resized with nearest neighbour to `width x height`.
+pub fn load_mask(path: &Path, width: usize, height: usize) -> Result<Mask, Box<dyn Error>> {
+    let rgb = image::open(path)?.to_rgb8();
+    let rgb = if (rgb.width() as usize, rgb.height() as usize) == (width, height) {
+        rgb
+    } else {
+        image::imageops::resize(
+            &rgb,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::Nearest,
+        )
+    };
+    let image = Image::new(width, height, rgb.into_raw())?;
+    Ok(Mask::from_image(&image))
+}
