@@ -175,7 +175,8 @@ pub fn finish(
     Ok(())
 }
 
-fn save(image: &Image, path: &Path, overwrite: bool) -> Result<(), Box<dyn Error>> {
+/// Writes `image` to `path` as PNG; an existing file is replaced only with `overwrite`.
+pub fn save(image: &Image, path: &Path, overwrite: bool) -> Result<(), Box<dyn Error>> {
     let buffer = image::RgbImage::from_raw(
         image.width() as u32,
         image.height() as u32,
@@ -238,4 +239,16 @@ pub fn load_mask(path: &Path, width: usize, height: usize) -> Result<Mask, Box<d
     };
     let image = Image::new(width, height, rgb.into_raw())?;
     Ok(Mask::from_image(&image))
+}
+
+/// Runs a program's body and reports its error, if any, in words (not `Debug`), with a
+/// failing exit status.
+pub fn report(result: Result<(), Box<dyn Error>>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -173,13 +173,14 @@ pub struct Generation {
     pub timings: Timings,
 }
 
-/// How a run ended.
+/// How a run ended: [`Generation`] for the Stable Diffusion pipelines,
+/// [`PixelSamples`](super::PixelSamples) for pixel-space models.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub enum Outcome<G = Generation> {
     /// Every step ran.
-    Finished(Generation),
-    /// The callback said [`Control::Stop`]: the latents of that step, decoded.
-    Stopped(Generation),
+    Finished(G),
+    /// The callback said [`Control::Stop`]: the result of that step (latents decoded).
+    Stopped(G),
     /// The callback said [`Control::Cancel`] after `steps_run` steps.
     Cancelled {
         /// The steps run.
@@ -187,9 +188,9 @@ pub enum Outcome {
     },
 }
 
-impl Outcome {
+impl<G> Outcome<G> {
     /// The generation, unless cancelled.
-    pub fn into_generation(self) -> Option<Generation> {
+    pub fn into_generation(self) -> Option<G> {
         match self {
             Outcome::Finished(g) | Outcome::Stopped(g) => Some(g),
             Outcome::Cancelled { .. } => None,

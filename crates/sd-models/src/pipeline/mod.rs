@@ -1,4 +1,4 @@
-//! Stable Diffusion pipelines: text-to-image, image-to-image, inpainting and outpainting over
+//! Diffusion pipelines: Stable Diffusion text-to-image, image-to-image, inpainting and outpainting over
 //! any [`Backend`], with any sampler of `sd-schedulers`.
 //!
 //! Follows diffusers 0.42's `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` and
@@ -10,6 +10,9 @@
 //! inpainting UNet (latents, mask, masked-image latents) or, for an ordinary UNet, by
 //! blending the known region back after every step, noised to the next step's level.
 //! Outpainting is inpainting of a border added around the image ([`outpaint_canvas`]).
+//!
+//! [`PixelDiffusion`] samples pixel-space models (diffusers' `DDPMPipeline`, with class
+//! labels and any sampler), such as the embedded digits model.
 //!
 //! # Randomness
 //!
@@ -44,10 +47,12 @@
 mod generate;
 pub mod image;
 mod load;
+mod pixel;
 
 pub use generate::{Control, Generation, Outcome, Params, Progress, SamplerChoice, Task, Timings};
 pub use image::{Image, Margins, Mask, outpaint_canvas};
 pub use load::LoadOptions;
+pub use pixel::{PixelDiffusion, PixelParams, PixelSamples};
 
 use sd_schedulers::SchedulerConfig;
 
