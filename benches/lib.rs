@@ -1,3 +1,337 @@
 //! Benchmarks of the sd-* crates' hot paths; run them with `cargo bench -p sd-benches`.
 //! Each prints its time and, where it computes, its GFLOP/s and the fraction of this
-//! machine's measured peak. This library target holds what the benchmarks share.
+//! machine's measured peak. This library target holds what the benchmarks share:
+//! [`Profiled`], a backend wrapper that times every operation and counts the work of the
+//! products, and a few readings of the process (peak RSS, CPU time).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sd_models::backend::{
+    ActivationOps, AttentionMask, AttentionOps, BackendBase, Conv2dParams, ConvOps, DType, DataOps,
+    ElementwiseOps, GeluApproximation, HalfData, MatmulOps, NormOps, ResampleOps,
+};
+use sd_models::{Backend, Result};
+
+/// Time, calls and floating-point operations (a multiply-add counts 2) of one operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OpStats {
+    /// Calls.
+    pub calls: u64,
+    /// Wall time inside the operation.
+    pub time: Duration,
+    /// Floating-point operations of the products (0 for the others).
+    pub flops: u64,
+}
+
+/// A backend that forwards every operation to `B` and records, per operation name, its
+/// calls, wall time and the floating-point work of products (matmul, linear, conv2d,
+/// attention). The record is shared by clones.
+#[derive(Debug, Clone)]
+pub struct Profiled<B> {
+    inner: B,
+    stats: Arc<Mutex<BTreeMap<&'static str, OpStats>>>,
+    enabled: bool,
+}
+
+impl<B: Backend> Profiled<B> {
+    /// Wraps `inner`; `enabled: false` records nothing (and costs nothing measurable).
+    pub fn new(inner: B, enabled: bool) -> Self {
+        Profiled {
+            inner,
+            stats: Arc::default(),
+            enabled,
+        }
+    }
+
+    /// The wrapped backend.
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    /// What has been recorded, by operation name.
+    pub fn stats(&self) -> BTreeMap<&'static str, OpStats> {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Forgets what has been recorded.
+    pub fn reset(&self) {
+        if let Ok(mut s) = self.stats.lock() {
+            s.clear();
+        }
+    }
+
+    /// The floating-point operations recorded, in all.
+    pub fn total_flops(&self) -> u64 {
+        self.stats().values().map(|s| s.flops).sum()
+    }
+
+    fn record<T>(&self, op: &'static str, flops: u64, f: impl FnOnce() -> T) -> T {
+        if !self.enabled {
+            return f();
+        }
+        let t0 = Instant::now();
+        let out = f();
+        let dt = t0.elapsed();
+        if let Ok(mut s) = self.stats.lock() {
+            let e = s.entry(op).or_default();
+            e.calls += 1;
+            e.time += dt;
+            e.flops += flops;
+        }
+        out
+    }
+}
+
+impl<B: Backend> BackendBase for Profiled<B> {
+    type Tensor = B::Tensor;
+
+    fn name(&self) -> String {
+        format!("profiled {}", self.inner.name())
+    }
+
+    fn shape<'a>(&self, tensor: &'a Self::Tensor) -> &'a [usize] {
+        self.inner.shape(tensor)
+    }
+
+    fn dtype(&self, tensor: &Self::Tensor) -> DType {
+        self.inner.dtype(tensor)
+    }
+}
+
+impl<B: Backend> DataOps for Profiled<B> {
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
+        self.record("upload", 0, || self.inner.upload(data, shape))
+    }
+
+    fn upload_half(&self, data: HalfData<'_>, shape: &[usize]) -> Result<Self::Tensor> {
+        self.record("upload", 0, || self.inner.upload_half(data, shape))
+    }
+
+    fn download(&self, tensor: &Self::Tensor) -> Result<Vec<f32>> {
+        self.record("download", 0, || self.inner.download(tensor))
+    }
+
+    fn reshape(&self, tensor: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
+        self.record("reshape", 0, || self.inner.reshape(tensor, shape))
+    }
+
+    fn permute(&self, tensor: &Self::Tensor, axes: &[usize]) -> Result<Self::Tensor> {
+        self.record("permute", 0, || self.inner.permute(tensor, axes))
+    }
+
+    fn slice(
+        &self,
+        tensor: &Self::Tensor,
+        axis: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<Self::Tensor> {
+        self.record("slice", 0, || self.inner.slice(tensor, axis, start, len))
+    }
+
+    fn concat(&self, tensors: &[&Self::Tensor], axis: usize) -> Result<Self::Tensor> {
+        self.record("concat", 0, || self.inner.concat(tensors, axis))
+    }
+
+    fn cast(&self, tensor: &Self::Tensor, dtype: DType) -> Result<Self::Tensor> {
+        self.record("cast", 0, || self.inner.cast(tensor, dtype))
+    }
+}
+
+impl<B: Backend> ElementwiseOps for Profiled<B> {
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
+        self.record("add", 0, || self.inner.add(a, b))
+    }
+
+    fn sub(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
+        self.record("sub", 0, || self.inner.sub(a, b))
+    }
+
+    fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
+        self.record("mul", 0, || self.inner.mul(a, b))
+    }
+
+    fn affine(&self, x: &Self::Tensor, scale: f32, shift: f32) -> Result<Self::Tensor> {
+        self.record("affine", 0, || self.inner.affine(x, scale, shift))
+    }
+}
+
+fn product(shape: &[usize]) -> u64 {
+    shape.iter().map(|&d| d as u64).product()
+}
+
+impl<B: Backend> MatmulOps for Profiled<B> {
+    fn prepare_linear_weight(&self, weight: Self::Tensor) -> Result<Self::Tensor> {
+        self.inner.prepare_linear_weight(weight)
+    }
+
+    fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
+        let (sa, sb) = (self.shape(a), self.shape(b));
+        let n = sb.last().copied().unwrap_or(0) as u64;
+        let flops = 2 * product(sa) * n;
+        self.record("matmul", flops, || self.inner.matmul(a, b))
+    }
+
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        let out = self.shape(weight).first().copied().unwrap_or(0) as u64;
+        let flops = 2 * product(self.shape(x)) * out;
+        self.record("linear", flops, || self.inner.linear(x, weight, bias))
+    }
+}
+
+impl<B: Backend> ConvOps for Profiled<B> {
+    fn prepare_conv_weight(&self, weight: Self::Tensor) -> Result<Self::Tensor> {
+        self.inner.prepare_conv_weight(weight)
+    }
+
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        params: Conv2dParams,
+    ) -> Result<Self::Tensor> {
+        let (sx, sw) = (self.shape(x), self.shape(weight));
+        let flops = match (sx, sw) {
+            ([n, _, h, w], [o, c, kh, kw]) => params
+                .output_size(*h, *w, *kh, *kw)
+                .map_or(0, |(ho, wo)| 2 * product(&[*n, *o, ho, wo, *c, *kh, *kw])),
+            _ => 0,
+        };
+        let name = match sw {
+            [_, _, 1, 1] => "conv2d 1x1",
+            _ => "conv2d 3x3",
+        };
+        self.record(name, flops, || self.inner.conv2d(x, weight, bias, params))
+    }
+}
+
+impl<B: Backend> ActivationOps for Profiled<B> {
+    fn silu(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.record("silu", 0, || self.inner.silu(x))
+    }
+
+    fn gelu(&self, x: &Self::Tensor, approximation: GeluApproximation) -> Result<Self::Tensor> {
+        self.record("gelu", 0, || self.inner.gelu(x, approximation))
+    }
+
+    fn quick_gelu(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.record("quick_gelu", 0, || self.inner.quick_gelu(x))
+    }
+
+    fn softmax_last(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.record("softmax", 0, || self.inner.softmax_last(x))
+    }
+
+    fn geglu(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.record("geglu", 0, || self.inner.geglu(x))
+    }
+}
+
+impl<B: Backend> NormOps for Profiled<B> {
+    fn group_norm(
+        &self,
+        x: &Self::Tensor,
+        groups: usize,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        self.record("group_norm", 0, || {
+            self.inner.group_norm(x, groups, gamma, beta, eps)
+        })
+    }
+
+    fn group_norm_silu(
+        &self,
+        x: &Self::Tensor,
+        groups: usize,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        self.record("group_norm_silu", 0, || {
+            self.inner.group_norm_silu(x, groups, gamma, beta, eps)
+        })
+    }
+
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        self.record("layer_norm", 0, || {
+            self.inner.layer_norm(x, gamma, beta, eps)
+        })
+    }
+}
+
+impl<B: Backend> AttentionOps for Profiled<B> {
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        mask: AttentionMask<'_, Self::Tensor>,
+        scale: f32,
+    ) -> Result<Self::Tensor> {
+        let flops = match (self.shape(q), self.shape(k), self.shape(v)) {
+            ([b, h, lq, d], [_, _, lk, _], [_, _, _, dv]) => {
+                2 * product(&[*b, *h, *lq, *lk]) * (*d as u64 + *dv as u64)
+            }
+            _ => 0,
+        };
+        self.record("attention", flops, || {
+            self.inner.attention(q, k, v, mask, scale)
+        })
+    }
+}
+
+impl<B: Backend> ResampleOps for Profiled<B> {
+    fn upsample_nearest2x(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.record("upsample", 0, || self.inner.upsample_nearest2x(x))
+    }
+}
+
+/// This process's peak resident set (`VmHWM` of `/proc/self/status`), in bytes; `None` where
+/// the file is not there.
+pub fn peak_rss() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+/// This process's resident set now (`VmRSS`), in bytes.
+pub fn current_rss() -> Option<u64> {
+    proc_status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+fn proc_status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time this process has used (user + system, all threads), from `/proc/self/stat`
+/// (clock ticks of 1/100 s, the Linux default).
+pub fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// The median of some durations (0 for none).
+pub fn median(times: &mut [Duration]) -> Duration {
+    times.sort();
+    times.get(times.len() / 2).copied().unwrap_or_default()
+}

@@ -44,8 +44,12 @@ fn bench(c: &mut Criterion) {
         let x = cpu
             .upload(&data(ch * hw * hw, 0.3), &[1, ch, hw, hw])
             .unwrap();
+        // Prepared once, as a loaded layer's weight is.
         let w = cpu
-            .upload(&data(ch * ch * 9, 0.4), &[ch, ch, 3, 3])
+            .prepare_conv_weight(
+                cpu.upload(&data(ch * ch * 9, 0.4), &[ch, ch, 3, 3])
+                    .unwrap(),
+            )
             .unwrap();
         let bias = cpu.upload(&data(ch, 0.5), &[ch]).unwrap();
         let out = hw / stride;
@@ -73,7 +77,9 @@ fn bench(c: &mut Criterion) {
         (77, 768, 320),
     ] {
         let x = cpu.upload(&data(rows * inf, 0.6), &[rows, inf]).unwrap();
-        let w = cpu.upload(&data(outf * inf, 0.7), &[outf, inf]).unwrap();
+        let w = cpu
+            .prepare_linear_weight(cpu.upload(&data(outf * inf, 0.7), &[outf, inf]).unwrap())
+            .unwrap();
         g.throughput(Throughput::Elements((2 * rows * inf * outf) as u64));
         g.bench_with_input(
             BenchmarkId::from_parameter(format!("{rows}x{inf}x{outf}")),

@@ -3,6 +3,7 @@
 
 use sd_models::backend::{AttentionMask, Conv2dParams, DataOps, conformance};
 use sd_models::backend::{AttentionOps, ConvOps, MatmulOps, NormOps};
+use sd_models::cpu::CpuIsa;
 use sd_models::{CpuBackend, CpuTensor};
 
 #[test]
@@ -10,6 +11,24 @@ fn cpu_backend_conforms() {
     for seed in [1, 2, 3] {
         let failures = conformance::run(&CpuBackend::new(), 1e-5, seed);
         assert!(failures.is_empty(), "seed {seed}: {failures:#?}");
+    }
+}
+
+/// Every kernel family this CPU can run, not only the fastest.
+#[test]
+fn every_kernel_family_conforms() {
+    for isa in [CpuIsa::Avx512, CpuIsa::Avx2, CpuIsa::Portable] {
+        match CpuBackend::with_isa(isa) {
+            Ok(cpu) => {
+                assert_eq!(cpu.isa(), isa);
+                let failures = conformance::run(&cpu, 1e-5, 4);
+                assert!(failures.is_empty(), "{isa:?}: {failures:#?}");
+            }
+            Err(e) => {
+                assert!(!isa.is_supported());
+                assert!(matches!(e, sd_models::Error::Unsupported(_)));
+            }
+        }
     }
 }
 

@@ -472,6 +472,21 @@ fn check_linear<B: Backend>(c: &mut Ctx<'_, B>) -> Result<()> {
             &with_bias,
             &[rows, outf],
         )?;
+        // The same through a prepared weight, which other operations still read.
+        let prepared = c.b.prepare_linear_weight(tw.clone())?;
+        let got = c.b.linear(&tx, &prepared, Some(&tb))?;
+        c.expect(
+            &format!("linear+bias {rows}x{inf}->{outf}, prepared weight"),
+            &got,
+            &with_bias,
+            &[rows, outf],
+        )?;
+        c.expect(
+            &format!("prepared linear weight {outf}x{inf} read back"),
+            &c.b.reshape(&prepared, &[outf, inf])?,
+            &w,
+            &[outf, inf],
+        )?;
     }
     // Leading dimensions are kept.
     let (x, tx) = c.randn(&[2, 3, 8]);
@@ -510,6 +525,20 @@ fn check_conv2d<B: Backend>(c: &mut Ctx<'_, B>) -> Result<()> {
         let (want, shape) = ref_conv(&x, sx, &w, sw, with_bias.then_some(b.as_slice()), p);
         let got = c.b.conv2d(&tx, &tw, with_bias.then_some(&tb), p)?;
         c.expect(&format!("conv2d {sx:?} {sw:?} {p:?}"), &got, &want, &shape)?;
+        let prepared = c.b.prepare_conv_weight(tw.clone())?;
+        let got = c.b.conv2d(&tx, &prepared, with_bias.then_some(&tb), p)?;
+        c.expect(
+            &format!("conv2d {sx:?} {sw:?} {p:?}, prepared weight"),
+            &got,
+            &want,
+            &shape,
+        )?;
+        c.expect(
+            &format!("prepared conv weight {sw:?} read back"),
+            &c.b.permute(&prepared, &[0, 1, 2, 3])?,
+            &w,
+            sw,
+        )?;
     }
     Ok(())
 }

@@ -183,6 +183,17 @@ pub trait MatmulOps: DataOps + ElementwiseOps {
     /// [`Error::Shape`](crate::Error::Shape) for mismatched shapes.
     fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
 
+    /// A linear layer's weight `[out, in]` in the form [`MatmulOps::linear`] reads fastest,
+    /// made once when the layer is loaded (the CPU backend packs it for its GEMM). The
+    /// result is only ever passed to `linear` (other operations still accept it, possibly
+    /// more slowly). The default keeps the tensor as it is.
+    ///
+    /// # Errors
+    /// [`Error::Shape`](crate::Error::Shape) for a weight that is not 2-D.
+    fn prepare_linear_weight(&self, weight: Self::Tensor) -> Result<Self::Tensor> {
+        Ok(weight)
+    }
+
     /// A linear layer: `x [..., in] -> x W^T + b [..., out]` with `weight [out, in]` and
     /// `bias [out]`.
     ///
@@ -233,6 +244,17 @@ impl Conv2dParams {
 
 /// Convolutions.
 pub trait ConvOps: BackendBase {
+    /// A convolution's weight `[O, C, kh, kw]` in the form [`ConvOps::conv2d`] reads fastest,
+    /// made once when the layer is loaded (the CPU backend packs it for its GEMM). The
+    /// result is only ever passed to `conv2d` (other operations still accept it, possibly
+    /// more slowly). The default keeps the tensor as it is.
+    ///
+    /// # Errors
+    /// [`Error::Shape`](crate::Error::Shape) for a weight that is not 4-D.
+    fn prepare_conv_weight(&self, weight: Self::Tensor) -> Result<Self::Tensor> {
+        Ok(weight)
+    }
+
     /// `x [N, C, H, W]` convolved with `weight [O, C, kh, kw]` plus `bias [O]`, giving
     /// `[N, O, H', W']` (cross-correlation, as PyTorch's `conv2d`).
     ///

@@ -115,6 +115,24 @@ impl ClipTextConfig {
         Ok(config)
     }
 
+    /// Stable Diffusion 1.5's text encoder, OpenAI's CLIP ViT-L/14 text tower
+    /// (`presets/sd15/text_encoder.json`): 12 layers of 768, quick GELU.
+    ///
+    /// ```
+    /// let config = sd_models::clip::ClipTextConfig::stable_diffusion_1_5()?;
+    /// assert_eq!((config.hidden_size, config.num_hidden_layers), (768, 12));
+    /// # Ok::<(), sd_models::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// None in practice: the preset is parsed and validated like any config.
+    pub fn stable_diffusion_1_5() -> Result<Self> {
+        Self::from_json(
+            include_str!("../../presets/sd15/text_encoder.json"),
+            "presets/sd15/text_encoder.json",
+        )
+    }
+
     /// Reads a `config.json`.
     ///
     /// # Errors

@@ -19,7 +19,7 @@ use std::path::Path;
 use crate::backend::{ActivationOps, AttentionMask, Backend, GeluApproximation};
 use crate::clip::config::{ClipTextConfig, HiddenAct};
 use crate::error::{Error, Result};
-use crate::nn::{Embedding, LayerNorm, Linear};
+use crate::nn::{Embedding, LayerNorm, Linear, RandomWeights, WeightSource};
 use crate::weights::{LoadDType, OpenOptions, Variant, WeightStore, Weights};
 
 /// The two embedding tables; keys `embeddings.token_embedding`, `embeddings.position_embedding`.
@@ -119,6 +119,21 @@ impl<B: Backend> ClipTextModel<B> {
         } else {
             root.clone()
         };
+        // Older checkpoints carry the position ids as an integer buffer.
+        tm.push("embeddings").push("position_ids").ignore();
+        let projection = root.push("text_projection").contains("weight");
+        Self::from_source(backend, &tm, &root, config, projection)
+    }
+
+    /// Builds the model from any [`WeightSource`]: the text tower from `tm`, the projection
+    /// (`text_projection`, when `projection`) from `root`.
+    fn from_source<S: WeightSource>(
+        backend: &B,
+        tm: &S,
+        root: &S,
+        config: ClipTextConfig,
+        projection: bool,
+    ) -> Result<Self> {
         let (d, eps) = (config.hidden_size, config.layer_norm_eps as f32);
         let emb = tm.push("embeddings");
         let embeddings = ClipEmbeddings {
@@ -129,8 +144,6 @@ impl<B: Backend> ClipTextModel<B> {
                 d,
             )?,
         };
-        // Older checkpoints carry the position ids as an integer buffer.
-        emb.push("position_ids").ignore();
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let l = tm.push("encoder").push("layers").index(i);
@@ -167,11 +180,10 @@ impl<B: Backend> ClipTextModel<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::load(backend, &tm.push("final_layer_norm"), d, eps)?;
-        let projection = root.push("text_projection");
-        let text_projection = if projection.contains("weight") {
+        let text_projection = if projection {
             Some(Linear::load(
                 backend,
-                &projection,
+                &root.push("text_projection"),
                 d,
                 config.projection_dim,
                 false,
@@ -186,6 +198,22 @@ impl<B: Backend> ClipTextModel<B> {
             final_layer_norm,
             text_projection,
         })
+    }
+
+    /// The model with seeded random weights ([`RandomWeights`]), with the projection when
+    /// `projection` (`CLIPTextModelWithProjection`): for tests and benchmarks.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid configuration.
+    pub fn random(
+        backend: &B,
+        config: ClipTextConfig,
+        projection: bool,
+        seed: u64,
+    ) -> Result<Self> {
+        config.validate("text encoder config")?;
+        let root = RandomWeights::new(seed);
+        Self::from_source(backend, &root.push("text_model"), &root, config, projection)
     }
 
     /// Loads a diffusers `text_encoder/` folder (or a transformers model folder):

@@ -1,54 +1,27 @@
-//! 2-D convolution for the CPU backend: one GEMM per image over an unfolded input (im2col),
-//! or a plain GEMM for 1x1 stride-1 kernels.
+//! 2-D convolution for the CPU backend: an implicit GEMM per image (the weights, packed once,
+//! times the unfolded input, packed tile by tile straight from the image: no im2col buffer).
 
-use super::gemm::{Layout, sgemm, threads};
-use super::{CpuBackend, CpuTensor, contiguous};
+use super::gemm::threads;
+use super::packed::pack::ConvGeom;
+use super::packed::{ASource, BSource, Product, Start, run};
+use super::{CpuBackend, CpuTensor, PackLayout, contiguous};
 use crate::backend::{Conv2dParams, ConvOps};
 use crate::error::{Error, Result};
 
-/// Unfolds one image `[C, H, W]` into `[C * kh * kw, Ho * Wo]` columns.
-#[allow(clippy::too_many_arguments)]
-fn im2col(
-    x: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    p: Conv2dParams,
-    ho: usize,
-    wo: usize,
-    col: &mut [f32],
-) {
-    let (sh, sw) = p.stride;
-    let (ph, pw) = p.padding;
-    for ci in 0..c {
-        for ki in 0..kh {
-            for kj in 0..kw {
-                let row = ((ci * kh + ki) * kw + kj) * ho * wo;
-                for oy in 0..ho {
-                    let iy = (oy * sh + ki) as isize - ph as isize;
-                    let dst = &mut col[row + oy * wo..row + (oy + 1) * wo];
-                    if iy < 0 || iy >= h as isize {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &x[(ci * h + iy as usize) * w..(ci * h + iy as usize + 1) * w];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        let ix = (ox * sw + kj) as isize - pw as isize;
-                        *d = if ix < 0 || ix >= w as isize {
-                            0.0
-                        } else {
-                            src[ix as usize]
-                        };
-                    }
-                }
-            }
-        }
-    }
-}
-
 impl ConvOps for CpuBackend {
+    fn prepare_conv_weight(&self, weight: CpuTensor) -> Result<CpuTensor> {
+        if weight.shape().len() != 4 {
+            return Err(Error::Shape {
+                op: "prepare_conv_weight",
+                expected: "[O, C, kh, kw]".into(),
+                found: format!("{:?}", weight.shape()),
+            });
+        }
+        weight.prepacked(PackLayout::Rows {
+            mr: self.isa().mr(),
+        })
+    }
+
     fn conv2d(
         &self,
         x: &CpuTensor,
@@ -83,47 +56,45 @@ impl ConvOps for CpuBackend {
                 found: format!("{:?}", b.shape()),
             });
         }
-        let (xa, wa) = (x.to_f32_array(), weight.to_f32_array());
-        let (xs, ws) = (contiguous(&xa, "conv2d")?, contiguous(&wa, "conv2d")?);
+        let xa = x.to_f32_array();
+        let xs = contiguous(&xa, "conv2d")?;
         let bias = bias.map(CpuTensor::to_f32_array);
         let bias = match &bias {
             Some(b) => Some(contiguous(b, "conv2d")?),
             None => None,
         };
-        let k = c * kh * kw;
-        let direct = kh == 1 && kw == 1 && params == Conv2dParams::new(1, 0);
-        let mut col = if direct {
-            Vec::new()
-        } else {
-            vec![0.0_f32; k * ho * wo]
+        let geom = ConvGeom {
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            params,
+            ho,
+            wo,
         };
+        let isa = self.isa();
+        let packed = weight.packed_rows(isa, o, geom.k())?;
         let mut out = vec![0.0_f32; n * o * ho * wo];
-        for (img, dst) in out.chunks_mut(o * ho * wo).enumerate() {
-            let src = &xs[img * c * h * w..(img + 1) * c * h * w];
-            if let Some(b) = bias {
-                for (row, &bv) in dst.chunks_mut(ho * wo).zip(b) {
-                    row.fill(bv);
-                }
-            }
-            let cols: &[f32] = if direct {
-                src
-            } else {
-                im2col(src, c, h, w, kh, kw, params, ho, wo, &mut col);
-                &col
-            };
-            sgemm(
-                o,
-                ho * wo,
-                k,
-                ws,
-                Layout::RowMajor,
-                cols,
-                Layout::RowMajor,
-                dst,
-                bias.is_some(),
-                threads(),
-            )?;
-        }
+        let plane = c * h * w;
+        let products: Vec<Product<'_>> = (0..n)
+            .map(|img| Product {
+                m: o,
+                n: geom.n(),
+                k: geom.k(),
+                a: ASource::Packed(&packed),
+                b: BSource::Conv(&xs[img * plane..(img + 1) * plane], geom),
+                start: bias.map_or(Start::Zero, Start::RowBias),
+            })
+            .collect();
+        let outputs: Vec<*mut f32> = out
+            .chunks_mut(o * ho * wo)
+            .map(<[f32]>::as_mut_ptr)
+            .collect();
+        // SAFETY: each product writes its own image's `[o, ho * wo]` block of `out`; the
+        // weights were packed for `isa`, which the backend checked is supported; the input
+        // slices hold `[c, h, w]` images and the bias `o` values (checked above).
+        unsafe { run(isa, &products, &outputs, ho * wo, threads()) };
         CpuTensor::from_vec(&[n, o, ho, wo], out)
     }
 }

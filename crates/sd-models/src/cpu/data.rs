@@ -87,6 +87,12 @@ impl DataOps for CpuBackend {
                     .into_shape_with_order(IxDyn(shape))
                     .map_err(reshape_error)?,
             ),
+            CpuData::Packed(_) => CpuData::F32(
+                tensor
+                    .to_f32_array()
+                    .into_shape_with_order(IxDyn(shape))
+                    .map_err(reshape_error)?,
+            ),
         };
         Ok(CpuTensor { data })
     }
@@ -127,6 +133,15 @@ impl DataOps for CpuBackend {
                     .into_owned()
                     .into_shared(),
             ),
+            CpuData::Packed(_) => CpuData::F32(
+                tensor
+                    .to_f32_array()
+                    .view()
+                    .permuted_axes(IxDyn(axes))
+                    .as_standard_layout()
+                    .into_owned()
+                    .into_shared(),
+            ),
         };
         Ok(CpuTensor { data })
     }
@@ -162,6 +177,14 @@ impl DataOps for CpuBackend {
             ),
             CpuData::BF16(a) => CpuData::BF16(
                 a.slice_axis(Axis(axis), s)
+                    .as_standard_layout()
+                    .into_owned()
+                    .into_shared(),
+            ),
+            CpuData::Packed(_) => CpuData::F32(
+                tensor
+                    .to_f32_array()
+                    .slice_axis(Axis(axis), s)
                     .as_standard_layout()
                     .into_owned()
                     .into_shared(),

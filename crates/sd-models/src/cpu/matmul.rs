@@ -1,56 +1,11 @@
-//! Matrix products for the CPU backend, on the `gemm` crate.
+//! Matrix products for the CPU backend, on its packed GEMM ([`super::packed`]).
 
-use rayon::prelude::*;
-
-use super::gemm::{Layout, sgemm, threads};
-use super::{CpuBackend, CpuTensor, contiguous};
+use super::gemm::threads;
+use super::packed::pack::Strided;
+use super::packed::{ASource, BSource, Product, Start, run};
+use super::{CpuBackend, CpuTensor, PackLayout, contiguous};
 use crate::backend::MatmulOps;
 use crate::error::{Error, Result};
-
-/// Below this many multiply-adds per matrix, batches are spread over threads instead of
-/// each product.
-const SMALL_PRODUCT: usize = 1 << 18;
-
-/// `out[batch] = a[batch] (m x k) * b[batch or shared] (k x n)`, batches in parallel when
-/// each product is small.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn batched(
-    batch: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    b: &[f32],
-    b_layout: Layout,
-    b_shared: bool,
-    out: &mut [f32],
-) -> Result<()> {
-    let b_stride = if b_shared { 0 } else { k * n };
-    let run = |i: usize, c: &mut [f32], t: usize| {
-        sgemm(
-            m,
-            n,
-            k,
-            &a[i * m * k..(i + 1) * m * k],
-            Layout::RowMajor,
-            &b[i * b_stride..i * b_stride + k * n],
-            b_layout,
-            c,
-            false,
-            t,
-        )
-    };
-    if m * n * k < SMALL_PRODUCT && batch > 1 {
-        out.par_chunks_mut(m * n)
-            .enumerate()
-            .try_for_each(|(i, c)| run(i, c, 1))
-    } else {
-        let t = threads();
-        out.chunks_mut(m * n)
-            .enumerate()
-            .try_for_each(|(i, c)| run(i, c, t))
-    }
-}
 
 impl MatmulOps for CpuBackend {
     fn matmul(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
@@ -69,21 +24,50 @@ impl MatmulOps for CpuBackend {
         let (m, k, n) = (sa[sa.len() - 2], sa[sa.len() - 1], sb[sb.len() - 1]);
         let batch: usize = sa[..sa.len() - 2].iter().product();
         let (xa, xb) = (a.to_f32_array(), b.to_f32_array());
+        let (xs, ys) = (contiguous(&xa, "matmul")?, contiguous(&xb, "matmul")?);
+        let b_stride = if sb.len() == 2 { 0 } else { k * n };
         let mut out = vec![0.0_f32; batch * m * n];
-        batched(
-            batch,
-            m,
-            n,
-            k,
-            contiguous(&xa, "matmul")?,
-            contiguous(&xb, "matmul")?,
-            Layout::RowMajor,
-            sb.len() == 2,
-            &mut out,
-        )?;
         let mut shape = sa[..sa.len() - 2].to_vec();
         shape.extend([m, n]);
+        if m * n == 0 || k == 0 {
+            return CpuTensor::from_vec(&shape, out);
+        }
+        let products: Vec<Product<'_>> = (0..batch)
+            .map(|i| Product {
+                m,
+                n,
+                k,
+                a: ASource::Strided(Strided {
+                    data: &xs[i * m * k..(i + 1) * m * k],
+                    rs: k,
+                    cs: 1,
+                }),
+                b: BSource::Strided(Strided {
+                    data: &ys[i * b_stride..i * b_stride + k * n],
+                    rs: n,
+                    cs: 1,
+                }),
+                start: Start::Zero,
+            })
+            .collect();
+        let outputs: Vec<*mut f32> = out.chunks_mut(m * n).map(<[f32]>::as_mut_ptr).collect();
+        // SAFETY: each product writes its own `[m, n]` block of `out`; the operands hold the
+        // `[m, k]` and `[k, n]` matrices (shapes checked above); the ISA is supported.
+        unsafe { run(self.isa(), &products, &outputs, n, threads()) };
         CpuTensor::from_vec(&shape, out)
+    }
+
+    fn prepare_linear_weight(&self, weight: CpuTensor) -> Result<CpuTensor> {
+        if weight.shape().len() != 2 {
+            return Err(Error::Shape {
+                op: "prepare_linear_weight",
+                expected: "[out, in]".into(),
+                found: format!("{:?}", weight.shape()),
+            });
+        }
+        weight.prepacked(PackLayout::Cols {
+            nr: self.isa().nr(),
+        })
     }
 
     fn linear(
@@ -112,27 +96,43 @@ impl MatmulOps for CpuBackend {
             });
         }
         let rows: usize = sx[..sx.len() - 1].iter().product();
-        let (xa, wa) = (x.to_f32_array(), weight.to_f32_array());
-        let mut out = vec![0.0_f32; rows * out_f];
-        if let Some(b) = bias {
-            let ba = b.to_f32_array();
-            let bs = contiguous(&ba, "linear")?;
-            out.chunks_mut(out_f).for_each(|r| r.copy_from_slice(bs));
-        }
-        sgemm(
-            rows,
-            out_f,
-            in_f,
-            contiguous(&xa, "linear")?,
-            Layout::RowMajor,
-            contiguous(&wa, "linear")?,
-            Layout::Transposed,
-            &mut out,
-            bias.is_some(),
-            threads(),
-        )?;
         let mut shape = sx[..sx.len() - 1].to_vec();
         shape.push(out_f);
+        let xa = x.to_f32_array();
+        let xs = contiguous(&xa, "linear")?;
+        let ba = bias.map(CpuTensor::to_f32_array);
+        let bs = match &ba {
+            Some(b) => Some(contiguous(b, "linear")?),
+            None => None,
+        };
+        let mut out = vec![0.0_f32; rows * out_f];
+        if rows * out_f == 0 {
+            return CpuTensor::from_vec(&shape, out);
+        }
+        if in_f == 0 {
+            if let Some(b) = bs {
+                out.chunks_mut(out_f).for_each(|r| r.copy_from_slice(b));
+            }
+            return CpuTensor::from_vec(&shape, out);
+        }
+        let isa = self.isa();
+        let packed = weight.packed_cols(isa, out_f, in_f)?;
+        let product = Product {
+            m: rows,
+            n: out_f,
+            k: in_f,
+            a: ASource::Strided(Strided {
+                data: xs,
+                rs: in_f,
+                cs: 1,
+            }),
+            b: BSource::Packed(&packed),
+            start: bs.map_or(Start::Zero, Start::ColBias),
+        };
+        // SAFETY: the product writes `out`'s `[rows, out_f]`; `x` holds `rows x in_f` values,
+        // the weight was packed for this ISA's `nr` with `out_f x in_f` values, the bias
+        // `out_f` (checked above).
+        unsafe { run(isa, &[product], &[out.as_mut_ptr()], out_f, threads()) };
         CpuTensor::from_vec(&shape, out)
     }
 }

@@ -6,6 +6,9 @@
 //! GEMM's sums) run in an order that does not depend on the number of threads, so results are
 //! the same on every machine size.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use half::{bf16, f16};
 use ndarray::{ArcArray, ArrayD, IxDyn};
 
@@ -20,7 +23,10 @@ mod elementwise;
 mod gemm;
 mod matmul;
 mod norm;
+mod packed;
 mod resample;
+
+pub use packed::CpuIsa;
 
 /// The CPU backend. Work runs on rayon's global thread pool (set `RAYON_NUM_THREADS` to
 /// choose its size).
@@ -36,15 +42,43 @@ mod resample;
 /// assert!((y[2] - 2.0 / (1.0 + (-2.0_f32).exp())).abs() < 1e-6);
 /// # Ok::<(), sd_models::Error>(())
 /// ```
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct CpuBackend {
-    _private: (),
+    isa: CpuIsa,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl CpuBackend {
-    /// The CPU backend.
+    /// The CPU backend, with the fastest kernels this CPU supports ([`CpuIsa::detect`]).
     pub fn new() -> Self {
-        CpuBackend { _private: () }
+        CpuBackend {
+            isa: CpuIsa::detect(),
+        }
+    }
+
+    /// The CPU backend with the kernels of `isa` (to compare them, or to run the portable
+    /// ones).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] if this CPU cannot run them.
+    pub fn with_isa(isa: CpuIsa) -> Result<Self> {
+        if isa.is_supported() {
+            Ok(CpuBackend { isa })
+        } else {
+            Err(Error::Unsupported(format!(
+                "cpu: this CPU cannot run the {isa:?} kernels"
+            )))
+        }
+    }
+
+    /// The kernels in use.
+    pub fn isa(&self) -> CpuIsa {
+        self.isa
     }
 }
 
@@ -59,6 +93,45 @@ enum CpuData {
     F32(ArcArray<f32, IxDyn>),
     F16(ArcArray<f16, IxDyn>),
     BF16(ArcArray<bf16, IxDyn>),
+    /// A weight packed for the GEMM's kernels (see [`CpuBackend`]'s `prepare_*_weight`).
+    Packed(Arc<Packed>),
+}
+
+/// How a packed weight is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PackLayout {
+    /// `[M, K]` (the weight's first axis by the rest) as A micro-panels of `mr` rows: a
+    /// convolution's weight.
+    Rows { mr: usize },
+    /// `[N, K]` as the B operand `K x N` in micro-panels of `nr` columns: a linear layer's
+    /// weight.
+    Cols { nr: usize },
+}
+
+/// A weight packed once for the GEMM, with its logical shape.
+#[derive(Debug)]
+pub(crate) struct Packed {
+    shape: Vec<usize>,
+    layout: PackLayout,
+    data: Vec<f32>,
+}
+
+impl Packed {
+    /// The logical values, row-major.
+    fn unpack(&self) -> Vec<f32> {
+        let rows = self.shape.first().copied().unwrap_or(0);
+        let k: usize = self.shape.iter().skip(1).product();
+        let mut out = vec![0.0; rows * k];
+        let p = match self.layout {
+            PackLayout::Rows { mr } | PackLayout::Cols { nr: mr } => mr,
+        };
+        for (i, row) in out.chunks_exact_mut(k.max(1)).enumerate() {
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v = self.data[((i / p) * k + kk) * p + i % p];
+            }
+        }
+        out
+    }
 }
 
 impl CpuTensor {
@@ -106,24 +179,83 @@ impl CpuTensor {
             CpuData::F32(a) => a.shape(),
             CpuData::F16(a) => a.shape(),
             CpuData::BF16(a) => a.shape(),
+            CpuData::Packed(p) => &p.shape,
         }
     }
 
     pub(crate) fn dtype(&self) -> DType {
         match &self.data {
-            CpuData::F32(_) => DType::F32,
+            CpuData::F32(_) | CpuData::Packed(_) => DType::F32,
             CpuData::F16(_) => DType::F16,
             CpuData::BF16(_) => DType::BF16,
         }
     }
 
-    /// The values as a contiguous f32 array (shared for f32 tensors, widened for half).
+    /// The values as a contiguous f32 array (shared for f32 tensors, widened for half,
+    /// unpacked for packed weights).
     pub(crate) fn to_f32_array(&self) -> ArcArray<f32, IxDyn> {
         match &self.data {
             CpuData::F32(a) => a.clone(),
             CpuData::F16(a) => a.mapv(f16::to_f32).into_shared(),
             CpuData::BF16(a) => a.mapv(bf16::to_f32).into_shared(),
+            CpuData::Packed(p) => ArrayD::from_shape_vec(IxDyn(&p.shape), p.unpack())
+                .map(ArrayD::into_shared)
+                .unwrap_or_else(|_| ArrayD::zeros(IxDyn(&[0])).into_shared()),
         }
+    }
+
+    /// This `[m, ...]` weight as A micro-panels for `isa` (`m` rows of `k`): its own packing
+    /// if it was prepared for `isa`, else packed now.
+    pub(crate) fn packed_rows(&self, isa: CpuIsa, m: usize, k: usize) -> Result<Cow<'_, [f32]>> {
+        self.packed(isa, PackLayout::Rows { mr: isa.mr() }, m, k)
+    }
+
+    /// This `[n, k]` weight as B micro-panels (of its transpose) for `isa`.
+    pub(crate) fn packed_cols(&self, isa: CpuIsa, n: usize, k: usize) -> Result<Cow<'_, [f32]>> {
+        self.packed(isa, PackLayout::Cols { nr: isa.nr() }, n, k)
+    }
+
+    fn packed(
+        &self,
+        _isa: CpuIsa,
+        layout: PackLayout,
+        rows: usize,
+        k: usize,
+    ) -> Result<Cow<'_, [f32]>> {
+        if self.shape().first() != Some(&rows) || self.shape().iter().product::<usize>() != rows * k
+        {
+            return Err(Error::Shape {
+                op: "packed weight",
+                expected: format!("[{rows}, ...] holding {rows} x {k} values"),
+                found: format!("{:?}", self.shape()),
+            });
+        }
+        if let CpuData::Packed(p) = &self.data
+            && p.layout == layout
+        {
+            return Ok(Cow::Borrowed(&p.data));
+        }
+        let a = self.to_f32_array();
+        let w = contiguous(&a, "packed weight")?;
+        Ok(Cow::Owned(match layout {
+            PackLayout::Rows { mr } => packed::pack::prepack_rows(w, rows, k, mr),
+            PackLayout::Cols { nr } => packed::pack::prepack_cols(w, rows, k, nr),
+        }))
+    }
+
+    /// This weight packed once in `layout` (what `prepare_*_weight` return).
+    pub(crate) fn prepacked(&self, layout: PackLayout) -> Result<CpuTensor> {
+        let shape = self.shape().to_vec();
+        let rows = shape.first().copied().unwrap_or(0);
+        let k: usize = shape.iter().skip(1).product();
+        let data = self.packed(CpuIsa::Portable, layout, rows, k)?.into_owned();
+        Ok(CpuTensor {
+            data: CpuData::Packed(Arc::new(Packed {
+                shape,
+                layout,
+                data,
+            })),
+        })
     }
 }
 

@@ -32,10 +32,10 @@ impl<B: Backend> Conv2d<B> {
         padding: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = super::upload(
+        let weight = backend.prepare_conv_weight(super::upload(
             backend,
             &w.get("weight", &[out_channels, in_channels, kernel, kernel])?,
-        )?;
+        )?)?;
         let bias = if bias {
             Some(super::upload(backend, &w.get("bias", &[out_channels])?)?)
         } else {

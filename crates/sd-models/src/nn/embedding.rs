@@ -2,7 +2,7 @@
 //! is cheaper there than a gather on the device, and the result is uploaded once.
 
 use crate::error::{Error, Result};
-use crate::weights::Weights;
+use crate::nn::source::WeightSource;
 
 /// A table of `rows` vectors of `dim` values; key `weight` `[rows, dim]`.
 #[derive(Debug, Clone)]
@@ -18,7 +18,7 @@ impl Embedding {
     ///
     /// # Errors
     /// A missing or misshapen weight.
-    pub fn load(w: &Weights<'_>, rows: usize, dim: usize) -> Result<Self> {
+    pub fn load<S: WeightSource>(w: &S, rows: usize, dim: usize) -> Result<Self> {
         Ok(Embedding {
             weight: w.get("weight", &[rows, dim])?.into_f32_vec(),
             rows,

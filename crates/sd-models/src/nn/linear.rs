@@ -25,7 +25,10 @@ impl<B: Backend> Linear<B> {
         out_features: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = super::upload(backend, &w.get("weight", &[out_features, in_features])?)?;
+        let weight = backend.prepare_linear_weight(super::upload(
+            backend,
+            &w.get("weight", &[out_features, in_features])?,
+        )?)?;
         let bias = if bias {
             Some(super::upload(backend, &w.get("bias", &[out_features])?)?)
         } else {

@@ -1,0 +1,255 @@
+//! End-to-end forward passes of Stable Diffusion 1.5's networks on the CPU backend, with
+//! seeded random weights: the UNet at a 32x32 latent (batch 2, as classifier-free guidance
+//! runs it) and at 64x64 (batch 1), the VAE decoder at a 32x32 latent, and the CLIP text
+//! encoder on 77 tokens.
+//!
+//! ```text
+//! cargo bench -p sd-benches --bench networks                 # everything
+//! cargo bench -p sd-benches --bench networks -- unet32 --runs 5 --profile
+//! ```
+//!
+//! Names: `peak`, `unet32`, `unet64`, `vae32`, `clip`. For each network it prints the median
+//! wall time of `--runs` forward passes (after one warm-up pass), the work (counted by
+//! [`sd_benches::Profiled`] from the shapes of every product), the rate, its fraction of this
+//! machine's measured f32 GEMM peak (a 2048^3 product through the backend, measured in the
+//! same run), the average number of busy cores, and the peak resident memory of a process
+//! that ran only that network (each network runs in a child process of its own). `--profile`
+//! adds the time per operation. `--dtype f16` or `bf16` keeps the weights in half precision.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use sd_benches::{Profiled, cpu_time, median, peak_rss};
+use sd_models::CpuBackend;
+use sd_models::backend::{DType, DataOps, MatmulOps};
+use sd_models::clip::{ClipTextConfig, ClipTextModel};
+use sd_models::nn::RandomWeights;
+use sd_models::unet::{Unet2DConditionConfig, Unet2DConditionModel};
+use sd_models::vae::{AutoencoderKl, AutoencoderKlConfig};
+
+const NAMES: [&str; 5] = ["peak", "unet32", "unet64", "vae32", "clip"];
+
+struct Options {
+    names: Vec<String>,
+    runs: usize,
+    profile: bool,
+    dtype: DType,
+    child: bool,
+    peak_gflops: Option<f64>,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        names: Vec::new(),
+        runs: 3,
+        profile: false,
+        dtype: DType::F32,
+        child: false,
+        peak_gflops: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => o.runs = args.next().and_then(|v| v.parse().ok()).expect("--runs N"),
+            "--profile" => o.profile = true,
+            "--dtype" => {
+                o.dtype = match args.next().as_deref() {
+                    Some("f32") => DType::F32,
+                    Some("f16") => DType::F16,
+                    Some("bf16") => DType::BF16,
+                    other => panic!("--dtype f32|f16|bf16, not {other:?}"),
+                }
+            }
+            "--child" => o.child = true,
+            "--peak" => {
+                o.peak_gflops = args.next().and_then(|v| v.parse().ok());
+            }
+            // cargo bench passes --bench; criterion-style filters are plain names.
+            "--bench" => {}
+            name if NAMES.contains(&name) => o.names.push(name.to_string()),
+            other => panic!("unknown argument {other:?}; names are {NAMES:?}"),
+        }
+    }
+    if o.names.is_empty() {
+        o.names = NAMES.iter().map(|s| s.to_string()).collect();
+    }
+    o
+}
+
+fn data(n: usize, seed: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32) * 0.618 + seed).sin() * 0.5)
+        .collect()
+}
+
+/// The median GFLOP/s of a 2048^3 f32 product through the backend.
+fn gemm_peak(cpu: &CpuBackend) -> f64 {
+    let n = 2048;
+    let a = cpu.upload(&data(n * n, 0.1), &[n, n]).unwrap();
+    let b = cpu.upload(&data(n * n, 0.2), &[n, n]).unwrap();
+    cpu.matmul(&a, &b).unwrap();
+    let mut times: Vec<Duration> = (0..7)
+        .map(|_| {
+            let t0 = Instant::now();
+            std::hint::black_box(cpu.matmul(&a, &b).unwrap());
+            t0.elapsed()
+        })
+        .collect();
+    2.0 * (n * n * n) as f64 / median(&mut times).as_secs_f64() / 1e9
+}
+
+/// Runs `forward` once to warm up and count, then `runs` times; prints the line.
+fn measure(
+    name: &str,
+    what: &str,
+    o: &Options,
+    backend: &Profiled<CpuBackend>,
+    mut forward: impl FnMut(),
+) {
+    backend.reset();
+    forward();
+    let flops = backend.total_flops() as f64;
+    let warm = backend.stats();
+    let cpu0 = cpu_time();
+    let wall0 = Instant::now();
+    let mut times: Vec<Duration> = (0..o.runs)
+        .map(|_| {
+            let t0 = Instant::now();
+            forward();
+            t0.elapsed()
+        })
+        .collect();
+    let wall = wall0.elapsed();
+    let busy = match (cpu0, cpu_time()) {
+        (Some(a), Some(b)) => (b - a).as_secs_f64() / wall.as_secs_f64(),
+        _ => f64::NAN,
+    };
+    let t = median(&mut times).as_secs_f64();
+    let gflops = flops / t / 1e9;
+    let peak = o.peak_gflops.unwrap_or(f64::NAN);
+    let rss = peak_rss().map_or(f64::NAN, |b| b as f64 / (1 << 30) as f64);
+    println!(
+        "{name:<7} {what:<34} {:>9.1} ms {:>7.1} GFLOP {:>6.1} GFLOP/s {:>5.1}% of peak  {busy:.2} cores busy  peak RSS {rss:.2} GiB",
+        t * 1e3,
+        flops / 1e9,
+        gflops,
+        100.0 * gflops / peak
+    );
+    if o.profile {
+        let mut rows: Vec<_> = warm.into_iter().collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1.time));
+        let total: f64 = rows.iter().map(|r| r.1.time.as_secs_f64()).sum();
+        for (op, s) in rows {
+            let secs = s.time.as_secs_f64();
+            let rate = if s.flops > 0 {
+                format!("{:>6.1} GFLOP/s", s.flops as f64 / secs / 1e9)
+            } else {
+                String::new()
+            };
+            println!(
+                "          {op:<16} {:>5} calls {:>9.1} ms {:>5.1}%  {rate}",
+                s.calls,
+                secs * 1e3,
+                100.0 * secs / total
+            );
+        }
+    }
+}
+
+fn run_one(name: &str, o: &Options) {
+    let cpu = CpuBackend::new();
+    let backend = Profiled::new(cpu, true);
+    let weights = RandomWeights::new(0).with_dtype(o.dtype);
+    let dt = o.dtype;
+    match name {
+        "peak" => {
+            let g = gemm_peak(&cpu);
+            println!("peak    f32 GEMM 2048^3 through the backend {g:>8.1} GFLOP/s");
+        }
+        "unet32" | "unet64" => {
+            let (hw, batch) = if name == "unet32" { (32, 2) } else { (64, 1) };
+            let config = Unet2DConditionConfig::stable_diffusion_1_5().unwrap();
+            let unet = Unet2DConditionModel::from_source(&backend, &weights, config).unwrap();
+            let x = backend
+                .upload(&data(batch * 4 * hw * hw, 0.3), &[batch, 4, hw, hw])
+                .unwrap();
+            let text = backend
+                .upload(&data(batch * 77 * 768, 0.4), &[batch, 77, 768])
+                .unwrap();
+            measure(
+                name,
+                &format!("SD 1.5 UNet {hw}x{hw} batch {batch} ({dt})"),
+                o,
+                &backend,
+                || {
+                    std::hint::black_box(unet.forward(&backend, &x, &[500.0], &text).unwrap());
+                },
+            );
+        }
+        "vae32" => {
+            let config = AutoencoderKlConfig::stable_diffusion_1_5().unwrap();
+            let vae = AutoencoderKl::from_source(&backend, &weights, config).unwrap();
+            let z = backend
+                .upload(&data(4 * 32 * 32, 0.5), &[1, 4, 32, 32])
+                .unwrap();
+            measure(
+                name,
+                &format!("SD 1.5 VAE decoder 32x32 -> 256x256 ({dt})"),
+                o,
+                &backend,
+                || {
+                    std::hint::black_box(vae.decode(&backend, &z).unwrap());
+                },
+            );
+        }
+        "clip" => {
+            let config = ClipTextConfig::stable_diffusion_1_5().unwrap();
+            let clip = ClipTextModel::random(&backend, config, false, 0).unwrap();
+            let mut ids: Vec<u32> = vec![49406];
+            ids.extend((0..20).map(|i| 320 + i * 37));
+            ids.resize(77, 49407);
+            measure(
+                name,
+                "SD 1.5 CLIP text encoder, 77 tokens (f32)",
+                o,
+                &backend,
+                || {
+                    std::hint::black_box(clip.forward(&backend, &[ids.clone()]).unwrap());
+                },
+            );
+        }
+        other => panic!("unknown network {other}"),
+    }
+}
+
+fn main() {
+    let o = options();
+    if o.child {
+        for name in &o.names {
+            run_one(name, &o);
+        }
+        return;
+    }
+    // The peak first, in this process; then each network in a fresh process, so that each
+    // peak RSS is that network's own.
+    let peak = gemm_peak(&CpuBackend::new());
+    println!(
+        "peak    f32 GEMM 2048^3 through the backend {peak:>8.1} GFLOP/s ({} threads)",
+        rayon::current_num_threads()
+    );
+    let exe = std::env::current_exe().unwrap();
+    for name in o.names.iter().filter(|n| *n != "peak") {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("--child")
+            .arg(name)
+            .args(["--runs", &o.runs.to_string()])
+            .args(["--peak", &peak.to_string()])
+            .args(["--dtype", &o.dtype.name().to_lowercase()]);
+        if o.profile {
+            cmd.arg("--profile");
+        }
+        let status = cmd.status().unwrap();
+        assert!(status.success(), "{name} failed");
+    }
+}

@@ -1,0 +1,569 @@
+//! The CPU backend's own GEMM: BLIS-style blocking (Goto & van de Geijn, 2008) around
+//! register-blocked microkernels ([`kernels`]), with operands packed on the fly or once at
+//! load ([`pack`]).
+//!
+//! `C [M, N] (+)= A [M, K] B [K, N]` runs as tasks over blocks of rows and columns of C on
+//! rayon's pool; each task walks `K` in blocks of [`KC`], packs what is not packed already
+//! and calls the kernel for every `MR x NR` tile. A convolution is the product of its
+//! weights (`[O, C kh kw]`, packed once) with its unfolded input, packed straight from the
+//! image, so no im2col buffer exists (implicit GEMM). A linear layer is the product of its
+//! input with its packed, transposed weight.
+//!
+//! Every element of C sums its `K` terms in the same order (blocks of `KC`, then `k` within
+//! a block) however the work is split, so results do not depend on the number of threads.
+
+pub(crate) mod kernels;
+pub(crate) mod pack;
+
+use rayon::prelude::*;
+
+use kernels::Init;
+use pack::{ConvGeom, Strided, pack_a, pack_b, pack_conv_b};
+
+/// The `K` block: a B micro-panel (`KC x NR`) stays in L1 while it meets every A micro-panel
+/// of a row block.
+pub(crate) const KC: usize = 192;
+/// The most rows of C one task covers: its A block (`MC x KC`) stays in L2.
+const MC: usize = 480;
+
+/// Which microkernel family runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CpuIsa {
+    /// AVX-512F: 12 x 32 tiles.
+    Avx512,
+    /// AVX2 and FMA: 6 x 16 tiles.
+    Avx2,
+    /// Plain Rust for any CPU: 6 x 16 tiles.
+    Portable,
+}
+
+impl CpuIsa {
+    /// The best this CPU supports.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return CpuIsa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return CpuIsa::Avx2;
+            }
+        }
+        CpuIsa::Portable
+    }
+
+    /// Whether this CPU can run it.
+    pub fn is_supported(self) -> bool {
+        match self {
+            CpuIsa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            CpuIsa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            CpuIsa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Tile rows.
+    pub(crate) fn mr(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            CpuIsa::Avx512 => kernels::AVX512_MR,
+            _ => kernels::PORTABLE_MR,
+        }
+    }
+
+    /// Tile columns.
+    pub(crate) fn nr(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            CpuIsa::Avx512 => kernels::AVX512_NR,
+            _ => kernels::PORTABLE_NR,
+        }
+    }
+
+    /// One tile.
+    ///
+    /// # Safety
+    /// As the kernels': `a` and `b` hold `kc * mr` and `kc * nr` values, `c` addresses
+    /// `rows x cols` values `ldc` apart, the `Init` pointer enough values; the ISA is
+    /// supported (checked when the backend was made).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    unsafe fn tile(
+        self,
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        init: Init,
+    ) {
+        debug_assert!(a.len() >= kc * self.mr() && b.len() >= kc * self.nr());
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match self {
+                #[cfg(target_arch = "x86_64")]
+                CpuIsa::Avx512 => {
+                    kernels::avx512_f32(kc, a.as_ptr(), b.as_ptr(), c, ldc, rows, cols, init)
+                }
+                #[cfg(target_arch = "x86_64")]
+                CpuIsa::Avx2 => kernels::avx2_f32(kc, a, b, c, ldc, rows, cols, init),
+                _ => kernels::portable_f32(kc, a, b, c, ldc, rows, cols, init),
+            }
+        }
+    }
+}
+
+/// Where A comes from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ASource<'a> {
+    /// Packed once ([`pack::prepack_rows`] with this ISA's `mr`).
+    Packed(&'a [f32]),
+    /// A strided matrix, packed on the fly.
+    Strided(Strided<'a>),
+}
+
+/// Where B comes from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum BSource<'a> {
+    /// Packed once ([`pack::prepack_cols`] with this ISA's `nr`).
+    Packed(&'a [f32]),
+    /// A strided matrix, packed on the fly.
+    Strided(Strided<'a>),
+    /// A convolution's unfolded input image `[C, H, W]`, packed on the fly.
+    Conv(&'a [f32], ConvGeom),
+}
+
+/// What C starts from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Start<'a> {
+    /// Zero.
+    Zero,
+    /// Its current values (`C += A B`).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Accumulate,
+    /// `bias[row]` (per output channel of a convolution).
+    RowBias(&'a [f32]),
+    /// `bias[col]` (per output feature of a linear layer).
+    ColBias(&'a [f32]),
+}
+
+/// A product to run: `C [m, n]` (row stride `ldc`) from `a` and `b` over `k`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Product<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: ASource<'a>,
+    pub b: BSource<'a>,
+    pub start: Start<'a>,
+}
+
+/// A raw pointer to C that tasks share; each task writes a disjoint block.
+#[derive(Clone, Copy)]
+struct CPtr(*mut f32);
+// SAFETY: tasks write disjoint blocks of C (see `run`), and C outlives them (`run` returns
+// only after every task finished).
+unsafe impl Send for CPtr {}
+unsafe impl Sync for CPtr {}
+
+/// A task: rows `m0..m1` and columns `n0..n1` of C.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    m0: usize,
+    m1: usize,
+    n0: usize,
+    n1: usize,
+}
+
+/// Splits `len` into about `parts` pieces, each a multiple of `unit` but the last.
+fn split(len: usize, parts: usize, unit: usize) -> Vec<(usize, usize)> {
+    let parts = parts.clamp(1, len.div_ceil(unit).max(1));
+    let step = len.div_ceil(parts).div_ceil(unit) * unit;
+    (0..len)
+        .step_by(step.max(unit))
+        .map(|s| (s, (s + step).min(len)))
+        .collect()
+}
+
+/// The blocks of C for `threads` threads: rows in blocks of at most [`MC`]; then the
+/// dimension whose operand is packed on the fly is split further (splitting the other would
+/// pack the same data twice) until there are a few tasks per thread.
+fn blocks(isa: CpuIsa, p: &Product<'_>, threads: usize) -> Vec<Block> {
+    let (mr, nr) = (isa.mr(), isa.nr());
+    let want = if threads > 1 { 4 * threads } else { 1 };
+    let row_blocks = p.m.div_ceil(MC);
+    let b_on_the_fly = !matches!(p.b, BSource::Packed(_));
+    let a_on_the_fly = !matches!(p.a, ASource::Packed(_));
+    let (mut rows, mut cols) = (row_blocks, 1);
+    if a_on_the_fly && !b_on_the_fly {
+        rows = rows.max(want.min(p.m.div_ceil(mr)));
+    } else {
+        cols = want.div_ceil(rows).min(p.n.div_ceil(nr));
+    }
+    // Still too few tasks (a short dimension): split the other one too.
+    if rows * cols < want {
+        if b_on_the_fly || !a_on_the_fly {
+            rows = rows.max(want.div_ceil(cols).min(p.m.div_ceil(mr)));
+        } else {
+            cols = cols.max(want.div_ceil(rows).min(p.n.div_ceil(nr)));
+        }
+    }
+    let mut out = Vec::new();
+    for &(m0, m1) in &split(p.m, rows, mr) {
+        for &(n0, n1) in &split(p.n, cols, nr) {
+            out.push(Block { m0, m1, n0, n1 });
+        }
+    }
+    out
+}
+
+/// Runs the products (for instance one per image of a batch) on rayon's pool, or on this
+/// thread if `threads == 1`.
+///
+/// # Safety
+/// `c[i]` addresses `products[i].m` rows of `products[i].n` writable values `ldc` apart,
+/// distinct for every product; the sources hold the matrices their shapes describe; packed
+/// sources were packed for `isa`; `isa` is supported.
+pub(crate) unsafe fn run(
+    isa: CpuIsa,
+    products: &[Product<'_>],
+    c: &[*mut f32],
+    ldc: usize,
+    threads: usize,
+) {
+    let per_product = threads.div_ceil(products.len().max(1)).max(1);
+    let tasks: Vec<(usize, Block)> = products
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            blocks(isa, p, if threads > 1 { per_product } else { 1 })
+                .into_iter()
+                .map(move |b| (i, b))
+        })
+        .collect();
+    let cptrs: Vec<CPtr> = c.iter().map(|&p| CPtr(p)).collect();
+    let work = |&(i, block): &(usize, Block)| {
+        // SAFETY: forwarded from the caller; the blocks of one product are disjoint.
+        unsafe { run_block(isa, &products[i], cptrs[i], ldc, block) }
+    };
+    if threads > 1 && tasks.len() > 1 {
+        tasks.par_iter().for_each(work);
+    } else {
+        tasks.iter().for_each(work);
+    }
+}
+
+/// One task.
+///
+/// # Safety
+/// As [`run`], for the block.
+unsafe fn run_block(isa: CpuIsa, p: &Product<'_>, c: CPtr, ldc: usize, blk: Block) {
+    let (mr, nr) = (isa.mr(), isa.nr());
+    let rows = blk.m1 - blk.m0;
+    let a_panels = rows.div_ceil(mr);
+    let mut abuf = match p.a {
+        ASource::Packed(_) => Vec::new(),
+        ASource::Strided(_) => vec![0.0_f32; a_panels * KC * mr],
+    };
+    let mut bbuf = match p.b {
+        BSource::Packed(_) => Vec::new(),
+        _ => vec![0.0_f32; KC * nr],
+    };
+    let mut pc = 0;
+    while pc < p.k {
+        let kc = KC.min(p.k - pc);
+        if let ASource::Strided(a) = p.a {
+            for (q, dst) in abuf.chunks_exact_mut(KC * mr).enumerate() {
+                let r0 = blk.m0 + q * mr;
+                pack_a(a, r0, mr.min(blk.m1 - r0), pc, kc, mr, dst);
+            }
+        }
+        let mut jr = blk.n0;
+        while jr < blk.n1 {
+            let cols = nr.min(blk.n1 - jr);
+            let bpanel: &[f32] = match p.b {
+                BSource::Packed(packed) => {
+                    let at = ((jr / nr) * p.k + pc) * nr;
+                    &packed[at..at + kc * nr]
+                }
+                BSource::Strided(b) => {
+                    pack_b(b, pc, kc, jr, cols, nr, &mut bbuf);
+                    &bbuf[..kc * nr]
+                }
+                BSource::Conv(x, g) => {
+                    pack_conv_b(x, &g, pc, kc, jr, cols, nr, &mut bbuf);
+                    &bbuf[..kc * nr]
+                }
+            };
+            let mut ir = blk.m0;
+            while ir < blk.m1 {
+                let tile_rows = mr.min(blk.m1 - ir);
+                let apanel: &[f32] = match p.a {
+                    ASource::Packed(packed) => {
+                        let at = ((ir / mr) * p.k + pc) * mr;
+                        &packed[at..at + kc * mr]
+                    }
+                    ASource::Strided(_) => {
+                        let q = (ir - blk.m0) / mr;
+                        &abuf[q * KC * mr..q * KC * mr + kc * mr]
+                    }
+                };
+                let init = match (pc, p.start) {
+                    (0, Start::Zero) => Init::Zero,
+                    (0, Start::RowBias(bias)) => Init::Row(bias[ir..].as_ptr()),
+                    (0, Start::ColBias(bias)) => Init::Col(bias[jr..].as_ptr()),
+                    _ => Init::Load,
+                };
+                // SAFETY: the tile lies in this task's block of C (caller's contract); the
+                // panels hold `kc` groups; the bias slices hold the tile's rows or columns.
+                unsafe {
+                    isa.tile(
+                        kc,
+                        apanel,
+                        bpanel,
+                        c.0.add(ir * ldc + jr),
+                        ldc,
+                        tile_rows,
+                        cols,
+                        init,
+                    );
+                }
+                ir += mr;
+            }
+            jr += nr;
+        }
+        pc += kc;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::pack::{prepack_cols, prepack_rows};
+    use super::*;
+    use crate::backend::Conv2dParams;
+
+    fn data(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32) * 0.618 + seed).sin()).collect()
+    }
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|l| f64::from(a[i * k + l]) * f64::from(b[l * n + j]))
+                    .sum();
+            }
+        }
+        c
+    }
+
+    fn isas() -> Vec<CpuIsa> {
+        [CpuIsa::Avx512, CpuIsa::Avx2, CpuIsa::Portable]
+            .into_iter()
+            .filter(|i| i.is_supported())
+            .collect()
+    }
+
+    fn close(got: &[f32], want: &[f64], k: usize) {
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let tol = 1e-5 * (k as f64).sqrt() * (1.0 + w.abs());
+            assert!((f64::from(g) - w).abs() <= tol, "element {i}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn every_source_and_start_matches_a_plain_product() {
+        for isa in isas() {
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (13, 33, 5),
+                (37, 70, 200),
+                (25, 17, 400),
+                (600, 40, 64),
+            ] {
+                let a = data(m * k, 0.1);
+                let b = data(k * n, 0.2);
+                let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+                let bias_r = data(m, 0.3);
+                let bias_c = data(n, 0.4);
+                let want = naive(m, n, k, &a, &b);
+                let pa = prepack_rows(&a, m, k, isa.mr());
+                let pb = prepack_cols(&bt, n, k, isa.nr());
+                let sa = Strided {
+                    data: &a,
+                    rs: k,
+                    cs: 1,
+                };
+                let sb = Strided {
+                    data: &b,
+                    rs: n,
+                    cs: 1,
+                };
+                let sbt = Strided {
+                    data: &bt,
+                    rs: 1,
+                    cs: k,
+                };
+                let sources_a = [ASource::Packed(&pa), ASource::Strided(sa)];
+                let sources_b = [
+                    BSource::Packed(&pb),
+                    BSource::Strided(sb),
+                    BSource::Strided(sbt),
+                ];
+                for a_src in sources_a {
+                    for b_src in sources_b {
+                        for threads in [1, 2, 3] {
+                            for (start, add) in [
+                                (Start::Zero, 0),
+                                (Start::RowBias(&bias_r), 1),
+                                (Start::ColBias(&bias_c), 2),
+                                (Start::Accumulate, 3),
+                            ] {
+                                let mut c = vec![0.5_f32; m * n];
+                                let p = Product {
+                                    m,
+                                    n,
+                                    k,
+                                    a: a_src,
+                                    b: b_src,
+                                    start,
+                                };
+                                unsafe { run(isa, &[p], &[c.as_mut_ptr()], n, threads) };
+                                let expect: Vec<f64> = (0..m * n)
+                                    .map(|i| {
+                                        want[i]
+                                            + match add {
+                                                1 => f64::from(bias_r[i / n]),
+                                                2 => f64::from(bias_c[i % n]),
+                                                3 => 0.5,
+                                                _ => 0.0,
+                                            }
+                                    })
+                                    .collect();
+                                close(&c, &expect, k);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn naive_conv(x: &[f32], w: &[f32], g: &ConvGeom, o: usize) -> Vec<f64> {
+        let (sh, sw) = g.params.stride;
+        let (ph, pw) = g.params.padding;
+        let mut out = vec![0.0; o * g.ho * g.wo];
+        for oc in 0..o {
+            for oy in 0..g.ho {
+                for ox in 0..g.wo {
+                    let mut s = 0.0;
+                    for c in 0..g.c {
+                        for ki in 0..g.kh {
+                            for kj in 0..g.kw {
+                                let iy = (oy * sh + ki) as isize - ph as isize;
+                                let ix = (ox * sw + kj) as isize - pw as isize;
+                                if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w
+                                {
+                                    s += f64::from(x[(c * g.h + iy as usize) * g.w + ix as usize])
+                                        * f64::from(w[((oc * g.c + c) * g.kh + ki) * g.kw + kj]);
+                                }
+                            }
+                        }
+                    }
+                    out[(oc * g.ho + oy) * g.wo + ox] = s;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn implicit_convolutions_match_a_direct_loop() {
+        for isa in isas() {
+            for &(c, h, w, o, kh, stride, pad) in &[
+                (3, 7, 9, 5, 3, 1, 1),
+                (4, 16, 16, 13, 3, 2, 1),
+                (8, 5, 40, 30, 3, 1, 1),
+                (6, 9, 9, 7, 1, 1, 0),
+                (5, 8, 8, 4, 3, 2, 0),
+                (2, 3, 70, 3, 3, 1, 2),
+            ] {
+                let params = Conv2dParams::new(stride, pad);
+                let (ho, wo) = params.output_size(h, w, kh, kh).unwrap();
+                let g = ConvGeom {
+                    c,
+                    h,
+                    w,
+                    kh,
+                    kw: kh,
+                    params,
+                    ho,
+                    wo,
+                };
+                let x = data(c * h * w, 0.5);
+                let wt = data(o * c * kh * kh, 0.6);
+                let want = naive_conv(&x, &wt, &g, o);
+                let pa = prepack_rows(&wt, o, g.k(), isa.mr());
+                for threads in [1, 2] {
+                    let mut out = vec![f32::NAN; o * ho * wo];
+                    let p = Product {
+                        m: o,
+                        n: g.n(),
+                        k: g.k(),
+                        a: ASource::Packed(&pa),
+                        b: BSource::Conv(&x, g),
+                        start: Start::Zero,
+                    };
+                    unsafe { run(isa, &[p], &[out.as_mut_ptr()], g.n(), threads) };
+                    close(&out, &want, g.k());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let isa = CpuIsa::detect();
+        let (m, n, k) = (300, 500, 700);
+        let a = data(m * k, 0.7);
+        let b = data(k * n, 0.8);
+        let run_with = |threads| {
+            let mut c = vec![0.0_f32; m * n];
+            let p = Product {
+                m,
+                n,
+                k,
+                a: ASource::Strided(Strided {
+                    data: &a,
+                    rs: k,
+                    cs: 1,
+                }),
+                b: BSource::Strided(Strided {
+                    data: &b,
+                    rs: n,
+                    cs: 1,
+                }),
+                start: Start::Zero,
+            };
+            unsafe { run(isa, &[p], &[c.as_mut_ptr()], n, threads) };
+            c
+        };
+        let one = run_with(1);
+        assert_eq!(one, run_with(2));
+        assert_eq!(one, run_with(5));
+    }
+}

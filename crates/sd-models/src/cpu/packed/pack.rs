@@ -1,0 +1,226 @@
+//! Packing operands into the layouts the microkernels read.
+//!
+//! - an A micro-panel: `kc` groups of `mr` values, `dst[kk * mr + r] = A[r0 + r, k0 + kk]`;
+//! - a B micro-panel: `kc` groups of `nr` values, `dst[kk * nr + j] = B[k0 + kk, n0 + j]`;
+//!
+//! zero beyond the matrix. Weights are packed once, whole ([`prepack_rows`],
+//! [`prepack_cols`]): panel `p` of a row-packed `[M, K]` matrix is the A micro-panel of rows
+//! `p * mr ..` over all of `K`, so any `kc` block of it is a contiguous slice. A convolution's
+//! B operand is its input unfolded (im2col), packed straight from the image one micro-panel
+//! at a time ([`pack_conv_b`]): the unfolded matrix never exists.
+
+use crate::backend::Conv2dParams;
+
+/// A strided matrix: element `(i, j)` at `data[i * rs + j * cs]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Strided<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl Strided<'_> {
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.rs + j * self.cs]
+    }
+}
+
+/// Packs rows `r0 .. r0 + rows` (`rows <= mr`) and columns `k0 .. k0 + kc` of `a` into an A
+/// micro-panel.
+pub(crate) fn pack_a(
+    a: Strided<'_>,
+    r0: usize,
+    rows: usize,
+    k0: usize,
+    kc: usize,
+    mr: usize,
+    dst: &mut [f32],
+) {
+    let dst = &mut dst[..kc * mr];
+    if rows < mr {
+        dst.fill(0.0);
+    }
+    if a.cs == 1 {
+        // Rows are contiguous: read each row once, scatter with stride `mr`.
+        for r in 0..rows {
+            let row = &a.data[(r0 + r) * a.rs + k0..(r0 + r) * a.rs + k0 + kc];
+            for (kk, &v) in row.iter().enumerate() {
+                dst[kk * mr + r] = v;
+            }
+        }
+    } else {
+        for kk in 0..kc {
+            for r in 0..rows {
+                dst[kk * mr + r] = a.at(r0 + r, k0 + kk);
+            }
+        }
+    }
+}
+
+/// Packs rows `k0 .. k0 + kc` and columns `n0 .. n0 + cols` (`cols <= nr`) of `b` into a B
+/// micro-panel.
+pub(crate) fn pack_b(
+    b: Strided<'_>,
+    k0: usize,
+    kc: usize,
+    n0: usize,
+    cols: usize,
+    nr: usize,
+    dst: &mut [f32],
+) {
+    let dst = &mut dst[..kc * nr];
+    if b.cs == 1 {
+        for (kk, d) in dst.chunks_exact_mut(nr).enumerate() {
+            let start = (k0 + kk) * b.rs + n0;
+            d[..cols].copy_from_slice(&b.data[start..start + cols]);
+            d[cols..].fill(0.0);
+        }
+    } else if b.rs == 1 {
+        // Columns are contiguous (a transposed operand): read each column once.
+        if cols < nr {
+            dst.fill(0.0);
+        }
+        for j in 0..cols {
+            let col = &b.data[(n0 + j) * b.cs + k0..(n0 + j) * b.cs + k0 + kc];
+            for (kk, &v) in col.iter().enumerate() {
+                dst[kk * nr + j] = v;
+            }
+        }
+    } else {
+        for (kk, d) in dst.chunks_exact_mut(nr).enumerate() {
+            for (j, v) in d.iter_mut().enumerate() {
+                *v = if j < cols { b.at(k0 + kk, n0 + j) } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// `w [m, k]` (row-major) as whole-`K` A micro-panels of `mr` rows: `ceil(m / mr) * k * mr`
+/// values.
+pub(crate) fn prepack_rows(w: &[f32], m: usize, k: usize, mr: usize) -> Vec<f32> {
+    let panels = m.div_ceil(mr);
+    let mut out = vec![0.0; panels * k * mr];
+    let src = Strided {
+        data: w,
+        rs: k,
+        cs: 1,
+    };
+    for (p, dst) in out.chunks_exact_mut(k * mr).enumerate() {
+        let rows = mr.min(m - p * mr);
+        pack_a(src, p * mr, rows, 0, k, mr, dst);
+    }
+    out
+}
+
+/// `w [n, k]` (row-major; the B operand is its transpose, `B[k, j] = w[j, k]`, as a linear
+/// layer's weight) as whole-`K` B micro-panels of `nr` columns: `ceil(n / nr) * k * nr`
+/// values.
+pub(crate) fn prepack_cols(w: &[f32], n: usize, k: usize, nr: usize) -> Vec<f32> {
+    let panels = n.div_ceil(nr);
+    let mut out = vec![0.0; panels * k * nr];
+    let src = Strided {
+        data: w,
+        rs: 1,
+        cs: k,
+    };
+    for (p, dst) in out.chunks_exact_mut(k * nr).enumerate() {
+        let cols = nr.min(n - p * nr);
+        pack_b(src, 0, k, p * nr, cols, nr, dst);
+    }
+    out
+}
+
+/// The geometry of a convolution's implicit B operand: rows `k = (c, ki, kj)` (the weight's
+/// `[C, kh, kw]` order), columns `n = (oy, ox)` (the output's pixels).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvGeom {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub params: Conv2dParams,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl ConvGeom {
+    /// Rows of the unfolded input.
+    pub fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Columns of the unfolded input (output pixels).
+    pub fn n(&self) -> usize {
+        self.ho * self.wo
+    }
+}
+
+/// Packs rows `k0 .. k0 + kc` and pixels `n0 .. n0 + cols` of the unfolded image `x
+/// [C, H, W]` into a B micro-panel, reading the image directly.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_conv_b(
+    x: &[f32],
+    g: &ConvGeom,
+    k0: usize,
+    kc: usize,
+    n0: usize,
+    cols: usize,
+    nr: usize,
+    dst: &mut [f32],
+) {
+    let (sh, sw) = g.params.stride;
+    let (ph, pw) = g.params.padding;
+    let taps = g.kh * g.kw;
+    // The pixel block as runs along output rows: (first column j, oy, first ox, length).
+    let mut runs = [(0_usize, 0_usize, 0_usize, 0_usize); 64];
+    let mut n_runs = 0;
+    let mut j = 0;
+    while j < cols && n_runs < runs.len() {
+        let (oy, ox) = ((n0 + j) / g.wo, (n0 + j) % g.wo);
+        let len = (g.wo - ox).min(cols - j);
+        runs[n_runs] = (j, oy, ox, len);
+        n_runs += 1;
+        j += len;
+    }
+    let runs = &runs[..n_runs];
+    for (kk, d) in dst[..kc * nr].chunks_exact_mut(nr).enumerate() {
+        let k = k0 + kk;
+        let (c, tap) = (k / taps, k % taps);
+        let (ki, kj) = (tap / g.kw, tap % g.kw);
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        d[cols..].fill(0.0);
+        for &(j0, oy, ox0, len) in runs {
+            let out = &mut d[j0..j0 + len];
+            let iy = (oy * sh + ki) as isize - ph as isize;
+            if iy < 0 || iy >= g.h as isize {
+                out.fill(0.0);
+                continue;
+            }
+            let row = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+            // Input column of output column ox: ox * sw + kj - pw.
+            let first = (ox0 * sw + kj) as isize - pw as isize;
+            if sw == 1 {
+                // A contiguous stretch of the row, clipped at both borders.
+                let lo = (-first).clamp(0, len as isize) as usize;
+                let hi = ((g.w as isize - first).clamp(0, len as isize)) as usize;
+                out[..lo].fill(0.0);
+                if hi > lo {
+                    let s = (first + lo as isize) as usize;
+                    out[lo..hi].copy_from_slice(&row[s..s + (hi - lo)]);
+                }
+                out[hi.max(lo)..].fill(0.0);
+            } else {
+                for (t, o) in out.iter_mut().enumerate() {
+                    let ix = first + (t * sw) as isize;
+                    *o = if ix < 0 || ix >= g.w as isize {
+                        0.0
+                    } else {
+                        row[ix as usize]
+                    };
+                }
+            }
+        }
+    }
+}
