@@ -20,7 +20,7 @@
 
 use std::time::{Duration, Instant};
 
-use sd_benches::{Profiled, cpu_time, median, peak_rss};
+use sd_benches::{Profiled, cpu_time, median, minor_faults, peak_rss};
 use sd_models::CpuBackend;
 use sd_models::backend::{DType, DataOps, MatmulOps};
 use sd_models::clip::{ClipTextConfig, ClipTextModel};
@@ -112,6 +112,7 @@ fn measure(
     let flops = backend.total_flops() as f64;
     let warm = backend.stats();
     let cpu0 = cpu_time();
+    let faults0 = minor_faults();
     let wall0 = Instant::now();
     let mut times: Vec<Duration> = (0..o.runs)
         .map(|_| {
@@ -125,16 +126,21 @@ fn measure(
         (Some(a), Some(b)) => (b - a).as_secs_f64() / wall.as_secs_f64(),
         _ => f64::NAN,
     };
+    let faults = match (faults0, minor_faults()) {
+        (Some(a), Some(b)) => (b - a) as f64 / o.runs.max(1) as f64,
+        _ => f64::NAN,
+    };
     let t = median(&mut times).as_secs_f64();
     let gflops = flops / t / 1e9;
     let peak = o.peak_gflops.unwrap_or(f64::NAN);
     let rss = peak_rss().map_or(f64::NAN, |b| b as f64 / (1 << 30) as f64);
     println!(
-        "{name:<7} {what:<34} {:>9.1} ms {:>7.1} GFLOP {:>6.1} GFLOP/s {:>5.1}% of peak  {busy:.2} cores busy  peak RSS {rss:.2} GiB",
+        "{name:<7} {what:<34} {:>9.1} ms {:>7.1} GFLOP {:>6.1} GFLOP/s {:>5.1}% of peak  {busy:.2} cores busy  {faults:.0} page faults/run ({:.0} MiB)  peak RSS {rss:.2} GiB",
         t * 1e3,
         flops / 1e9,
         gflops,
-        100.0 * gflops / peak
+        100.0 * gflops / peak,
+        faults * 4096.0 / (1 << 20) as f64
     );
     if o.profile {
         let mut rows: Vec<_> = warm.into_iter().collect();

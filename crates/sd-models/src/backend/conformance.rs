@@ -627,6 +627,9 @@ fn check_attention<B: Backend>(c: &mut Ctx<'_, B>) -> Result<()> {
         (2, 3, 17, 17, 8, 8),
         (1, 2, 40, 7, 16, 12),
         (2, 1, 64, 77, 40, 40),
+        // Several query and key blocks of a tiled (flash-style) kernel, ragged at the end.
+        (1, 2, 150, 150, 40, 24),
+        (1, 1, 70, 400, 16, 16),
     ] {
         let (q, tq) = c.randn(&[b, h, lq, d]);
         let (k, tk) = c.randn(&[b, h, lk, d]);

@@ -1,29 +1,28 @@
 //! Activations and the softmax for the CPU backend.
 
-use super::{CpuBackend, CpuTensor, contiguous, par_chunks_mut};
+use super::math::{self, dispatch};
+use super::{CpuBackend, CpuIsa, CpuTensor, contiguous, par_chunks_mut};
 use crate::backend::{ActivationOps, GeluApproximation};
 use crate::error::Result;
 
-/// A new tensor of `f` applied to every element, in parallel.
+/// A new tensor of `f` applied to every element, in parallel, vectorised for `isa`.
 pub(crate) fn map(
     x: &CpuTensor,
     op: &'static str,
-    f: impl Fn(f32) -> f32 + Sync + Send,
+    isa: CpuIsa,
+    f: impl Fn(f32) -> f32 + Sync + Send + Copy,
 ) -> Result<CpuTensor> {
     let a = x.to_f32_array();
     let xs = contiguous(&a, op)?;
     let mut out = xs.to_vec();
     par_chunks_mut(&mut out, 1 << 14, |_, c| {
-        for v in c.iter_mut() {
-            *v = f(*v);
-        }
+        dispatch!(isa, {
+            for v in c.iter_mut() {
+                *v = f(*v);
+            }
+        })
     });
     CpuTensor::from_vec(a.shape(), out)
-}
-
-#[inline]
-pub(crate) fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
 }
 
 #[inline]
@@ -38,15 +37,16 @@ fn gelu_tanh(v: f32) -> f32 {
 }
 
 /// Softmax in place over consecutive rows of `row` values.
-pub(crate) fn softmax_rows(data: &mut [f32], row: usize) {
-    par_chunks_mut(data, row, |_, r| softmax_row(r));
+fn softmax_rows(isa: CpuIsa, data: &mut [f32], row: usize) {
+    par_chunks_mut(data, row, |_, r| dispatch!(isa, softmax_row(r)));
 }
 
-pub(crate) fn softmax_row(r: &mut [f32]) {
+#[inline(always)]
+fn softmax_row(r: &mut [f32]) {
     let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0_f32;
     for v in r.iter_mut() {
-        *v = (*v - max).exp();
+        *v = math::exp(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;
@@ -57,25 +57,62 @@ pub(crate) fn softmax_row(r: &mut [f32]) {
 
 impl ActivationOps for CpuBackend {
     fn silu(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        map(x, "silu", silu)
+        map(x, "silu", self.isa(), math::silu)
     }
 
     fn gelu(&self, x: &CpuTensor, approximation: GeluApproximation) -> Result<CpuTensor> {
         match approximation {
-            GeluApproximation::None => map(x, "gelu", gelu_exact),
-            GeluApproximation::Tanh => map(x, "gelu", gelu_tanh),
+            GeluApproximation::None => map(x, "gelu", self.isa(), gelu_exact),
+            GeluApproximation::Tanh => map(x, "gelu", self.isa(), gelu_tanh),
         }
     }
 
     fn quick_gelu(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        map(x, "quick_gelu", |v| v / (1.0 + (-1.702 * v).exp()))
+        map(x, "quick_gelu", self.isa(), |v| {
+            v / (1.0 + math::exp(-1.702 * v))
+        })
+    }
+
+    fn geglu(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        // One pass over each row: `h * gelu(g)` for the halves `h, g`.
+        let shape = x.shape().to_vec();
+        let c2 = shape.last().copied().unwrap_or(0);
+        if shape.is_empty() || c2 % 2 != 0 {
+            return Err(crate::error::Error::Shape {
+                op: "geglu",
+                expected: "[..., 2C]".into(),
+                found: format!("{shape:?}"),
+            });
+        }
+        let c = c2 / 2;
+        let a = x.to_f32_array();
+        let xs = contiguous(&a, "geglu")?;
+        let mut out = vec![0.0_f32; xs.len() / 2];
+        if let Some(rows) = (1_usize << 14).checked_div(c) {
+            let rows_per_chunk = rows + 1;
+            par_chunks_mut(&mut out, rows_per_chunk * c, |i, chunk| {
+                let first = i * rows_per_chunk;
+                for (r, o) in chunk.chunks_exact_mut(c).enumerate() {
+                    let row = &xs[(first + r) * c2..(first + r + 1) * c2];
+                    let (h, g) = row.split_at(c);
+                    for ((o, &hv), &gv) in o.iter_mut().zip(h).zip(g) {
+                        *o = hv * gelu_exact(gv);
+                    }
+                }
+            });
+        }
+        let mut out_shape = shape;
+        if let Some(last) = out_shape.last_mut() {
+            *last = c;
+        }
+        CpuTensor::from_vec(&out_shape, out)
     }
 
     fn softmax_last(&self, x: &CpuTensor) -> Result<CpuTensor> {
         let a = x.to_f32_array();
         let row = a.shape().last().copied().unwrap_or(1);
         let mut out = contiguous(&a, "softmax")?.to_vec();
-        softmax_rows(&mut out, row);
+        softmax_rows(self.isa(), &mut out, row);
         CpuTensor::from_vec(a.shape(), out)
     }
 }

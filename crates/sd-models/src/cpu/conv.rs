@@ -1,10 +1,9 @@
 //! 2-D convolution for the CPU backend: an implicit GEMM per image (the weights, packed once,
 //! times the unfolded input, packed tile by tile straight from the image: no im2col buffer).
 
-use super::gemm::threads;
 use super::packed::pack::ConvGeom;
 use super::packed::{ASource, BSource, Product, Start, run};
-use super::{CpuBackend, CpuTensor, PackLayout, contiguous};
+use super::{CpuBackend, CpuTensor, PackLayout, contiguous, threads};
 use crate::backend::{Conv2dParams, ConvOps};
 use crate::error::{Error, Result};
 

@@ -96,6 +96,6 @@ impl ElementwiseOps for CpuBackend {
     }
 
     fn affine(&self, x: &CpuTensor, scale: f32, shift: f32) -> Result<CpuTensor> {
-        super::activation::map(x, "affine", move |v| v * scale + shift)
+        super::activation::map(x, "affine", self.isa(), move |v| v * scale + shift)
     }
 }

@@ -1,9 +1,8 @@
 //! Matrix products for the CPU backend, on its packed GEMM ([`super::packed`]).
 
-use super::gemm::threads;
 use super::packed::pack::Strided;
 use super::packed::{ASource, BSource, Product, Start, run};
-use super::{CpuBackend, CpuTensor, PackLayout, contiguous};
+use super::{CpuBackend, CpuTensor, PackLayout, contiguous, threads};
 use crate::backend::MatmulOps;
 use crate::error::{Error, Result};
 

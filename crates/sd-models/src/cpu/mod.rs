@@ -1,4 +1,5 @@
-//! The CPU backend: ndarray arrays, rayon threads and the `gemm` crate's AVX-512 kernels.
+//! The CPU backend: ndarray arrays, rayon threads and its own packed GEMM with AVX-512, AVX2
+//! and portable kernels.
 //!
 //! The reference backend: every operation of [`crate::backend`] in f32 (half-precision
 //! tensors are widened when an operation reads them). Tensors are always contiguous, row-major
@@ -20,7 +21,7 @@ mod attention;
 mod conv;
 mod data;
 mod elementwise;
-mod gemm;
+mod math;
 mod matmul;
 mod norm;
 mod packed;
@@ -283,6 +284,11 @@ impl BackendBase for CpuBackend {
     fn dtype(&self, tensor: &CpuTensor) -> DType {
         tensor.dtype()
     }
+}
+
+/// The number of threads of rayon's pool.
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads()
 }
 
 /// Runs `f(i, chunk)` over the `chunk`-sized pieces of `data` on rayon's pool.

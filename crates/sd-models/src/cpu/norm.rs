@@ -1,7 +1,7 @@
 //! Group and layer normalisation for the CPU backend. Statistics accumulate in f64, one row or
 //! group at a time, so the result does not depend on the thread count.
 
-use super::activation::silu;
+use super::math::silu;
 use super::{CpuBackend, CpuTensor, contiguous, par_chunks_mut};
 use crate::backend::NormOps;
 use crate::error::{Error, Result};

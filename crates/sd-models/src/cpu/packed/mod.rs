@@ -128,6 +128,9 @@ impl CpuIsa {
 pub(crate) enum ASource<'a> {
     /// Packed once ([`pack::prepack_rows`] with this ISA's `mr`).
     Packed(&'a [f32]),
+    /// Packed once with panels of `k_stride >= k` columns, of which the product reads the
+    /// first `k` (a block of keys of an attention head packed whole).
+    PackedStride(&'a [f32], usize),
     /// A strided matrix, packed on the fly.
     Strided(Strided<'a>),
 }
@@ -203,7 +206,7 @@ fn blocks(isa: CpuIsa, p: &Product<'_>, threads: usize) -> Vec<Block> {
     let want = if threads > 1 { 4 * threads } else { 1 };
     let row_blocks = p.m.div_ceil(MC);
     let b_on_the_fly = !matches!(p.b, BSource::Packed(_));
-    let a_on_the_fly = !matches!(p.a, ASource::Packed(_));
+    let a_on_the_fly = matches!(p.a, ASource::Strided(_));
     let (mut rows, mut cols) = (row_blocks, 1);
     if a_on_the_fly && !b_on_the_fly {
         rows = rows.max(want.min(p.m.div_ceil(mr)));
@@ -252,38 +255,74 @@ pub(crate) unsafe fn run(
         })
         .collect();
     let cptrs: Vec<CPtr> = c.iter().map(|&p| CPtr(p)).collect();
-    let work = |&(i, block): &(usize, Block)| {
+    let work = |scratch: &mut Scratch, &(i, block): &(usize, Block)| {
         // SAFETY: forwarded from the caller; the blocks of one product are disjoint.
-        unsafe { run_block(isa, &products[i], cptrs[i], ldc, block) }
+        unsafe { run_block(isa, &products[i], cptrs[i], ldc, block, scratch) }
     };
     if threads > 1 && tasks.len() > 1 {
-        tasks.par_iter().for_each(work);
+        tasks.par_iter().for_each_init(Scratch::default, work);
     } else {
-        tasks.iter().for_each(work);
+        let mut scratch = Scratch::default();
+        tasks.iter().for_each(|t| work(&mut scratch, t));
     }
+}
+
+/// Packing buffers a thread reuses from one product to the next.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+/// `p` on this thread, reusing `scratch`'s buffers (for the many small products of one
+/// attention task).
+///
+/// # Safety
+/// As [`run`], for one product.
+pub(crate) unsafe fn run_serial(
+    isa: CpuIsa,
+    p: &Product<'_>,
+    c: *mut f32,
+    ldc: usize,
+    scratch: &mut Scratch,
+) {
+    let block = Block {
+        m0: 0,
+        m1: p.m,
+        n0: 0,
+        n1: p.n,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { run_block(isa, p, CPtr(c), ldc, block, scratch) }
 }
 
 /// One task.
 ///
 /// # Safety
 /// As [`run`], for the block.
-unsafe fn run_block(isa: CpuIsa, p: &Product<'_>, c: CPtr, ldc: usize, blk: Block) {
+unsafe fn run_block(
+    isa: CpuIsa,
+    p: &Product<'_>,
+    c: CPtr,
+    ldc: usize,
+    blk: Block,
+    scratch: &mut Scratch,
+) {
     let (mr, nr) = (isa.mr(), isa.nr());
     let rows = blk.m1 - blk.m0;
     let a_panels = rows.div_ceil(mr);
-    let mut abuf = match p.a {
-        ASource::Packed(_) => Vec::new(),
-        ASource::Strided(_) => vec![0.0_f32; a_panels * KC * mr],
-    };
-    let mut bbuf = match p.b {
-        BSource::Packed(_) => Vec::new(),
-        _ => vec![0.0_f32; KC * nr],
-    };
+    if let ASource::Strided(_) = p.a {
+        scratch.a.resize(a_panels * KC * mr, 0.0);
+    }
+    if !matches!(p.b, BSource::Packed(_)) {
+        scratch.b.resize(KC * nr, 0.0);
+    }
+    let (abuf, bbuf) = (&mut scratch.a, &mut scratch.b);
     let mut pc = 0;
     while pc < p.k {
         let kc = KC.min(p.k - pc);
         if let ASource::Strided(a) = p.a {
-            for (q, dst) in abuf.chunks_exact_mut(KC * mr).enumerate() {
+            for (q, dst) in abuf.chunks_exact_mut(KC * mr).take(a_panels).enumerate() {
                 let r0 = blk.m0 + q * mr;
                 pack_a(a, r0, mr.min(blk.m1 - r0), pc, kc, mr, dst);
             }
@@ -297,11 +336,11 @@ unsafe fn run_block(isa: CpuIsa, p: &Product<'_>, c: CPtr, ldc: usize, blk: Bloc
                     &packed[at..at + kc * nr]
                 }
                 BSource::Strided(b) => {
-                    pack_b(b, pc, kc, jr, cols, nr, &mut bbuf);
+                    pack_b(b, pc, kc, jr, cols, nr, bbuf);
                     &bbuf[..kc * nr]
                 }
                 BSource::Conv(x, g) => {
-                    pack_conv_b(x, &g, pc, kc, jr, cols, nr, &mut bbuf);
+                    pack_conv_b(x, &g, pc, kc, jr, cols, nr, bbuf);
                     &bbuf[..kc * nr]
                 }
             };
@@ -311,6 +350,10 @@ unsafe fn run_block(isa: CpuIsa, p: &Product<'_>, c: CPtr, ldc: usize, blk: Bloc
                 let apanel: &[f32] = match p.a {
                     ASource::Packed(packed) => {
                         let at = ((ir / mr) * p.k + pc) * mr;
+                        &packed[at..at + kc * mr]
+                    }
+                    ASource::PackedStride(packed, stride) => {
+                        let at = ((ir / mr) * stride + pc) * mr;
                         &packed[at..at + kc * mr]
                     }
                     ASource::Strided(_) => {
@@ -418,7 +461,17 @@ mod tests {
                     rs: 1,
                     cs: k,
                 };
-                let sources_a = [ASource::Packed(&pa), ASource::Strided(sa)];
+                let a_t: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect();
+                let sat = Strided {
+                    data: &a_t,
+                    rs: 1,
+                    cs: m,
+                };
+                let sources_a = [
+                    ASource::Packed(&pa),
+                    ASource::Strided(sa),
+                    ASource::Strided(sat),
+                ];
                 let sources_b = [
                     BSource::Packed(&pb),
                     BSource::Strided(sb),

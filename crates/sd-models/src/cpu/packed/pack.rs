@@ -49,6 +49,12 @@ pub(crate) fn pack_a(
                 dst[kk * mr + r] = v;
             }
         }
+    } else if a.rs == 1 {
+        // Columns are contiguous (a transposed operand): each group is one slice.
+        for (kk, d) in dst.chunks_exact_mut(mr).enumerate() {
+            let start = (k0 + kk) * a.cs + r0;
+            d[..rows].copy_from_slice(&a.data[start..start + rows]);
+        }
     } else {
         for kk in 0..kc {
             for r in 0..rows {
@@ -99,36 +105,62 @@ pub(crate) fn pack_b(
 /// `w [m, k]` (row-major) as whole-`K` A micro-panels of `mr` rows: `ceil(m / mr) * k * mr`
 /// values.
 pub(crate) fn prepack_rows(w: &[f32], m: usize, k: usize, mr: usize) -> Vec<f32> {
-    let panels = m.div_ceil(mr);
-    let mut out = vec![0.0; panels * k * mr];
-    let src = Strided {
-        data: w,
-        rs: k,
-        cs: 1,
-    };
-    for (p, dst) in out.chunks_exact_mut(k * mr).enumerate() {
-        let rows = mr.min(m - p * mr);
-        pack_a(src, p * mr, rows, 0, k, mr, dst);
-    }
+    let mut out = vec![0.0; m.div_ceil(mr) * k * mr];
+    pack_rows_into(
+        Strided {
+            data: w,
+            rs: k,
+            cs: 1,
+        },
+        m,
+        k,
+        mr,
+        &mut out,
+    );
     out
+}
+
+/// The `[m, k]` matrix `a` as whole-`K` A micro-panels into `dst` (`ceil(m / mr) * k * mr`
+/// values).
+pub(crate) fn pack_rows_into(a: Strided<'_>, m: usize, k: usize, mr: usize, dst: &mut [f32]) {
+    for (p, d) in dst
+        .chunks_exact_mut(k * mr)
+        .take(m.div_ceil(mr))
+        .enumerate()
+    {
+        pack_a(a, p * mr, mr.min(m - p * mr), 0, k, mr, d);
+    }
 }
 
 /// `w [n, k]` (row-major; the B operand is its transpose, `B[k, j] = w[j, k]`, as a linear
 /// layer's weight) as whole-`K` B micro-panels of `nr` columns: `ceil(n / nr) * k * nr`
 /// values.
 pub(crate) fn prepack_cols(w: &[f32], n: usize, k: usize, nr: usize) -> Vec<f32> {
-    let panels = n.div_ceil(nr);
-    let mut out = vec![0.0; panels * k * nr];
-    let src = Strided {
-        data: w,
-        rs: 1,
-        cs: k,
-    };
-    for (p, dst) in out.chunks_exact_mut(k * nr).enumerate() {
-        let cols = nr.min(n - p * nr);
-        pack_b(src, 0, k, p * nr, cols, nr, dst);
-    }
+    let mut out = vec![0.0; n.div_ceil(nr) * k * nr];
+    pack_cols_into(
+        Strided {
+            data: w,
+            rs: 1,
+            cs: k,
+        },
+        n,
+        k,
+        nr,
+        &mut out,
+    );
     out
+}
+
+/// The `[k, n]` matrix `b` as whole-`K` B micro-panels into `dst` (`ceil(n / nr) * k * nr`
+/// values).
+pub(crate) fn pack_cols_into(b: Strided<'_>, n: usize, k: usize, nr: usize, dst: &mut [f32]) {
+    for (p, d) in dst
+        .chunks_exact_mut(k * nr)
+        .take(n.div_ceil(nr))
+        .enumerate()
+    {
+        pack_b(b, 0, k, p * nr, nr.min(n - p * nr), nr, d);
+    }
 }
 
 /// The geometry of a convolution's implicit B operand: rows `k = (c, ki, kj)` (the weight's
