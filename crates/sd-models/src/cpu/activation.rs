@@ -14,11 +14,12 @@ pub(crate) fn map(
 ) -> Result<CpuTensor> {
     let a = x.to_f32_array();
     let xs = contiguous(&a, op)?;
-    let mut out = xs.to_vec();
-    par_chunks_mut(&mut out, 1 << 14, |_, c| {
+    let mut out = super::pool::take(xs.len());
+    par_chunks_mut(&mut out, 1 << 14, |i, c| {
+        let src = &xs[i << 14..(i << 14) + c.len()];
         dispatch!(isa, {
-            for v in c.iter_mut() {
-                *v = f(*v);
+            for (v, &x) in c.iter_mut().zip(src) {
+                *v = f(x);
             }
         })
     });
@@ -87,7 +88,7 @@ impl ActivationOps for CpuBackend {
         let c = c2 / 2;
         let a = x.to_f32_array();
         let xs = contiguous(&a, "geglu")?;
-        let mut out = vec![0.0_f32; xs.len() / 2];
+        let mut out = super::pool::take(xs.len() / 2);
         if let Some(rows) = (1_usize << 14).checked_div(c) {
             let rows_per_chunk = rows + 1;
             par_chunks_mut(&mut out, rows_per_chunk * c, |i, chunk| {
@@ -111,7 +112,7 @@ impl ActivationOps for CpuBackend {
     fn softmax_last(&self, x: &CpuTensor) -> Result<CpuTensor> {
         let a = x.to_f32_array();
         let row = a.shape().last().copied().unwrap_or(1);
-        let mut out = contiguous(&a, "softmax")?.to_vec();
+        let mut out = super::pool::copy_of(contiguous(&a, "softmax")?);
         softmax_rows(self.isa(), &mut out, row);
         CpuTensor::from_vec(a.shape(), out)
     }

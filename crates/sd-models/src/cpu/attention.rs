@@ -363,7 +363,7 @@ impl AttentionOps for CpuBackend {
         }
         let (b, h, lq, d) = (sq[0], sq[1], sq[2], sq[3]);
         let (lk, dv) = (sk[2], sv[3]);
-        let mut out = vec![0.0_f32; b * h * lq * dv];
+        let mut out = super::pool::take(b * h * lq * dv);
         if out.is_empty() {
             return CpuTensor::from_vec(&[b, h, lq, dv], out);
         }

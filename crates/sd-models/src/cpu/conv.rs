@@ -74,7 +74,8 @@ impl ConvOps for CpuBackend {
         };
         let isa = self.isa();
         let packed = weight.packed_rows(isa, o, geom.k())?;
-        let mut out = vec![0.0_f32; n * o * ho * wo];
+        // Every value is written by the product.
+        let mut out = super::pool::take(n * o * ho * wo);
         let plane = c * h * w;
         let products: Vec<Product<'_>> = (0..n)
             .map(|img| Product {

@@ -3,7 +3,7 @@
 use half::{bf16, f16};
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
-use super::{CpuBackend, CpuData, CpuTensor};
+use super::{CpuBackend, CpuData, CpuTensor, pool, pooled};
 use crate::backend::{DType, DataOps, HalfData};
 use crate::error::{Error, Result};
 
@@ -23,7 +23,7 @@ fn check_len(op: &'static str, shape: &[usize], len: usize) -> Result<()> {
 impl DataOps for CpuBackend {
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {
         check_len("from_f32", shape, data.len())?;
-        CpuTensor::from_vec(shape, data.to_vec())
+        CpuTensor::from_vec(shape, super::pool::copy_of(data))
     }
 
     fn upload_half(&self, data: HalfData<'_>, shape: &[usize]) -> Result<CpuTensor> {
@@ -112,13 +112,7 @@ impl DataOps for CpuBackend {
             });
         }
         let data = match &tensor.data {
-            CpuData::F32(a) => CpuData::F32(
-                a.view()
-                    .permuted_axes(IxDyn(axes))
-                    .as_standard_layout()
-                    .into_owned()
-                    .into_shared(),
-            ),
+            CpuData::F32(a) => return Ok(pooled(a.view().permuted_axes(IxDyn(axes)))),
             CpuData::F16(a) => CpuData::F16(
                 a.view()
                     .permuted_axes(IxDyn(axes))
@@ -133,15 +127,11 @@ impl DataOps for CpuBackend {
                     .into_owned()
                     .into_shared(),
             ),
-            CpuData::Packed(_) => CpuData::F32(
-                tensor
-                    .to_f32_array()
-                    .view()
-                    .permuted_axes(IxDyn(axes))
-                    .as_standard_layout()
-                    .into_owned()
-                    .into_shared(),
-            ),
+            CpuData::Packed(_) => {
+                return Ok(pooled(
+                    tensor.to_f32_array().view().permuted_axes(IxDyn(axes)),
+                ));
+            }
         };
         Ok(CpuTensor { data })
     }
@@ -163,12 +153,7 @@ impl DataOps for CpuBackend {
         }
         let s = Slice::from(start..start + len);
         let data = match &tensor.data {
-            CpuData::F32(a) => CpuData::F32(
-                a.slice_axis(Axis(axis), s)
-                    .as_standard_layout()
-                    .into_owned()
-                    .into_shared(),
-            ),
+            CpuData::F32(a) => return Ok(pooled(a.slice_axis(Axis(axis), s))),
             CpuData::F16(a) => CpuData::F16(
                 a.slice_axis(Axis(axis), s)
                     .as_standard_layout()
@@ -181,14 +166,9 @@ impl DataOps for CpuBackend {
                     .into_owned()
                     .into_shared(),
             ),
-            CpuData::Packed(_) => CpuData::F32(
-                tensor
-                    .to_f32_array()
-                    .slice_axis(Axis(axis), s)
-                    .as_standard_layout()
-                    .into_owned()
-                    .into_shared(),
-            ),
+            CpuData::Packed(_) => {
+                return Ok(pooled(tensor.to_f32_array().slice_axis(Axis(axis), s)));
+            }
         };
         Ok(CpuTensor { data })
     }
@@ -221,13 +201,27 @@ impl DataOps for CpuBackend {
             });
         }
         let arrays: Vec<_> = tensors.iter().map(|t| t.to_f32_array()).collect();
-        let views: Vec<_> = arrays.iter().map(|a| a.view()).collect();
-        let joined = ndarray::concatenate(Axis(axis), &views).map_err(|e| Error::Shape {
-            op: "concat",
-            expected: "compatible shapes".into(),
-            found: e.to_string(),
-        })?;
-        Ok(CpuTensor::from_array(joined))
+        let mut shape = first.shape().to_vec();
+        shape[axis] = arrays.iter().map(|a| a.shape()[axis]).sum();
+        let mut out = pool::take(shape.iter().product());
+        {
+            let mut dst =
+                ndarray::ArrayViewMut::from_shape(IxDyn(&shape), &mut out[..]).map_err(|e| {
+                    Error::Shape {
+                        op: "concat",
+                        expected: format!("{shape:?}"),
+                        found: e.to_string(),
+                    }
+                })?;
+            let mut at = 0;
+            for a in &arrays {
+                let len = a.shape()[axis];
+                dst.slice_axis_mut(Axis(axis), Slice::from(at..at + len))
+                    .assign(a);
+                at += len;
+            }
+        }
+        CpuTensor::from_vec(&shape, out)
     }
 
     fn cast(&self, tensor: &CpuTensor, dtype: DType) -> Result<CpuTensor> {

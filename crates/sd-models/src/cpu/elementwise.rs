@@ -1,6 +1,6 @@
 //! Element-wise arithmetic for the CPU backend, with numpy broadcasting.
 
-use ndarray::{ArcArray, IxDyn};
+use ndarray::IxDyn;
 
 use super::{CpuBackend, CpuTensor, contiguous};
 use crate::backend::ElementwiseOps;
@@ -40,7 +40,7 @@ fn binary(
     let (x, y) = (a.to_f32_array(), b.to_f32_array());
     if x.shape() == y.shape() {
         let (xs, ys) = (contiguous(&x, op)?, contiguous(&y, op)?);
-        let mut out = vec![0.0_f32; xs.len()];
+        let mut out = super::pool::take(xs.len());
         {
             use rayon::prelude::*;
             out.par_chunks_mut(1 << 14)
@@ -58,28 +58,63 @@ fn binary(
         expected: format!("a shape that broadcasts with {:?}", x.shape()),
         found: format!("{:?}", y.shape()),
     })?;
-    let bx: ArcArray<f32, IxDyn> = broadcast(&x, &shape, op)?;
-    let by: ArcArray<f32, IxDyn> = broadcast(&y, &shape, op)?;
-    let mut out = ndarray::ArrayD::<f32>::zeros(IxDyn(&shape));
-    ndarray::Zip::from(&mut out)
-        .and(&bx)
-        .and(&by)
-        .for_each(|o, &p, &q| *o = f(p, q));
-    Ok(CpuTensor::from_array(out))
+    // A per-plane value (`[N, C, 1, 1]` against `[N, C, H, W]`, as a resnet adds its time
+    // embedding): one scalar per contiguous run, in parallel.
+    if x.shape() == shape.as_slice()
+        && let Some(inner) = trailing_ones(y.shape(), &shape)
+    {
+        let (xs, ys) = (contiguous(&x, op)?, contiguous(&y, op)?);
+        let mut out = super::pool::take(xs.len());
+        if inner > 0 {
+            super::par_chunks_mut(&mut out, inner, |i, o| {
+                let (src, v) = (&xs[i * inner..(i + 1) * inner], ys[i]);
+                for (o, &p) in o.iter_mut().zip(src) {
+                    *o = f(p, v);
+                }
+            });
+        }
+        return CpuTensor::from_vec(&shape, out);
+    }
+    let bx = x
+        .broadcast(IxDyn(&shape))
+        .ok_or_else(|| not_broadcastable(op, &shape, x.shape()))?;
+    let by = y
+        .broadcast(IxDyn(&shape))
+        .ok_or_else(|| not_broadcastable(op, &shape, y.shape()))?;
+    let mut out = super::pool::take(shape.iter().product());
+    {
+        let mut dst =
+            ndarray::ArrayViewMut::from_shape(IxDyn(&shape), &mut out[..]).map_err(|e| {
+                Error::Shape {
+                    op,
+                    expected: format!("{shape:?}"),
+                    found: e.to_string(),
+                }
+            })?;
+        ndarray::Zip::from(&mut dst)
+            .and(&bx)
+            .and(&by)
+            .for_each(|o, &p, &q| *o = f(p, q));
+    }
+    CpuTensor::from_vec(&shape, out)
 }
 
-fn broadcast(
-    x: &ArcArray<f32, IxDyn>,
-    shape: &[usize],
-    op: &'static str,
-) -> Result<ArcArray<f32, IxDyn>> {
-    x.broadcast(IxDyn(shape))
-        .map(|v| v.to_owned().into_shared())
-        .ok_or_else(|| Error::Shape {
-            op,
-            expected: format!("broadcastable to {shape:?}"),
-            found: format!("{:?}", x.shape()),
-        })
+/// If `small` equals `full` on its leading axes and is 1 on the rest (padded on the left
+/// with the rank of `full`), the number of values each of its entries covers.
+fn trailing_ones(small: &[usize], full: &[usize]) -> Option<usize> {
+    if small.len() != full.len() {
+        return None;
+    }
+    let lead = small.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+    (small[..lead] == full[..lead] && lead < full.len()).then(|| full[lead..].iter().product())
+}
+
+fn not_broadcastable(op: &'static str, shape: &[usize], found: &[usize]) -> Error {
+    Error::Shape {
+        op,
+        expected: format!("broadcastable to {shape:?}"),
+        found: format!("{found:?}"),
+    }
 }
 
 impl ElementwiseOps for CpuBackend {

@@ -25,7 +25,7 @@ impl MatmulOps for CpuBackend {
         let (xa, xb) = (a.to_f32_array(), b.to_f32_array());
         let (xs, ys) = (contiguous(&xa, "matmul")?, contiguous(&xb, "matmul")?);
         let b_stride = if sb.len() == 2 { 0 } else { k * n };
-        let mut out = vec![0.0_f32; batch * m * n];
+        let mut out = super::pool::zeroed(batch * m * n);
         let mut shape = sa[..sa.len() - 2].to_vec();
         shape.extend([m, n]);
         if m * n == 0 || k == 0 {
@@ -104,7 +104,7 @@ impl MatmulOps for CpuBackend {
             Some(b) => Some(contiguous(b, "linear")?),
             None => None,
         };
-        let mut out = vec![0.0_f32; rows * out_f];
+        let mut out = super::pool::zeroed(rows * out_f);
         if rows * out_f == 0 {
             return CpuTensor::from_vec(&shape, out);
         }

@@ -25,6 +25,7 @@ mod math;
 mod matmul;
 mod norm;
 mod packed;
+mod pool;
 mod resample;
 
 pub use packed::CpuIsa;
@@ -258,6 +259,36 @@ impl CpuTensor {
             })),
         })
     }
+}
+
+impl Drop for CpuTensor {
+    /// A large f32 buffer no other tensor shares goes back to the pool for the next
+    /// operation's output.
+    fn drop(&mut self) {
+        if let CpuData::F32(a) = &mut self.data
+            && a.len() >= pool::MIN_LEN
+            && a.is_unique()
+        {
+            let a = std::mem::replace(a, ArcArray::from_vec(Vec::new()).into_dyn());
+            let (v, _) = a.into_owned().into_raw_vec_and_offset();
+            pool::give(v);
+        }
+    }
+}
+
+/// A new f32 tensor holding `view`'s values in standard layout, in a pooled buffer.
+pub(crate) fn pooled(view: ndarray::ArrayViewD<'_, f32>) -> CpuTensor {
+    let shape = view.shape().to_vec();
+    let mut out = pool::take(view.len());
+    // `out` holds exactly the view's element count, so the shape always fits.
+    if let Ok(mut dst) = ndarray::ArrayViewMut::from_shape(IxDyn(&shape), &mut out[..]) {
+        dst.assign(&view);
+    }
+    CpuTensor::f32(
+        ArrayD::from_shape_vec(IxDyn(&shape), out)
+            .map(ArrayD::into_shared)
+            .unwrap_or_else(|_| ArrayD::zeros(IxDyn(&[0])).into_shared()),
+    )
 }
 
 /// A contiguous slice of a standard-layout array (always true of CPU tensors).

@@ -17,7 +17,7 @@ impl ResampleOps for CpuBackend {
         let (h, w) = (s[2], s[3]);
         let a = x.to_f32_array();
         let xs = contiguous(&a, "upsample_nearest2x")?;
-        let mut out = vec![0.0_f32; xs.len() * 4];
+        let mut out = super::pool::take(xs.len() * 4);
         par_chunks_mut(&mut out, 4 * h * w, |plane, dst| {
             let src = &xs[plane * h * w..(plane + 1) * h * w];
             for y in 0..2 * h {
