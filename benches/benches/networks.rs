@@ -14,7 +14,8 @@
 //! machine's measured f32 GEMM peak (a 2048^3 product through the backend, measured in the
 //! same run), the average number of busy cores, and the peak resident memory of a process
 //! that ran only that network (each network runs in a child process of its own). `--profile`
-//! adds the time per operation. `--dtype f16` or `bf16` keeps the weights in half precision.
+//! adds the time per operation. `--bf16` multiplies in bf16 (AVX512-BF16); `--dtype f16` or
+//! `bf16` hands the networks half-precision weights.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -24,6 +25,7 @@ use sd_benches::{Profiled, cpu_time, median, minor_faults, peak_rss};
 use sd_models::CpuBackend;
 use sd_models::backend::{DType, DataOps, MatmulOps};
 use sd_models::clip::{ClipTextConfig, ClipTextModel};
+use sd_models::cpu::CpuPrecision;
 use sd_models::nn::RandomWeights;
 use sd_models::unet::{Unet2DConditionConfig, Unet2DConditionModel};
 use sd_models::vae::{AutoencoderKl, AutoencoderKlConfig};
@@ -37,6 +39,7 @@ struct Options {
     dtype: DType,
     child: bool,
     peak_gflops: Option<f64>,
+    bf16: bool,
 }
 
 fn options() -> Options {
@@ -47,6 +50,7 @@ fn options() -> Options {
         dtype: DType::F32,
         child: false,
         peak_gflops: None,
+        bf16: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -62,6 +66,7 @@ fn options() -> Options {
                 }
             }
             "--child" => o.child = true,
+            "--bf16" => o.bf16 = true,
             "--peak" => {
                 o.peak_gflops = args.next().and_then(|v| v.parse().ok());
             }
@@ -164,7 +169,15 @@ fn measure(
 }
 
 fn run_one(name: &str, o: &Options) {
-    let cpu = CpuBackend::new();
+    let precision = if o.bf16 {
+        CpuPrecision::Bf16
+    } else {
+        CpuPrecision::F32
+    };
+    let cpu = CpuBackend::new()
+        .with_precision(precision)
+        .expect("bf16 products need AVX512-BF16");
+    let products = if o.bf16 { "bf16 products" } else { "f32" };
     let backend = Profiled::new(cpu, true);
     let weights = RandomWeights::new(0).with_dtype(o.dtype);
     let dt = o.dtype;
@@ -185,7 +198,7 @@ fn run_one(name: &str, o: &Options) {
                 .unwrap();
             measure(
                 name,
-                &format!("SD 1.5 UNet {hw}x{hw} batch {batch} ({dt})"),
+                &format!("SD 1.5 UNet {hw}x{hw} batch {batch} ({dt} weights, {products})"),
                 o,
                 &backend,
                 || {
@@ -201,7 +214,7 @@ fn run_one(name: &str, o: &Options) {
                 .unwrap();
             measure(
                 name,
-                &format!("SD 1.5 VAE decoder 32x32 -> 256x256 ({dt})"),
+                &format!("SD 1.5 VAE decoder 32x32 -> 256x256 ({products})"),
                 o,
                 &backend,
                 || {
@@ -217,7 +230,7 @@ fn run_one(name: &str, o: &Options) {
             ids.resize(77, 49407);
             measure(
                 name,
-                "SD 1.5 CLIP text encoder, 77 tokens (f32)",
+                &format!("SD 1.5 CLIP text encoder, 77 tokens ({products})"),
                 o,
                 &backend,
                 || {
@@ -254,6 +267,9 @@ fn main() {
             .args(["--dtype", &o.dtype.name().to_lowercase()]);
         if o.profile {
             cmd.arg("--profile");
+        }
+        if o.bf16 {
+            cmd.arg("--bf16");
         }
         let status = cmd.status().unwrap();
         assert!(status.success(), "{name} failed");

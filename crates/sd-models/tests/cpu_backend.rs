@@ -3,7 +3,7 @@
 
 use sd_models::backend::{AttentionMask, Conv2dParams, DataOps, conformance};
 use sd_models::backend::{AttentionOps, ConvOps, MatmulOps, NormOps};
-use sd_models::cpu::CpuIsa;
+use sd_models::cpu::{CpuIsa, CpuPrecision};
 use sd_models::{CpuBackend, CpuTensor};
 
 #[test]
@@ -30,6 +30,30 @@ fn every_kernel_family_conforms() {
             }
         }
     }
+}
+
+/// bf16 products (where the CPU has AVX512-BF16) at bf16 tolerance: relative L2 1e-2.
+#[test]
+fn bf16_products_conform_at_bf16_tolerance() {
+    let Ok(cpu) = CpuBackend::new().with_precision(CpuPrecision::Bf16) else {
+        assert!(!CpuPrecision::bf16_supported() || CpuBackend::new().isa() != CpuIsa::Avx512);
+        return;
+    };
+    assert_eq!(cpu.precision(), CpuPrecision::Bf16);
+    for seed in [5, 6] {
+        let failures = conformance::run(&cpu, 1e-2, seed);
+        assert!(failures.is_empty(), "seed {seed}: {failures:#?}");
+    }
+}
+
+#[test]
+fn bf16_is_refused_where_the_kernels_cannot_run_it() {
+    let portable = CpuBackend::with_isa(CpuIsa::Portable).unwrap();
+    assert!(matches!(
+        portable.with_precision(CpuPrecision::Bf16),
+        Err(sd_models::Error::Unsupported(_))
+    ));
+    assert!(portable.with_precision(CpuPrecision::F32).is_ok());
 }
 
 fn ops_once(cpu: &CpuBackend) -> Vec<Vec<f32>> {

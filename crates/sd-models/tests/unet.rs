@@ -122,6 +122,34 @@ fn unet_2d_condition_models_match_diffusers() {
     }
 }
 
+/// The CPU backend's bf16 products (AVX512-BF16, where the CPU has it) against diffusers'
+/// float32 outputs, at a bf16 tolerance: relative L2 2e-2.
+#[test]
+fn bf16_products_match_diffusers_at_bf16_tolerance() {
+    use sd_models::cpu::CpuPrecision;
+    let Ok(cpu) = CpuBackend::new().with_precision(CpuPrecision::Bf16) else {
+        println!("no AVX512-BF16 here: nothing to check");
+        return;
+    };
+    for name in ["sd1", "sd2"] {
+        let unet = Unet2DConditionModel::from_dir(&cpu, dir(name), &[Variant::Default], true)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let fx = Fixture::read(name);
+        let sample = fx.input(&cpu, "sample").unwrap();
+        let text = fx.input(&cpu, "encoder_hidden_states").unwrap();
+        for (i, t) in fx.timesteps().into_iter().enumerate() {
+            let out = unet.forward(&cpu, &sample, &[t], &text).unwrap();
+            let got = cpu.download(&out).unwrap();
+            let err = rel_l2(&got, &fx.expected(&format!("t{i}")));
+            println!("{name} t={t} in bf16: relative L2 error {err:.2e}");
+            assert!(
+                err <= 2e-2,
+                "{name} t={t}: relative L2 error {err:e} in bf16"
+            );
+        }
+    }
+}
+
 #[test]
 fn unet_2d_models_match_diffusers() {
     let cpu = CpuBackend::new();

@@ -12,9 +12,9 @@
 use rayon::prelude::*;
 
 use super::math::{dispatch, exp};
-use super::packed::pack::{Strided, pack_a, pack_cols_into};
-use super::packed::{ASource, BSource, Product, Scratch, Start, run_serial};
-use super::{CpuBackend, CpuIsa, CpuTensor, contiguous, threads};
+use super::packed::pack::{Strided, pack_a, pack_cols_into, pair_packing, pair_panel};
+use super::packed::{ASource, BSource, Panels, Product, Scratch, Start, run_serial};
+use super::{CpuBackend, CpuIsa, CpuPrecision, CpuTensor, PackedData, contiguous, threads};
 use crate::backend::{AttentionMask, AttentionOps};
 use crate::error::{Error, Result};
 
@@ -47,6 +47,7 @@ struct Geometry {
     dv: usize,
     scale: f32,
     causal: bool,
+    precision: CpuPrecision,
 }
 
 /// The buffers of one task.
@@ -59,8 +60,9 @@ struct Work {
     max: Vec<f32>,
     sum: Vec<f32>,
     alpha: Vec<f32>,
-    /// The query block as B micro-panels, `Q_blk^T [d, BQ]`.
+    /// The query block as B micro-panels, `Q_blk^T [d, BQ]`, and as bf16 pairs.
     q: Vec<f32>,
+    q16: Vec<u32>,
     scratch: Scratch,
 }
 
@@ -68,20 +70,24 @@ struct Work {
 /// micro-panels (a key block's panels are a contiguous run, as [`BK`] is a multiple of every
 /// kernel's `mr`) and `V^T [dv, Lk]` as A micro-panels, key block after key block.
 struct PackedHead {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: PackedData,
+    v: PackedData,
 }
 
-/// The length of one key block of a packed `V^T`.
-fn v_block_len(isa: CpuIsa, dv: usize) -> usize {
-    dv.div_ceil(isa.mr()) * isa.mr() * BK
+/// The length of one key block of a packed `V^T`, in values (f32) or pairs (bf16).
+fn v_block_len(isa: CpuIsa, dv: usize, precision: CpuPrecision) -> usize {
+    let len = dv.div_ceil(isa.mr()) * isa.mr() * BK;
+    match precision {
+        CpuPrecision::F32 => len,
+        CpuPrecision::Bf16 => len / 2,
+    }
 }
 
 fn pack_head(isa: CpuIsa, g: &Geometry, k: &[f32], v: &[f32]) -> PackedHead {
     let mr = isa.mr();
     let kp = super::packed::pack::prepack_rows(k, g.lk, g.d, mr);
     let blocks = g.lk.div_ceil(BK);
-    let len = v_block_len(isa, g.dv);
+    let len = v_block_len(isa, g.dv, CpuPrecision::F32);
     let mut vp = vec![0.0_f32; blocks * len];
     for (j, dst) in vp.chunks_exact_mut(len).enumerate() {
         let k0 = j * BK;
@@ -97,7 +103,16 @@ fn pack_head(isa: CpuIsa, g: &Geometry, k: &[f32], v: &[f32]) -> PackedHead {
             pack_a(block, p * mr, mr.min(g.dv - p * mr), 0, kb, mr, panel);
         }
     }
-    PackedHead { k: kp, v: vp }
+    match g.precision {
+        CpuPrecision::F32 => PackedHead {
+            k: PackedData::F32(kp),
+            v: PackedData::F32(vp),
+        },
+        CpuPrecision::Bf16 => PackedHead {
+            k: PackedData::Bf16(pair_packing(&kp, g.d, mr)),
+            v: PackedData::Bf16(pair_packing(&vp, BK, mr)),
+        },
+    }
 }
 
 /// The softmax statistics for one block of raw scores `s [kb, BQ]` (rows: keys, columns:
@@ -252,7 +267,25 @@ fn task(
         cs: g.d,
     };
     pack_cols_into(q_t, bq, g.d, nr, &mut w.q);
-    let v_len = v_block_len(isa, g.dv);
+    let q_panels = match g.precision {
+        CpuPrecision::F32 => Panels::F32(&w.q),
+        CpuPrecision::Bf16 => {
+            let pairs = g.d.div_ceil(2) * nr;
+            w.q16.resize(BQ.div_ceil(nr) * pairs, 0);
+            for (src, dst) in
+                w.q.chunks_exact(g.d * nr)
+                    .zip(w.q16.chunks_exact_mut(pairs))
+            {
+                pair_panel(src, g.d, nr, dst);
+            }
+            Panels::Bf16(&w.q16)
+        }
+    };
+    let v_len = v_block_len(isa, g.dv, g.precision);
+    let k_panel = match g.precision {
+        CpuPrecision::F32 => g.d * mr,
+        CpuPrecision::Bf16 => g.d.div_ceil(2) * mr,
+    };
     w.s.resize(BK * BQ, 0.0);
     w.o.clear();
     w.o.resize(g.dv * BQ, 0.0);
@@ -271,9 +304,10 @@ fn task(
             m: kb,
             n: bq,
             k: g.d,
-            a: ASource::Packed(&head.k[(k0 / mr) * g.d * mr..]),
-            b: BSource::Packed(&w.q),
+            a: ASource::Packed(head.k.panels().skip((k0 / mr) * k_panel), g.d),
+            b: BSource::Packed(q_panels),
             start: Start::Zero,
+            precision: g.precision,
         };
         // SAFETY: `w.s` holds `BK x BQ >= kb x bq` values, rows `BQ` apart; the packed
         // operands hold the key block's and the query block's panels for this ISA.
@@ -317,13 +351,14 @@ fn task(
             m: g.dv,
             n: bq,
             k: kb,
-            a: ASource::PackedStride(&head.v[(k0 / BK) * v_len..], BK),
+            a: ASource::Packed(head.v.panels().skip((k0 / BK) * v_len), BK),
             b: BSource::Strided(Strided {
                 data: &w.s[..kb * BQ],
                 rs: BQ,
                 cs: 1,
             }),
             start: Start::Accumulate,
+            precision: g.precision,
         };
         // SAFETY: `w.o` holds `dv x BQ` values, rows `BQ` apart; the packed values hold the
         // key block's `V^T` panels, `w.s` the `kb x BQ` probabilities.
@@ -418,6 +453,7 @@ impl AttentionOps for CpuBackend {
             dv,
             scale,
             causal: matches!(mask, AttentionMask::Causal),
+            precision: self.precision(),
         };
         let isa = self.isa();
         let heads: Vec<PackedHead> = (0..b * h)

@@ -16,9 +16,12 @@ impl ConvOps for CpuBackend {
                 found: format!("{:?}", weight.shape()),
             });
         }
-        weight.prepacked(PackLayout::Rows {
-            mr: self.isa().mr(),
-        })
+        weight.prepacked(
+            PackLayout::Rows {
+                mr: self.isa().mr(),
+            },
+            self.precision(),
+        )
     }
 
     fn conv2d(
@@ -73,7 +76,8 @@ impl ConvOps for CpuBackend {
             wo,
         };
         let isa = self.isa();
-        let packed = weight.packed_rows(isa, o, geom.k())?;
+        let precision = self.precision();
+        let packed = weight.packed_rows(isa, precision, o, geom.k())?;
         // Every value is written by the product.
         let mut out = super::pool::take(n * o * ho * wo);
         let plane = c * h * w;
@@ -82,9 +86,10 @@ impl ConvOps for CpuBackend {
                 m: o,
                 n: geom.n(),
                 k: geom.k(),
-                a: ASource::Packed(&packed),
+                a: ASource::Packed(packed.panels(), geom.k()),
                 b: BSource::Conv(&xs[img * plane..(img + 1) * plane], geom),
                 start: bias.map_or(Start::Zero, Start::RowBias),
+                precision,
             })
             .collect();
         let outputs: Vec<*mut f32> = out

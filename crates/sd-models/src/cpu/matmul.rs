@@ -47,6 +47,7 @@ impl MatmulOps for CpuBackend {
                     cs: 1,
                 }),
                 start: Start::Zero,
+                precision: self.precision(),
             })
             .collect();
         let outputs: Vec<*mut f32> = out.chunks_mut(m * n).map(<[f32]>::as_mut_ptr).collect();
@@ -64,9 +65,12 @@ impl MatmulOps for CpuBackend {
                 found: format!("{:?}", weight.shape()),
             });
         }
-        weight.prepacked(PackLayout::Cols {
-            nr: self.isa().nr(),
-        })
+        weight.prepacked(
+            PackLayout::Cols {
+                nr: self.isa().nr(),
+            },
+            self.precision(),
+        )
     }
 
     fn linear(
@@ -115,7 +119,8 @@ impl MatmulOps for CpuBackend {
             return CpuTensor::from_vec(&shape, out);
         }
         let isa = self.isa();
-        let packed = weight.packed_cols(isa, out_f, in_f)?;
+        let precision = self.precision();
+        let packed = weight.packed_cols(isa, precision, out_f, in_f)?;
         let product = Product {
             m: rows,
             n: out_f,
@@ -125,8 +130,9 @@ impl MatmulOps for CpuBackend {
                 rs: in_f,
                 cs: 1,
             }),
-            b: BSource::Packed(&packed),
+            b: BSource::Packed(packed.panels()),
             start: bs.map_or(Start::Zero, Start::ColBias),
+            precision,
         };
         // SAFETY: the product writes `out`'s `[rows, out_f]`; `x` holds `rows x in_f` values,
         // the weight was packed for this ISA's `nr` with `out_f x in_f` values, the bias

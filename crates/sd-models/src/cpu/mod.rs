@@ -7,7 +7,6 @@
 //! GEMM's sums) run in an order that does not depend on the number of threads, so results are
 //! the same on every machine size.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use half::{bf16, f16};
@@ -28,7 +27,8 @@ mod packed;
 mod pool;
 mod resample;
 
-pub use packed::CpuIsa;
+use packed::Panels;
+pub use packed::{CpuIsa, CpuPrecision};
 
 /// The CPU backend. Work runs on rayon's global thread pool (set `RAYON_NUM_THREADS` to
 /// choose its size).
@@ -47,6 +47,7 @@ pub use packed::CpuIsa;
 #[derive(Debug, Clone, Copy)]
 pub struct CpuBackend {
     isa: CpuIsa,
+    precision: CpuPrecision,
 }
 
 impl Default for CpuBackend {
@@ -60,6 +61,7 @@ impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend {
             isa: CpuIsa::detect(),
+            precision: CpuPrecision::F32,
         }
     }
 
@@ -70,7 +72,10 @@ impl CpuBackend {
     /// [`Error::Unsupported`] if this CPU cannot run them.
     pub fn with_isa(isa: CpuIsa) -> Result<Self> {
         if isa.is_supported() {
-            Ok(CpuBackend { isa })
+            Ok(CpuBackend {
+                isa,
+                precision: CpuPrecision::F32,
+            })
         } else {
             Err(Error::Unsupported(format!(
                 "cpu: this CPU cannot run the {isa:?} kernels"
@@ -81,6 +86,32 @@ impl CpuBackend {
     /// The kernels in use.
     pub fn isa(&self) -> CpuIsa {
         self.isa
+    }
+
+    /// The same backend multiplying in `precision`: [`CpuPrecision::Bf16`] rounds the
+    /// operands of every product (convolutions, linear layers, attention) to bfloat16 and
+    /// accumulates in f32 with AVX512-BF16, and keeps prepared weights in bf16 (half the
+    /// memory); everything else stays f32. [`CpuPrecision::fastest`] picks bf16 where the CPU
+    /// has it.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for bf16 on a CPU without AVX-512F and AVX512-BF16 (or with
+    /// other kernels chosen by [`CpuBackend::with_isa`]).
+    pub fn with_precision(self, precision: CpuPrecision) -> Result<Self> {
+        if precision == CpuPrecision::Bf16
+            && !(self.isa == CpuIsa::Avx512 && CpuPrecision::bf16_supported())
+        {
+            return Err(Error::Unsupported(format!(
+                "cpu: bf16 products need AVX-512F and AVX512-BF16 ({:?} kernels here)",
+                self.isa
+            )));
+        }
+        Ok(CpuBackend { precision, ..self })
+    }
+
+    /// The precision products multiply in.
+    pub fn precision(&self) -> CpuPrecision {
+        self.precision
     }
 }
 
@@ -115,7 +146,46 @@ pub(crate) enum PackLayout {
 pub(crate) struct Packed {
     shape: Vec<usize>,
     layout: PackLayout,
-    data: Vec<f32>,
+    data: PackedData,
+}
+
+/// Packed values: f32, or bf16 pairs (half the memory).
+#[derive(Debug)]
+pub(crate) enum PackedData {
+    F32(Vec<f32>),
+    Bf16(Vec<u32>),
+}
+
+impl PackedData {
+    fn precision(&self) -> CpuPrecision {
+        match self {
+            PackedData::F32(_) => CpuPrecision::F32,
+            PackedData::Bf16(_) => CpuPrecision::Bf16,
+        }
+    }
+
+    fn panels(&self) -> Panels<'_> {
+        match self {
+            PackedData::F32(v) => Panels::F32(v),
+            PackedData::Bf16(v) => Panels::Bf16(v),
+        }
+    }
+}
+
+/// Packed panels borrowed from a prepared weight or made for one call.
+#[derive(Debug)]
+pub(crate) enum PanelsCow<'a> {
+    Borrowed(Panels<'a>),
+    Owned(PackedData),
+}
+
+impl PanelsCow<'_> {
+    pub(crate) fn panels(&self) -> Panels<'_> {
+        match self {
+            PanelsCow::Borrowed(p) => *p,
+            PanelsCow::Owned(d) => d.panels(),
+        }
+    }
 }
 
 impl Packed {
@@ -129,7 +199,18 @@ impl Packed {
         };
         for (i, row) in out.chunks_exact_mut(k.max(1)).enumerate() {
             for (kk, v) in row.iter_mut().enumerate() {
-                *v = self.data[((i / p) * k + kk) * p + i % p];
+                *v = match &self.data {
+                    PackedData::F32(d) => d[((i / p) * k + kk) * p + i % p],
+                    PackedData::Bf16(d) => {
+                        let pair = d[((i / p) * k.div_ceil(2) + kk / 2) * p + i % p];
+                        let bits = if kk % 2 == 0 {
+                            pair & 0xffff
+                        } else {
+                            pair >> 16
+                        };
+                        f32::from_bits(bits << 16)
+                    }
+                };
             }
         }
         out
@@ -206,24 +287,36 @@ impl CpuTensor {
         }
     }
 
-    /// This `[m, ...]` weight as A micro-panels for `isa` (`m` rows of `k`): its own packing
-    /// if it was prepared for `isa`, else packed now.
-    pub(crate) fn packed_rows(&self, isa: CpuIsa, m: usize, k: usize) -> Result<Cow<'_, [f32]>> {
-        self.packed(isa, PackLayout::Rows { mr: isa.mr() }, m, k)
+    /// This `[m, ...]` weight as A micro-panels for `isa` in `precision` (`m` rows of `k`):
+    /// its own packing if it was prepared so, else packed now.
+    pub(crate) fn packed_rows(
+        &self,
+        isa: CpuIsa,
+        precision: CpuPrecision,
+        m: usize,
+        k: usize,
+    ) -> Result<PanelsCow<'_>> {
+        self.packed(PackLayout::Rows { mr: isa.mr() }, precision, m, k)
     }
 
-    /// This `[n, k]` weight as B micro-panels (of its transpose) for `isa`.
-    pub(crate) fn packed_cols(&self, isa: CpuIsa, n: usize, k: usize) -> Result<Cow<'_, [f32]>> {
-        self.packed(isa, PackLayout::Cols { nr: isa.nr() }, n, k)
+    /// This `[n, k]` weight as B micro-panels (of its transpose) for `isa` in `precision`.
+    pub(crate) fn packed_cols(
+        &self,
+        isa: CpuIsa,
+        precision: CpuPrecision,
+        n: usize,
+        k: usize,
+    ) -> Result<PanelsCow<'_>> {
+        self.packed(PackLayout::Cols { nr: isa.nr() }, precision, n, k)
     }
 
     fn packed(
         &self,
-        _isa: CpuIsa,
         layout: PackLayout,
+        precision: CpuPrecision,
         rows: usize,
         k: usize,
-    ) -> Result<Cow<'_, [f32]>> {
+    ) -> Result<PanelsCow<'_>> {
         if self.shape().first() != Some(&rows) || self.shape().iter().product::<usize>() != rows * k
         {
             return Err(Error::Shape {
@@ -234,23 +327,37 @@ impl CpuTensor {
         }
         if let CpuData::Packed(p) = &self.data
             && p.layout == layout
+            && p.data.precision() == precision
         {
-            return Ok(Cow::Borrowed(&p.data));
+            return Ok(PanelsCow::Borrowed(p.data.panels()));
         }
         let a = self.to_f32_array();
         let w = contiguous(&a, "packed weight")?;
-        Ok(Cow::Owned(match layout {
-            PackLayout::Rows { mr } => packed::pack::prepack_rows(w, rows, k, mr),
-            PackLayout::Cols { nr } => packed::pack::prepack_cols(w, rows, k, nr),
+        let (f32s, width) = match layout {
+            PackLayout::Rows { mr } => (packed::pack::prepack_rows(w, rows, k, mr), mr),
+            PackLayout::Cols { nr } => (packed::pack::prepack_cols(w, rows, k, nr), nr),
+        };
+        Ok(PanelsCow::Owned(match precision {
+            CpuPrecision::F32 => PackedData::F32(f32s),
+            CpuPrecision::Bf16 => PackedData::Bf16(packed::pack::pair_packing(&f32s, k, width)),
         }))
     }
 
-    /// This weight packed once in `layout` (what `prepare_*_weight` return).
-    pub(crate) fn prepacked(&self, layout: PackLayout) -> Result<CpuTensor> {
+    /// This weight packed once in `layout` and `precision` (what `prepare_*_weight`
+    /// return).
+    pub(crate) fn prepacked(
+        &self,
+        layout: PackLayout,
+        precision: CpuPrecision,
+    ) -> Result<CpuTensor> {
         let shape = self.shape().to_vec();
         let rows = shape.first().copied().unwrap_or(0);
         let k: usize = shape.iter().skip(1).product();
-        let data = self.packed(CpuIsa::Portable, layout, rows, k)?.into_owned();
+        let data = match self.packed(layout, precision, rows, k)? {
+            PanelsCow::Owned(d) => d,
+            PanelsCow::Borrowed(Panels::F32(v)) => PackedData::F32(v.to_vec()),
+            PanelsCow::Borrowed(Panels::Bf16(v)) => PackedData::Bf16(v.to_vec()),
+        };
         Ok(CpuTensor {
             data: CpuData::Packed(Arc::new(Packed {
                 shape,

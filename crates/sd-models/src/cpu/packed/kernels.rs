@@ -112,6 +112,88 @@ pub(crate) unsafe fn avx512_f32(
     }
 }
 
+/// `C (+)= A B` for a tile of `rows <= 12` by `cols <= 32` on bf16 pairs: `a` holds `kc2`
+/// groups of 12 `u32`, each two bf16 values of one row of A (columns `2p`, `2p + 1`), `b`
+/// holds `kc2` groups of 32 `u32`, each the same two rows of one column of B; products
+/// accumulate in f32 (`vdpbf16ps`: both pairs' products, then the sum).
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX512-BF16; `a` holds `kc2 * 12` and `b` `kc2 * 32`
+/// values; `c` and the `Init` pointer as for [`avx512_f32`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn avx512_bf16(
+    kc2: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    init: Init,
+) {
+    const MR: usize = AVX512_MR;
+    const NR: usize = AVX512_NR;
+    let m0: __mmask16 = if cols >= 16 {
+        0xffff
+    } else {
+        (1u32 << cols) as u16 - 1
+    };
+    let m1: __mmask16 = if cols >= 32 {
+        0xffff
+    } else if cols > 16 {
+        (1u32 << (cols - 16)) as u16 - 1
+    } else {
+        0
+    };
+    // SAFETY (whole body): as for `avx512_f32`; the bf16 vectors are reinterpretations of
+    // integer vectors of the same width.
+    unsafe {
+        let mut lo = [_mm512_setzero_ps(); MR];
+        let mut hi = [_mm512_setzero_ps(); MR];
+        match init {
+            Init::Zero => {}
+            Init::Load => {
+                for r in 0..rows.min(MR) {
+                    lo[r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
+                    hi[r] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16));
+                }
+            }
+            Init::Row(bias) => {
+                for r in 0..rows.min(MR) {
+                    lo[r] = _mm512_set1_ps(*bias.add(r));
+                    hi[r] = lo[r];
+                }
+            }
+            Init::Col(bias) => {
+                let b0 = _mm512_maskz_loadu_ps(m0, bias);
+                let b1 = _mm512_maskz_loadu_ps(m1, bias.add(16));
+                for r in 0..MR {
+                    lo[r] = b0;
+                    hi[r] = b1;
+                }
+            }
+        }
+        let (mut a, mut b) = (a, b);
+        for _ in 0..kc2 {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
+            for r in 0..MR {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r) as i32));
+                lo[r] = _mm512_dpbf16_ps(lo[r], av, b0);
+                hi[r] = _mm512_dpbf16_ps(hi[r], av, b1);
+            }
+            a = a.add(MR);
+            b = b.add(NR);
+        }
+        for r in 0..rows.min(MR) {
+            _mm512_mask_storeu_ps(c.add(r * ldc), m0, lo[r]);
+            _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, hi[r]);
+        }
+    }
+}
+
 /// The portable tile: 6 rows by 16 columns, plain Rust that the compiler vectorises for the
 /// target (AVX2 and FMA where [`avx2_f32`] is used).
 pub(crate) const PORTABLE_MR: usize = 6;

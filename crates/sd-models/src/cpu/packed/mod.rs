@@ -17,8 +17,9 @@ pub(crate) mod pack;
 
 use rayon::prelude::*;
 
+use super::math::dispatch;
 use kernels::Init;
-use pack::{ConvGeom, Strided, pack_a, pack_b, pack_conv_b};
+use pack::{ConvGeom, Strided, pack_a, pack_b, pack_conv_b, pair_panel};
 
 /// The `K` block: a B micro-panel (`KC x NR`) stays in L1 while it meets every A micro-panel
 /// of a row block.
@@ -123,14 +124,58 @@ impl CpuIsa {
     }
 }
 
+/// The number type the CPU backend's products multiply in (they accumulate in f32 either
+/// way); see [`CpuBackend::with_precision`](crate::CpuBackend::with_precision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum CpuPrecision {
+    /// f32 operands.
+    #[default]
+    F32,
+    /// Operands rounded to bfloat16 (AVX512-BF16's `vdpbf16ps`).
+    Bf16,
+}
+
+impl CpuPrecision {
+    /// Whether this CPU has AVX-512F and AVX512-BF16.
+    pub fn bf16_supported() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Bf16 where the CPU has it, else f32.
+    pub fn fastest() -> Self {
+        if CpuIsa::detect() == CpuIsa::Avx512 && Self::bf16_supported() {
+            CpuPrecision::Bf16
+        } else {
+            CpuPrecision::F32
+        }
+    }
+}
+
+/// Operand panels packed once, in the product's precision: f32 values, or bf16 pairs
+/// ([`pack::pair_packing`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Panels<'a> {
+    /// f32 panels.
+    F32(&'a [f32]),
+    /// bf16 pairs.
+    Bf16(&'a [u32]),
+}
+
 /// Where A comes from.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum ASource<'a> {
-    /// Packed once ([`pack::prepack_rows`] with this ISA's `mr`).
-    Packed(&'a [f32]),
-    /// Packed once with panels of `k_stride >= k` columns, of which the product reads the
-    /// first `k` (a block of keys of an attention head packed whole).
-    PackedStride(&'a [f32], usize),
+    /// Packed once ([`pack::prepack_rows`] with this ISA's `mr`, paired for bf16), with
+    /// panels of `k_stride >= k` columns of which the product reads the first `k` (a block
+    /// of keys of an attention head packed whole); usually `k_stride == k`.
+    Packed(Panels<'a>, usize),
     /// A strided matrix, packed on the fly.
     Strided(Strided<'a>),
 }
@@ -138,8 +183,8 @@ pub(crate) enum ASource<'a> {
 /// Where B comes from.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum BSource<'a> {
-    /// Packed once ([`pack::prepack_cols`] with this ISA's `nr`).
-    Packed(&'a [f32]),
+    /// Packed once ([`pack::prepack_cols`] with this ISA's `nr`, paired for bf16).
+    Packed(Panels<'a>),
     /// A strided matrix, packed on the fly.
     Strided(Strided<'a>),
     /// A convolution's unfolded input image `[C, H, W]`, packed on the fly.
@@ -152,7 +197,6 @@ pub(crate) enum Start<'a> {
     /// Zero.
     Zero,
     /// Its current values (`C += A B`).
-    #[cfg_attr(not(test), allow(dead_code))]
     Accumulate,
     /// `bias[row]` (per output channel of a convolution).
     RowBias(&'a [f32]),
@@ -160,7 +204,8 @@ pub(crate) enum Start<'a> {
     ColBias(&'a [f32]),
 }
 
-/// A product to run: `C [m, n]` (row stride `ldc`) from `a` and `b` over `k`.
+/// A product to run: `C [m, n]` (row stride `ldc`) from `a` and `b` over `k`, in
+/// `precision` (packed sources must be packed in it).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Product<'a> {
     pub m: usize,
@@ -169,6 +214,7 @@ pub(crate) struct Product<'a> {
     pub a: ASource<'a>,
     pub b: BSource<'a>,
     pub start: Start<'a>,
+    pub precision: CpuPrecision,
 }
 
 /// A raw pointer to C that tasks share; each task writes a disjoint block.
@@ -236,7 +282,8 @@ fn blocks(isa: CpuIsa, p: &Product<'_>, threads: usize) -> Vec<Block> {
 /// # Safety
 /// `c[i]` addresses `products[i].m` rows of `products[i].n` writable values `ldc` apart,
 /// distinct for every product; the sources hold the matrices their shapes describe; packed
-/// sources were packed for `isa`; `isa` is supported.
+/// sources were packed for `isa` in the product's precision; `isa` (and, for bf16,
+/// AVX512-BF16) is supported.
 pub(crate) unsafe fn run(
     isa: CpuIsa,
     products: &[Product<'_>],
@@ -272,6 +319,8 @@ pub(crate) unsafe fn run(
 pub(crate) struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
+    a16: Vec<u32>,
+    b16: Vec<u32>,
 }
 
 /// `p` on this thread, reusing `scratch`'s buffers (for the many small products of one
@@ -296,6 +345,32 @@ pub(crate) unsafe fn run_serial(
     unsafe { run_block(isa, p, CPtr(c), ldc, block, scratch) }
 }
 
+/// A tile's A or B panel in the product's precision.
+#[derive(Clone, Copy)]
+enum Panel<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u32]),
+}
+
+impl<'a> Panels<'a> {
+    /// The panels from value (or pair) `at` on.
+    pub(crate) fn skip(self, at: usize) -> Panels<'a> {
+        match self {
+            Panels::F32(p) => Panels::F32(&p[at..]),
+            Panels::Bf16(p) => Panels::Bf16(&p[at..]),
+        }
+    }
+
+    /// Group `at` (in groups of `width`) of `len` groups, in f32 or paired (`at` and `len`
+    /// then count pairs).
+    fn panel(self, at: usize, len: usize) -> Panel<'a> {
+        match self {
+            Panels::F32(p) => Panel::F32(&p[at..at + len]),
+            Panels::Bf16(p) => Panel::Bf16(&p[at..at + len]),
+        }
+    }
+}
+
 /// One task.
 ///
 /// # Safety
@@ -309,56 +384,77 @@ unsafe fn run_block(
     scratch: &mut Scratch,
 ) {
     let (mr, nr) = (isa.mr(), isa.nr());
+    let bf16 = p.precision == CpuPrecision::Bf16;
+    // Groups of K per step of the kernel: one value, or a pair.
+    let per = if bf16 { 2 } else { 1 };
+    const KC2: usize = KC / 2;
     let rows = blk.m1 - blk.m0;
     let a_panels = rows.div_ceil(mr);
     if let ASource::Strided(_) = p.a {
         scratch.a.resize(a_panels * KC * mr, 0.0);
+        if bf16 {
+            scratch.a16.resize(a_panels * KC2 * mr, 0);
+        }
     }
     if !matches!(p.b, BSource::Packed(_)) {
         scratch.b.resize(KC * nr, 0.0);
+        if bf16 {
+            scratch.b16.resize(KC2 * nr, 0);
+        }
     }
-    let (abuf, bbuf) = (&mut scratch.a, &mut scratch.b);
+    let Scratch {
+        a: abuf,
+        b: bbuf,
+        a16,
+        b16,
+    } = scratch;
     let mut pc = 0;
     while pc < p.k {
         let kc = KC.min(p.k - pc);
+        let (kg, pg) = (kc.div_ceil(per), pc / per);
         if let ASource::Strided(a) = p.a {
             for (q, dst) in abuf.chunks_exact_mut(KC * mr).take(a_panels).enumerate() {
                 let r0 = blk.m0 + q * mr;
                 pack_a(a, r0, mr.min(blk.m1 - r0), pc, kc, mr, dst);
+                if bf16 {
+                    dispatch!(isa, pair_panel(dst, kc, mr, &mut a16[q * KC2 * mr..]));
+                }
             }
         }
         let mut jr = blk.n0;
         while jr < blk.n1 {
             let cols = nr.min(blk.n1 - jr);
-            let bpanel: &[f32] = match p.b {
-                BSource::Packed(packed) => {
-                    let at = ((jr / nr) * p.k + pc) * nr;
-                    &packed[at..at + kc * nr]
+            if !matches!(p.b, BSource::Packed(_)) {
+                match p.b {
+                    BSource::Strided(b) => pack_b(b, pc, kc, jr, cols, nr, bbuf),
+                    BSource::Conv(x, g) => pack_conv_b(x, &g, pc, kc, jr, cols, nr, bbuf),
+                    BSource::Packed(_) => {}
                 }
-                BSource::Strided(b) => {
-                    pack_b(b, pc, kc, jr, cols, nr, bbuf);
-                    &bbuf[..kc * nr]
+                if bf16 {
+                    dispatch!(isa, pair_panel(bbuf, kc, nr, b16));
                 }
-                BSource::Conv(x, g) => {
-                    pack_conv_b(x, &g, pc, kc, jr, cols, nr, bbuf);
-                    &bbuf[..kc * nr]
+            }
+            let bpanel = match p.b {
+                BSource::Packed(panels) => {
+                    panels.panel(((jr / nr) * p.k.div_ceil(per) + pg) * nr, kg * nr)
                 }
+                _ if bf16 => Panel::Bf16(&b16[..kg * nr]),
+                _ => Panel::F32(&bbuf[..kc * nr]),
             };
             let mut ir = blk.m0;
             while ir < blk.m1 {
                 let tile_rows = mr.min(blk.m1 - ir);
-                let apanel: &[f32] = match p.a {
-                    ASource::Packed(packed) => {
-                        let at = ((ir / mr) * p.k + pc) * mr;
-                        &packed[at..at + kc * mr]
-                    }
-                    ASource::PackedStride(packed, stride) => {
-                        let at = ((ir / mr) * stride + pc) * mr;
-                        &packed[at..at + kc * mr]
+                let apanel = match p.a {
+                    ASource::Packed(panels, stride) => {
+                        panels.panel(((ir / mr) * stride.div_ceil(per) + pg) * mr, kg * mr)
                     }
                     ASource::Strided(_) => {
                         let q = (ir - blk.m0) / mr;
-                        &abuf[q * KC * mr..q * KC * mr + kc * mr]
+                        if bf16 {
+                            Panel::Bf16(&a16[q * KC2 * mr..q * KC2 * mr + kg * mr])
+                        } else {
+                            Panel::F32(&abuf[q * KC * mr..q * KC * mr + kc * mr])
+                        }
                     }
                 };
                 let init = match (pc, p.start) {
@@ -367,19 +463,30 @@ unsafe fn run_block(
                     (0, Start::ColBias(bias)) => Init::Col(bias[jr..].as_ptr()),
                     _ => Init::Load,
                 };
+                let cp = c.0.wrapping_add(ir * ldc + jr);
                 // SAFETY: the tile lies in this task's block of C (caller's contract); the
-                // panels hold `kc` groups; the bias slices hold the tile's rows or columns.
+                // panels hold `kg` groups; the bias slices hold the tile's rows or columns;
+                // a bf16 product runs only where AVX512-BF16 was checked.
                 unsafe {
-                    isa.tile(
-                        kc,
-                        apanel,
-                        bpanel,
-                        c.0.add(ir * ldc + jr),
-                        ldc,
-                        tile_rows,
-                        cols,
-                        init,
-                    );
+                    match (apanel, bpanel) {
+                        (Panel::F32(a), Panel::F32(b)) => {
+                            isa.tile(kc, a, b, cp, ldc, tile_rows, cols, init)
+                        }
+                        #[cfg(target_arch = "x86_64")]
+                        (Panel::Bf16(a), Panel::Bf16(b)) => kernels::avx512_bf16(
+                            kg,
+                            a.as_ptr(),
+                            b.as_ptr(),
+                            cp,
+                            ldc,
+                            tile_rows,
+                            cols,
+                            init,
+                        ),
+                        // A product whose operands disagree on precision is a caller's bug;
+                        // it computes nothing rather than reading out of bounds.
+                        _ => debug_assert!(false, "operands of mixed precision"),
+                    }
                 }
                 ir += mr;
             }
@@ -420,6 +527,53 @@ mod tests {
             .collect()
     }
 
+    /// Every (kernels, precision) pair this CPU runs.
+    fn modes() -> Vec<(CpuIsa, CpuPrecision)> {
+        let mut out: Vec<_> = isas().into_iter().map(|i| (i, CpuPrecision::F32)).collect();
+        if CpuIsa::Avx512.is_supported() && CpuPrecision::bf16_supported() {
+            out.push((CpuIsa::Avx512, CpuPrecision::Bf16));
+        }
+        out
+    }
+
+    /// `x` as the product sees it: itself, or rounded to bf16.
+    fn seen(x: &[f32], precision: CpuPrecision) -> Vec<f32> {
+        match precision {
+            CpuPrecision::F32 => x.to_vec(),
+            CpuPrecision::Bf16 => x
+                .iter()
+                .map(|&v| f32::from_bits(pack::bf16_bits(v) << 16))
+                .collect(),
+        }
+    }
+
+    /// A whole-`K` packing in `precision`.
+    fn in_precision(
+        packed: &[f32],
+        k: usize,
+        width: usize,
+        precision: CpuPrecision,
+    ) -> PackedOwned {
+        match precision {
+            CpuPrecision::F32 => PackedOwned::F32(packed.to_vec()),
+            CpuPrecision::Bf16 => PackedOwned::Bf16(pack::pair_packing(packed, k, width)),
+        }
+    }
+
+    enum PackedOwned {
+        F32(Vec<f32>),
+        Bf16(Vec<u32>),
+    }
+
+    impl PackedOwned {
+        fn panels(&self) -> Panels<'_> {
+            match self {
+                PackedOwned::F32(v) => Panels::F32(v),
+                PackedOwned::Bf16(v) => Panels::Bf16(v),
+            }
+        }
+    }
+
     fn close(got: &[f32], want: &[f64], k: usize) {
         assert_eq!(got.len(), want.len());
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -430,7 +584,7 @@ mod tests {
 
     #[test]
     fn every_source_and_start_matches_a_plain_product() {
-        for isa in isas() {
+        for (isa, precision) in modes() {
             for &(m, n, k) in &[
                 (1, 1, 1),
                 (13, 33, 5),
@@ -443,9 +597,10 @@ mod tests {
                 let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
                 let bias_r = data(m, 0.3);
                 let bias_c = data(n, 0.4);
-                let want = naive(m, n, k, &a, &b);
-                let pa = prepack_rows(&a, m, k, isa.mr());
-                let pb = prepack_cols(&bt, n, k, isa.nr());
+                // Exact given the operands the kernels see (bf16-rounded for bf16).
+                let want = naive(m, n, k, &seen(&a, precision), &seen(&b, precision));
+                let pa = in_precision(&prepack_rows(&a, m, k, isa.mr()), k, isa.mr(), precision);
+                let pb = in_precision(&prepack_cols(&bt, n, k, isa.nr()), k, isa.nr(), precision);
                 let sa = Strided {
                     data: &a,
                     rs: k,
@@ -468,12 +623,12 @@ mod tests {
                     cs: m,
                 };
                 let sources_a = [
-                    ASource::Packed(&pa),
+                    ASource::Packed(pa.panels(), k),
                     ASource::Strided(sa),
                     ASource::Strided(sat),
                 ];
                 let sources_b = [
-                    BSource::Packed(&pb),
+                    BSource::Packed(pb.panels()),
                     BSource::Strided(sb),
                     BSource::Strided(sbt),
                 ];
@@ -494,6 +649,7 @@ mod tests {
                                     a: a_src,
                                     b: b_src,
                                     start,
+                                    precision,
                                 };
                                 unsafe { run(isa, &[p], &[c.as_mut_ptr()], n, threads) };
                                 let expect: Vec<f64> = (0..m * n)
@@ -546,7 +702,7 @@ mod tests {
 
     #[test]
     fn implicit_convolutions_match_a_direct_loop() {
-        for isa in isas() {
+        for (isa, precision) in modes() {
             for &(c, h, w, o, kh, stride, pad) in &[
                 (3, 7, 9, 5, 3, 1, 1),
                 (4, 16, 16, 13, 3, 2, 1),
@@ -569,17 +725,23 @@ mod tests {
                 };
                 let x = data(c * h * w, 0.5);
                 let wt = data(o * c * kh * kh, 0.6);
-                let want = naive_conv(&x, &wt, &g, o);
-                let pa = prepack_rows(&wt, o, g.k(), isa.mr());
+                let want = naive_conv(&seen(&x, precision), &seen(&wt, precision), &g, o);
+                let pa = in_precision(
+                    &prepack_rows(&wt, o, g.k(), isa.mr()),
+                    g.k(),
+                    isa.mr(),
+                    precision,
+                );
                 for threads in [1, 2] {
                     let mut out = vec![f32::NAN; o * ho * wo];
                     let p = Product {
                         m: o,
                         n: g.n(),
                         k: g.k(),
-                        a: ASource::Packed(&pa),
+                        a: ASource::Packed(pa.panels(), g.k()),
                         b: BSource::Conv(&x, g),
                         start: Start::Zero,
+                        precision,
                     };
                     unsafe { run(isa, &[p], &[out.as_mut_ptr()], g.n(), threads) };
                     close(&out, &want, g.k());
@@ -611,6 +773,7 @@ mod tests {
                     cs: 1,
                 }),
                 start: Start::Zero,
+                precision: CpuPrecision::F32,
             };
             unsafe { run(isa, &[p], &[c.as_mut_ptr()], n, threads) };
             c

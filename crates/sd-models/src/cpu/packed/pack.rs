@@ -256,3 +256,50 @@ pub(crate) fn pack_conv_b(
         }
     }
 }
+
+/// `x` rounded to bfloat16 (to nearest, ties to even; NaN stays NaN), as its 16 bits.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        (b >> 16) | 0x40
+    } else {
+        (b + 0x7fff + ((b >> 16) & 1)) >> 16
+    }
+}
+
+/// An f32 micro-panel of `kc` groups of `width` values as bf16 pairs: `kc.div_ceil(2)`
+/// groups of `width` `u32`, each holding groups `2p` (low half) and `2p + 1` (high half) of
+/// the same position; a missing last group is zero.
+#[inline(always)]
+pub(crate) fn pair_panel(src: &[f32], kc: usize, width: usize, dst: &mut [u32]) {
+    let pairs = kc.div_ceil(2);
+    for (p, d) in dst[..pairs * width].chunks_exact_mut(width).enumerate() {
+        let even = &src[2 * p * width..(2 * p + 1) * width];
+        if 2 * p + 1 < kc {
+            let odd = &src[(2 * p + 1) * width..(2 * p + 2) * width];
+            for ((d, &e), &o) in d.iter_mut().zip(even).zip(odd) {
+                *d = bf16_bits(e) | (bf16_bits(o) << 16);
+            }
+        } else {
+            for (d, &e) in d.iter_mut().zip(even) {
+                *d = bf16_bits(e);
+            }
+        }
+    }
+}
+
+/// A whole-`K` f32 packing (of [`prepack_rows`] or [`prepack_cols`], panels of `width`) as
+/// bf16 pairs: each panel's `k` groups become `k.div_ceil(2)` pair groups.
+pub(crate) fn pair_packing(packed: &[f32], k: usize, width: usize) -> Vec<u32> {
+    let panels = packed.len() / (k * width).max(1);
+    let pairs = k.div_ceil(2);
+    let mut out = vec![0_u32; panels * pairs * width];
+    for (src, dst) in packed
+        .chunks_exact(k * width)
+        .zip(out.chunks_exact_mut(pairs * width))
+    {
+        pair_panel(src, k, width, dst);
+    }
+    out
+}
