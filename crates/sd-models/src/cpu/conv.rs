@@ -16,12 +16,14 @@ impl ConvOps for CpuBackend {
                 found: format!("{:?}", weight.shape()),
             });
         }
-        weight.prepacked(
+        let packed = weight.prepacked(
             PackLayout::Rows {
                 mr: self.isa().mr(),
             },
             self.precision(),
-        )
+        );
+        weight.discard();
+        packed
     }
 
     fn conv2d(

@@ -65,12 +65,14 @@ impl MatmulOps for CpuBackend {
                 found: format!("{:?}", weight.shape()),
             });
         }
-        weight.prepacked(
+        let packed = weight.prepacked(
             PackLayout::Cols {
                 nr: self.isa().nr(),
             },
             self.precision(),
-        )
+        );
+        weight.discard();
+        packed
     }
 
     fn linear(

@@ -368,6 +368,14 @@ impl CpuTensor {
     }
 }
 
+impl CpuTensor {
+    /// Drops the tensor without giving its buffer to the pool (a weight's unpacked copy,
+    /// which no later operation will want).
+    pub(crate) fn discard(mut self) {
+        self.data = CpuData::F32(ArcArray::from_vec(Vec::new()).into_dyn());
+    }
+}
+
 impl Drop for CpuTensor {
     /// A large f32 buffer no other tensor shares goes back to the pool for the next
     /// operation's output.

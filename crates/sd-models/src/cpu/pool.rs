@@ -13,7 +13,7 @@ use std::sync::Mutex;
 /// which reuses them without faults.
 pub(crate) const MIN_LEN: usize = 1 << 18;
 /// The most bytes of free buffers kept.
-const MAX_BYTES: usize = 1 << 30;
+const MAX_BYTES: usize = 256 << 20;
 
 #[derive(Default)]
 struct Pool {

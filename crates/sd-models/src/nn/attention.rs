@@ -224,14 +224,13 @@ impl<B: Backend> Attention<B> {
             v = backend.cast(&v, DType::F32)?;
         }
         let scale = 1.0 / (dh as f64).sqrt();
-        let o = backend.attention(&q, &k, &v, AttentionMask::None, scale as f32)?;
-        let o = if upcast {
-            backend.cast(&o, in_dtype)?
-        } else {
-            o
-        };
-        let o = backend.permute(&o, &[0, 2, 1, 3])?;
-        let o = backend.reshape(&o, &[b, l, heads * dh])?;
+        let mut o = backend.attention(&q, &k, &v, AttentionMask::None, scale as f32)?;
+        drop((q, k, v));
+        if upcast {
+            o = backend.cast(&o, in_dtype)?;
+        }
+        o = backend.permute(&o, &[0, 2, 1, 3])?;
+        o = backend.reshape(&o, &[b, l, heads * dh])?;
         self.to_out.forward(backend, &o)
     }
 
@@ -256,16 +255,15 @@ impl<B: Backend> Attention<B> {
             Some(norm) => norm.forward(backend, x)?,
             None => x.clone(),
         };
-        let seq = backend.reshape(&normed, &[n, c, h * w])?;
-        let seq = backend.permute(&seq, &[0, 2, 1])?;
-        let out = self.forward(backend, &seq, None)?;
-        let out = backend.permute(&out, &[0, 2, 1])?;
-        let out = backend.reshape(&out, &[n, c, h, w])?;
-        let out = if self.config.residual_connection {
-            backend.add(&out, x)?
-        } else {
-            out
-        };
+        let seq = backend.permute(&backend.reshape(&normed, &[n, c, h * w])?, &[0, 2, 1])?;
+        drop(normed);
+        let mut out = self.forward(backend, &seq, None)?;
+        drop(seq);
+        out = backend.permute(&out, &[0, 2, 1])?;
+        out = backend.reshape(&out, &[n, c, h, w])?;
+        if self.config.residual_connection {
+            out = backend.add(&out, x)?;
+        }
         if self.config.rescale_output_factor == 1.0 {
             Ok(out)
         } else {
@@ -303,8 +301,8 @@ impl<B: Backend> FeedForward<B> {
     /// # Errors
     /// A shape mismatch.
     pub fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let h = self.net_0_proj.forward(backend, x)?;
-        let h = backend.geglu(&h)?;
+        // The projection (8x the width) is dropped as soon as GEGLU has read it.
+        let h = backend.geglu(&self.net_0_proj.forward(backend, x)?)?;
         self.net_2.forward(backend, &h)
     }
 }
@@ -376,16 +374,17 @@ impl<B: Backend> BasicTransformerBlock<B> {
     /// # Errors
     /// A shape mismatch.
     pub fn forward(&self, backend: &B, x: &B::Tensor, context: &B::Tensor) -> Result<B::Tensor> {
-        let h = self.norm1.forward(backend, x)?;
-        let h = self
+        // Reassigned rather than shadowed, so that each intermediate is dropped at once.
+        let mut h = self.norm1.forward(backend, x)?;
+        h = self
             .attn1
             .forward(backend, &h, self.only_cross_attention.then_some(context))?;
-        let x = backend.add(&h, x)?;
-        let h = self.norm2.forward(backend, &x)?;
-        let h = self.attn2.forward(backend, &h, Some(context))?;
-        let x = backend.add(&h, &x)?;
-        let h = self.norm3.forward(backend, &x)?;
-        let h = self.ff.forward(backend, &h)?;
+        let mut x = backend.add(&h, x)?;
+        h = self.norm2.forward(backend, &x)?;
+        h = self.attn2.forward(backend, &h, Some(context))?;
+        x = backend.add(&h, &x)?;
+        h = self.norm3.forward(backend, &x)?;
+        h = self.ff.forward(backend, &h)?;
         backend.add(&h, &x)
     }
 }
@@ -537,6 +536,7 @@ impl<B: Backend> Transformer2DModel<B> {
             Projection::Conv(conv) => to_seq(&conv.forward(backend, &normed)?, inner)?,
             Projection::Linear(lin) => lin.forward(backend, &to_seq(&normed, c)?)?,
         };
+        drop(normed);
         for block in &self.transformer_blocks {
             seq = block.forward(backend, &seq, context)?;
         }

@@ -164,8 +164,8 @@ impl<B: Backend> Encoder<B> {
         for block in &self.down_blocks {
             h = block.forward(backend, &h, None, None)?.0;
         }
-        let h = self.mid_block.forward(backend, &h, None, None)?;
-        let h = self.conv_norm_out.forward_silu(backend, &h)?;
+        h = self.mid_block.forward(backend, &h, None, None)?;
+        h = self.conv_norm_out.forward_silu(backend, &h)?;
         self.conv_out.forward(backend, &h)
     }
 }
@@ -279,9 +279,9 @@ impl<B: Backend> Decoder<B> {
         for block in &self.up_blocks {
             h = round(block.forward(backend, &h, &mut no_skips, None, None)?)?;
         }
-        let h = round(self.conv_norm_out.forward_silu(backend, &h)?)?;
-        let out = round(self.conv_out.forward(backend, &h)?)?;
-        backend.cast(&out, DType::F32)
+        h = round(self.conv_norm_out.forward_silu(backend, &h)?)?;
+        h = round(self.conv_out.forward(backend, &h)?)?;
+        backend.cast(&h, DType::F32)
     }
 }
 

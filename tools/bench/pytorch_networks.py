@@ -1,0 +1,113 @@
+"""PyTorch's time for the networks `cargo bench -p sd-benches --bench networks` times.
+
+The same networks (Stable Diffusion 1.5's UNet, VAE decoder and CLIP text encoder, built
+from the presets in crates/sd-models/presets/sd15 with random weights), the same input
+shapes, on the CPU with the same number of threads, so that the two can run side by side
+on one machine:
+
+    .venv/bin/python tools/bench/pytorch_networks.py [--runs 3] [--threads 2] [NAME ...]
+
+Names: unet32 (UNet, 32x32 latent, batch 2), unet64 (64x64, batch 1), vae32 (VAE decoder,
+32x32 latent), clip (77 tokens). Each runs in a child process of its own, f32 and then under
+bf16 autocast (oneDNN; what PyTorch users run for speed on a CPU), and prints the median
+of --runs timed passes after one warm-up pass, and the child's peak resident memory.
+"""
+
+import argparse
+import json
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PRESETS = ROOT / "crates/sd-models/presets/sd15"
+NAMES = ["unet32", "unet64", "vae32", "clip"]
+
+
+def preset(name):
+    config = json.loads((PRESETS / name).read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def build(name):
+    import torch
+
+    torch.manual_seed(0)
+    if name.startswith("unet"):
+        from diffusers import UNet2DConditionModel
+
+        hw, batch = (32, 2) if name == "unet32" else (64, 1)
+        model = UNet2DConditionModel(**preset("unet.json")).eval()
+        x = torch.randn(batch, 4, hw, hw)
+        text = torch.randn(batch, 77, 768)
+        t = torch.tensor([500.0] * batch)
+        return lambda: model(x, t, encoder_hidden_states=text).sample
+    if name == "vae32":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL(**preset("vae.json")).eval()
+        z = torch.randn(1, 4, 32, 32)
+        return lambda: vae.decode(z).sample
+    if name == "clip":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        config = preset("text_encoder.json")
+        for k in ["architectures", "torch_dtype", "transformers_version", "_name_or_path"]:
+            config.pop(k, None)
+        model = CLIPTextModel(CLIPTextConfig(**config)).eval()
+        ids = torch.tensor([[49406] + [320 + 37 * i for i in range(20)] + [49407] * 56])
+        return lambda: model(input_ids=ids).last_hidden_state
+    raise SystemExit(f"unknown network {name}")
+
+
+def child(name, runs, threads, autocast):
+    import torch
+
+    torch.set_num_threads(threads)
+    forward = build(name)
+    ctx = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if autocast
+        else torch.autocast("cpu", enabled=False)
+    )
+    times = []
+    with torch.inference_mode(), ctx:
+        forward()
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - t0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    mode = "bf16 autocast" if autocast else "f32"
+    print(
+        f"{name:<7} torch {torch.__version__} {mode:<13} {statistics.median(times) * 1e3:9.1f} ms"
+        f"  (runs: {', '.join(f'{t * 1e3:.0f}' for t in times)} ms)  peak RSS {rss:.2f} GiB",
+        flush=True,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", default=NAMES)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.names[0], args.runs, args.threads, args.autocast)
+        return
+    for name in args.names:
+        for autocast in [False, True]:
+            cmd = [sys.executable, __file__, "--child", name, "--runs", str(args.runs),
+                   "--threads", str(args.threads)]
+            if autocast:
+                cmd.append("--autocast")
+            subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    main()
