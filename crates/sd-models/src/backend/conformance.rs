@@ -526,6 +526,26 @@ fn check_conv2d<B: Backend>(c: &mut Ctx<'_, B>) -> Result<()> {
         let got = c.b.conv2d(&tx, &tw, with_bias.then_some(&tb), p)?;
         c.expect(&format!("conv2d {sx:?} {sw:?} {p:?}"), &got, &want, &shape)?;
         let prepared = c.b.prepare_conv_weight(tw.clone())?;
+        // Upsampled first, fused or not: the reference convolves the upsampled image.
+        let big = c.b.upsample_nearest2x(&tx)?;
+        let big_host = c.b.download(&big)?;
+        let big_shape = [sx[0], sx[1], 2 * sx[2], 2 * sx[3]];
+        let (want_up, shape_up) = ref_conv(
+            &big_host,
+            &big_shape,
+            &w,
+            sw,
+            with_bias.then_some(b.as_slice()),
+            p,
+        );
+        let got_up =
+            c.b.upsample_nearest2x_conv2d(&tx, &prepared, with_bias.then_some(&tb), p)?;
+        c.expect(
+            &format!("upsample_nearest2x_conv2d {sx:?} {sw:?} {p:?}"),
+            &got_up,
+            &want_up,
+            &shape_up,
+        )?;
         let got = c.b.conv2d(&tx, &prepared, with_bias.then_some(&tb), p)?;
         c.expect(
             &format!("conv2d {sx:?} {sw:?} {p:?}, prepared weight"),

@@ -243,7 +243,7 @@ impl Conv2dParams {
 }
 
 /// Convolutions.
-pub trait ConvOps: BackendBase {
+pub trait ConvOps: ResampleOps {
     /// A convolution's weight `[O, C, kh, kw]` in the form [`ConvOps::conv2d`] reads fastest,
     /// made once when the layer is loaded (the CPU backend packs it for its GEMM). The
     /// result is only ever passed to `conv2d` (other operations still accept it, possibly
@@ -267,6 +267,23 @@ pub trait ConvOps: BackendBase {
         bias: Option<&Self::Tensor>,
         params: Conv2dParams,
     ) -> Result<Self::Tensor>;
+
+    /// [`ConvOps::conv2d`] of `x [N, C, H, W]` upsampled by nearest neighbour
+    /// ([`ResampleOps::upsample_nearest2x`]), as every upsampler of the UNet and the VAE
+    /// does: `[N, O, H', W']` for the `2H x 2W` input. Fused backends never materialise the
+    /// upsampled image (at 512 pixels the VAE's is 256 MiB); the default composes the two.
+    ///
+    /// # Errors
+    /// As the two operations.
+    fn upsample_nearest2x_conv2d(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        params: Conv2dParams,
+    ) -> Result<Self::Tensor> {
+        self.conv2d(&self.upsample_nearest2x(x)?, weight, bias, params)
+    }
 }
 
 /// Element-wise activations and the softmax.

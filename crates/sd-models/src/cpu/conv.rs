@@ -33,10 +33,34 @@ impl ConvOps for CpuBackend {
         bias: Option<&CpuTensor>,
         params: Conv2dParams,
     ) -> Result<CpuTensor> {
+        self.conv(x, weight, bias, params, 1)
+    }
+
+    fn upsample_nearest2x_conv2d(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        params: Conv2dParams,
+    ) -> Result<CpuTensor> {
+        self.conv(x, weight, bias, params, 2)
+    }
+}
+
+impl CpuBackend {
+    /// A convolution of `x` upsampled `up` times by nearest neighbour (1: not upsampled).
+    fn conv(
+        &self,
+        x: &CpuTensor,
+        weight: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        params: Conv2dParams,
+        up: usize,
+    ) -> Result<CpuTensor> {
         let (sx, sw) = (x.shape().to_vec(), weight.shape().to_vec());
         let shape_ok = sx.len() == 4 && sw.len() == 4 && sx[1] == sw[1];
         let out_size = if shape_ok {
-            params.output_size(sx[2], sx[3], sw[2], sw[3])
+            params.output_size(sx[2] * up, sx[3] * up, sw[2], sw[3])
         } else {
             None
         };
@@ -71,6 +95,7 @@ impl ConvOps for CpuBackend {
             c,
             h,
             w,
+            up,
             kh,
             kw,
             params,

@@ -119,10 +119,14 @@ impl<B: Backend> Upsample2D<B> {
     /// # Errors
     /// A shape mismatch.
     pub fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let up = backend.upsample_nearest2x(x)?;
         match &self.conv {
-            Some(conv) => conv.forward(backend, &up),
-            None => Ok(up),
+            Some(conv) => backend.upsample_nearest2x_conv2d(
+                x,
+                &conv.weight,
+                conv.bias.as_ref(),
+                conv.params(),
+            ),
+            None => backend.upsample_nearest2x(x),
         }
     }
 }

@@ -703,20 +703,25 @@ mod tests {
     #[test]
     fn implicit_convolutions_match_a_direct_loop() {
         for (isa, precision) in modes() {
-            for &(c, h, w, o, kh, stride, pad) in &[
-                (3, 7, 9, 5, 3, 1, 1),
-                (4, 16, 16, 13, 3, 2, 1),
-                (8, 5, 40, 30, 3, 1, 1),
-                (6, 9, 9, 7, 1, 1, 0),
-                (5, 8, 8, 4, 3, 2, 0),
-                (2, 3, 70, 3, 3, 1, 2),
+            for &(c, h, w, o, kh, stride, pad, up) in &[
+                (3, 7, 9, 5, 3, 1, 1, 1),
+                (4, 16, 16, 13, 3, 2, 1, 1),
+                (8, 5, 40, 30, 3, 1, 1, 1),
+                (6, 9, 9, 7, 1, 1, 0, 1),
+                (5, 8, 8, 4, 3, 2, 0, 1),
+                (2, 3, 70, 3, 3, 1, 2, 1),
+                // The image upsampled 2x on the fly, as every upsampler does.
+                (3, 5, 7, 6, 3, 1, 1, 2),
+                (4, 9, 20, 13, 3, 1, 1, 2),
+                (2, 4, 4, 3, 1, 1, 0, 2),
             ] {
                 let params = Conv2dParams::new(stride, pad);
-                let (ho, wo) = params.output_size(h, w, kh, kh).unwrap();
+                let (ho, wo) = params.output_size(h * up, w * up, kh, kh).unwrap();
                 let g = ConvGeom {
                     c,
                     h,
                     w,
+                    up,
                     kh,
                     kw: kh,
                     params,
@@ -725,7 +730,21 @@ mod tests {
                 };
                 let x = data(c * h * w, 0.5);
                 let wt = data(o * c * kh * kh, 0.6);
-                let want = naive_conv(&seen(&x, precision), &seen(&wt, precision), &g, o);
+                // The reference convolves the upsampled image itself.
+                let big: Vec<f32> = (0..c * h * up * w * up)
+                    .map(|i| {
+                        let (ch, rest) = (i / (h * up * w * up), i % (h * up * w * up));
+                        let (y, xx) = (rest / (w * up), rest % (w * up));
+                        x[(ch * h + y / up) * w + xx / up]
+                    })
+                    .collect();
+                let g_big = ConvGeom {
+                    h: h * up,
+                    w: w * up,
+                    up: 1,
+                    ..g
+                };
+                let want = naive_conv(&seen(&big, precision), &seen(&wt, precision), &g_big, o);
                 let pa = in_precision(
                     &prepack_rows(&wt, o, g.k(), isa.mr()),
                     g.k(),

@@ -164,12 +164,15 @@ pub(crate) fn pack_cols_into(b: Strided<'_>, n: usize, k: usize, nr: usize, dst:
 }
 
 /// The geometry of a convolution's implicit B operand: rows `k = (c, ki, kj)` (the weight's
-/// `[C, kh, kw]` order), columns `n = (oy, ox)` (the output's pixels).
+/// `[C, kh, kw]` order), columns `n = (oy, ox)` (the output's pixels). With `up == 2` the
+/// convolution sees the `[C, H, W]` image upsampled by nearest neighbour to `2H x 2W`, read
+/// from the small one (pixel `(y, x)` of the large image is `(y / 2, x / 2)`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConvGeom {
     pub c: usize,
     pub h: usize,
     pub w: usize,
+    pub up: usize,
     pub kh: usize,
     pub kw: usize,
     pub params: Conv2dParams,
@@ -217,6 +220,8 @@ pub(crate) fn pack_conv_b(
         j += len;
     }
     let runs = &runs[..n_runs];
+    // The size of the image the convolution sees.
+    let (vh, vw) = (g.h * g.up, g.w * g.up);
     for (kk, d) in dst[..kc * nr].chunks_exact_mut(nr).enumerate() {
         let k = k0 + kk;
         let (c, tap) = (k / taps, k % taps);
@@ -226,14 +231,15 @@ pub(crate) fn pack_conv_b(
         for &(j0, oy, ox0, len) in runs {
             let out = &mut d[j0..j0 + len];
             let iy = (oy * sh + ki) as isize - ph as isize;
-            if iy < 0 || iy >= g.h as isize {
+            if iy < 0 || iy >= vh as isize {
                 out.fill(0.0);
                 continue;
             }
-            let row = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+            let iy = iy as usize / g.up;
+            let row = &plane[iy * g.w..(iy + 1) * g.w];
             // Input column of output column ox: ox * sw + kj - pw.
             let first = (ox0 * sw + kj) as isize - pw as isize;
-            if sw == 1 {
+            if sw == 1 && g.up == 1 {
                 // A contiguous stretch of the row, clipped at both borders.
                 let lo = (-first).clamp(0, len as isize) as usize;
                 let hi = ((g.w as isize - first).clamp(0, len as isize)) as usize;
@@ -246,10 +252,10 @@ pub(crate) fn pack_conv_b(
             } else {
                 for (t, o) in out.iter_mut().enumerate() {
                     let ix = first + (t * sw) as isize;
-                    *o = if ix < 0 || ix >= g.w as isize {
+                    *o = if ix < 0 || ix >= vw as isize {
                         0.0
                     } else {
-                        row[ix as usize]
+                        row[ix as usize / g.up]
                     };
                 }
             }
