@@ -56,6 +56,78 @@ fn bf16_is_refused_where_the_kernels_cannot_run_it() {
     assert!(portable.with_precision(CpuPrecision::F32).is_ok());
 }
 
+/// Weights loaded in half precision stay in half precision once prepared for f32 products
+/// (half the memory), and give what the same values in f32 give.
+#[test]
+fn half_precision_weights_stay_half_and_compute_the_same() {
+    use half::{bf16, f16};
+    use sd_models::backend::{BackendBase, DType, HalfData};
+    let cpu = CpuBackend::new();
+    let data = |n: usize, s: f32| {
+        (0..n)
+            .map(|i| (i as f32 * 0.37 + s).sin())
+            .collect::<Vec<_>>()
+    };
+    let x = cpu.upload(&data(70 * 48, 0.1), &[70, 48]).unwrap();
+    let img = cpu
+        .upload(&data(2 * 8 * 9 * 9, 0.2), &[2, 8, 9, 9])
+        .unwrap();
+    let w16: Vec<f16> = data(40 * 48, 0.3).into_iter().map(f16::from_f32).collect();
+    let wb: Vec<bf16> = data(12 * 8 * 9, 0.4)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    let lin_half = cpu
+        .prepare_linear_weight(cpu.upload_half(HalfData::F16(&w16), &[40, 48]).unwrap())
+        .unwrap();
+    assert_eq!(cpu.dtype(&lin_half), DType::F16);
+    let lin_f32 = cpu
+        .prepare_linear_weight(
+            cpu.upload(
+                &w16.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                &[40, 48],
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(cpu.dtype(&lin_f32), DType::F32);
+    assert_eq!(
+        cpu.download(&cpu.linear(&x, &lin_half, None).unwrap())
+            .unwrap(),
+        cpu.download(&cpu.linear(&x, &lin_f32, None).unwrap())
+            .unwrap()
+    );
+    let conv_half = cpu
+        .prepare_conv_weight(
+            cpu.upload_half(HalfData::BF16(&wb), &[12, 8, 3, 3])
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(cpu.dtype(&conv_half), DType::BF16);
+    let conv_f32 = cpu
+        .prepare_conv_weight(
+            cpu.upload(
+                &wb.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                &[12, 8, 3, 3],
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let p = Conv2dParams::new(1, 1);
+    assert_eq!(
+        cpu.download(&cpu.conv2d(&img, &conv_half, None, p).unwrap())
+            .unwrap(),
+        cpu.download(&cpu.conv2d(&img, &conv_f32, None, p).unwrap())
+            .unwrap()
+    );
+    // The prepared half weight still reads back as its values.
+    assert_eq!(
+        cpu.download(&cpu.reshape(&lin_half, &[40, 48]).unwrap())
+            .unwrap(),
+        w16.iter().map(|v| v.to_f32()).collect::<Vec<_>>()
+    );
+}
+
 fn ops_once(cpu: &CpuBackend) -> Vec<Vec<f32>> {
     let data = |n: usize, s: f32| {
         (0..n)

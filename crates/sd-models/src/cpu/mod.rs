@@ -149,18 +149,21 @@ pub(crate) struct Packed {
     data: PackedData,
 }
 
-/// Packed values: f32, or bf16 pairs (half the memory).
+/// Packed values: f32, bf16 pairs for bf16 products (half the memory), or f32 panels kept
+/// in the half precision the weight was loaded in (half the memory, widened as read).
 #[derive(Debug)]
 pub(crate) enum PackedData {
     F32(Vec<f32>),
     Bf16(Vec<u32>),
+    HalfF16(Vec<f16>),
+    HalfBf16(Vec<bf16>),
 }
 
 impl PackedData {
     fn precision(&self) -> CpuPrecision {
         match self {
-            PackedData::F32(_) => CpuPrecision::F32,
             PackedData::Bf16(_) => CpuPrecision::Bf16,
+            _ => CpuPrecision::F32,
         }
     }
 
@@ -168,6 +171,18 @@ impl PackedData {
         match self {
             PackedData::F32(v) => Panels::F32(v),
             PackedData::Bf16(v) => Panels::Bf16(v),
+            PackedData::HalfF16(v) => Panels::HalfF16(v),
+            PackedData::HalfBf16(v) => Panels::HalfBf16(v),
+        }
+    }
+
+    /// Value `i` of an f32-layout packing (not of bf16 pairs).
+    fn value(&self, i: usize) -> f32 {
+        match self {
+            PackedData::F32(d) => d[i],
+            PackedData::HalfF16(d) => d[i].to_f32(),
+            PackedData::HalfBf16(d) => d[i].to_f32(),
+            PackedData::Bf16(_) => 0.0,
         }
     }
 }
@@ -200,7 +215,6 @@ impl Packed {
         for (i, row) in out.chunks_exact_mut(k.max(1)).enumerate() {
             for (kk, v) in row.iter_mut().enumerate() {
                 *v = match &self.data {
-                    PackedData::F32(d) => d[((i / p) * k + kk) * p + i % p],
                     PackedData::Bf16(d) => {
                         let pair = d[((i / p) * k.div_ceil(2) + kk / 2) * p + i % p];
                         let bits = if kk % 2 == 0 {
@@ -210,6 +224,7 @@ impl Packed {
                         };
                         f32::from_bits(bits << 16)
                     }
+                    other => other.value(((i / p) * k + kk) * p + i % p),
                 };
             }
         }
@@ -268,9 +283,14 @@ impl CpuTensor {
 
     pub(crate) fn dtype(&self) -> DType {
         match &self.data {
-            CpuData::F32(_) | CpuData::Packed(_) => DType::F32,
+            CpuData::F32(_) => DType::F32,
             CpuData::F16(_) => DType::F16,
             CpuData::BF16(_) => DType::BF16,
+            CpuData::Packed(p) => match p.data {
+                PackedData::F32(_) => DType::F32,
+                PackedData::HalfF16(_) => DType::F16,
+                PackedData::Bf16(_) | PackedData::HalfBf16(_) => DType::BF16,
+            },
         }
     }
 
@@ -331,6 +351,8 @@ impl CpuTensor {
         {
             return Ok(PanelsCow::Borrowed(p.data.panels()));
         }
+        // Packed in another layout or precision: unpacked and packed again (slow; only a
+        // weight prepared by another backend configuration comes here).
         let a = self.to_f32_array();
         let w = contiguous(&a, "packed weight")?;
         let (f32s, width) = match layout {
@@ -343,8 +365,36 @@ impl CpuTensor {
         }))
     }
 
+    /// As [`CpuTensor::packed`], keeping a half-precision weight in its half precision for
+    /// f32 products (exact: its values are halves).
+    fn packed_keeping_half(
+        &self,
+        layout: PackLayout,
+        precision: CpuPrecision,
+        rows: usize,
+        k: usize,
+    ) -> Result<PackedData> {
+        let owned = |c: PanelsCow<'_>| match c {
+            PanelsCow::Owned(d) => d,
+            PanelsCow::Borrowed(Panels::F32(v)) => PackedData::F32(v.to_vec()),
+            PanelsCow::Borrowed(Panels::Bf16(v)) => PackedData::Bf16(v.to_vec()),
+            PanelsCow::Borrowed(Panels::HalfF16(v)) => PackedData::HalfF16(v.to_vec()),
+            PanelsCow::Borrowed(Panels::HalfBf16(v)) => PackedData::HalfBf16(v.to_vec()),
+        };
+        let data = owned(self.packed(layout, precision, rows, k)?);
+        Ok(match (precision, self.dtype(), data) {
+            (CpuPrecision::F32, DType::F16, PackedData::F32(v)) => {
+                PackedData::HalfF16(v.iter().map(|&x| f16::from_f32(x)).collect())
+            }
+            (CpuPrecision::F32, DType::BF16, PackedData::F32(v)) => {
+                PackedData::HalfBf16(v.iter().map(|&x| bf16::from_f32(x)).collect())
+            }
+            (_, _, d) => d,
+        })
+    }
+
     /// This weight packed once in `layout` and `precision` (what `prepare_*_weight`
-    /// return).
+    /// return). For f32 products a half-precision weight stays in half precision.
     pub(crate) fn prepacked(
         &self,
         layout: PackLayout,
@@ -353,11 +403,7 @@ impl CpuTensor {
         let shape = self.shape().to_vec();
         let rows = shape.first().copied().unwrap_or(0);
         let k: usize = shape.iter().skip(1).product();
-        let data = match self.packed(layout, precision, rows, k)? {
-            PanelsCow::Owned(d) => d,
-            PanelsCow::Borrowed(Panels::F32(v)) => PackedData::F32(v.to_vec()),
-            PanelsCow::Borrowed(Panels::Bf16(v)) => PackedData::Bf16(v.to_vec()),
-        };
+        let data = self.packed_keeping_half(layout, precision, rows, k)?;
         Ok(CpuTensor {
             data: CpuData::Packed(Arc::new(Packed {
                 shape,

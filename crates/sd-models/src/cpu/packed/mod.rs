@@ -160,13 +160,18 @@ impl CpuPrecision {
 }
 
 /// Operand panels packed once, in the product's precision: f32 values, or bf16 pairs
-/// ([`pack::pair_packing`]).
+/// ([`pack::pair_packing`]); or f32 panels stored in half precision (weights loaded in
+/// f16 or bf16 for an f32 product), widened block by block as the product reads them.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Panels<'a> {
     /// f32 panels.
     F32(&'a [f32]),
     /// bf16 pairs.
     Bf16(&'a [u32]),
+    /// f32 panels stored as f16.
+    HalfF16(&'a [half::f16]),
+    /// f32 panels stored as bf16.
+    HalfBf16(&'a [half::bf16]),
 }
 
 /// Where A comes from.
@@ -358,15 +363,35 @@ impl<'a> Panels<'a> {
         match self {
             Panels::F32(p) => Panels::F32(&p[at..]),
             Panels::Bf16(p) => Panels::Bf16(&p[at..]),
+            Panels::HalfF16(p) => Panels::HalfF16(&p[at..]),
+            Panels::HalfBf16(p) => Panels::HalfBf16(&p[at..]),
+        }
+    }
+
+    /// Whether the panels are stored in half precision for an f32 product.
+    fn is_half(self) -> bool {
+        matches!(self, Panels::HalfF16(_) | Panels::HalfBf16(_))
+    }
+
+    /// Values `at .. at + len` of half-precision panels widened into `dst`.
+    fn widen(self, at: usize, len: usize, dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Panels::HalfF16(p) => p[at..at + len].convert_to_f32_slice(&mut dst[..len]),
+            Panels::HalfBf16(p) => p[at..at + len].convert_to_f32_slice(&mut dst[..len]),
+            Panels::F32(p) => dst[..len].copy_from_slice(&p[at..at + len]),
+            // Pairs are never widened: bf16 products read them as they are.
+            Panels::Bf16(_) => {}
         }
     }
 
     /// Group `at` (in groups of `width`) of `len` groups, in f32 or paired (`at` and `len`
-    /// then count pairs).
+    /// then count pairs). Not for half-precision panels, which are widened first.
     fn panel(self, at: usize, len: usize) -> Panel<'a> {
         match self {
             Panels::F32(p) => Panel::F32(&p[at..at + len]),
             Panels::Bf16(p) => Panel::Bf16(&p[at..at + len]),
+            Panels::HalfF16(_) | Panels::HalfBf16(_) => Panel::F32(&[]),
         }
     }
 }
@@ -390,13 +415,19 @@ unsafe fn run_block(
     const KC2: usize = KC / 2;
     let rows = blk.m1 - blk.m0;
     let a_panels = rows.div_ceil(mr);
-    if let ASource::Strided(_) = p.a {
+    // Half-precision packed operands are widened into the same buffers as operands packed
+    // on the fly.
+    let a_half = matches!(p.a, ASource::Packed(panels, _) if panels.is_half());
+    let b_half = matches!(p.b, BSource::Packed(panels) if panels.is_half());
+    let a_buffered = a_half || matches!(p.a, ASource::Strided(_));
+    let b_buffered = b_half || !matches!(p.b, BSource::Packed(_));
+    if a_buffered {
         scratch.a.resize(a_panels * KC * mr, 0.0);
         if bf16 {
             scratch.a16.resize(a_panels * KC2 * mr, 0);
         }
     }
-    if !matches!(p.b, BSource::Packed(_)) {
+    if b_buffered {
         scratch.b.resize(KC * nr, 0.0);
         if bf16 {
             scratch.b16.resize(KC2 * nr, 0);
@@ -412,30 +443,41 @@ unsafe fn run_block(
     while pc < p.k {
         let kc = KC.min(p.k - pc);
         let (kg, pg) = (kc.div_ceil(per), pc / per);
-        if let ASource::Strided(a) = p.a {
-            for (q, dst) in abuf.chunks_exact_mut(KC * mr).take(a_panels).enumerate() {
-                let r0 = blk.m0 + q * mr;
-                pack_a(a, r0, mr.min(blk.m1 - r0), pc, kc, mr, dst);
-                if bf16 {
-                    dispatch!(isa, pair_panel(dst, kc, mr, &mut a16[q * KC2 * mr..]));
+        match p.a {
+            ASource::Strided(a) => {
+                for (q, dst) in abuf.chunks_exact_mut(KC * mr).take(a_panels).enumerate() {
+                    let r0 = blk.m0 + q * mr;
+                    pack_a(a, r0, mr.min(blk.m1 - r0), pc, kc, mr, dst);
+                    if bf16 {
+                        dispatch!(isa, pair_panel(dst, kc, mr, &mut a16[q * KC2 * mr..]));
+                    }
                 }
             }
+            ASource::Packed(panels, stride) if a_half => {
+                for (q, dst) in abuf.chunks_exact_mut(KC * mr).take(a_panels).enumerate() {
+                    let panel = blk.m0 / mr + q;
+                    panels.widen((panel * stride + pc) * mr, kc * mr, dst);
+                }
+            }
+            ASource::Packed(..) => {}
         }
         let mut jr = blk.n0;
         while jr < blk.n1 {
             let cols = nr.min(blk.n1 - jr);
-            if !matches!(p.b, BSource::Packed(_)) {
+            if b_buffered {
                 match p.b {
                     BSource::Strided(b) => pack_b(b, pc, kc, jr, cols, nr, bbuf),
                     BSource::Conv(x, g) => pack_conv_b(x, &g, pc, kc, jr, cols, nr, bbuf),
-                    BSource::Packed(_) => {}
+                    BSource::Packed(panels) => {
+                        panels.widen(((jr / nr) * p.k + pc) * nr, kc * nr, bbuf);
+                    }
                 }
                 if bf16 {
                     dispatch!(isa, pair_panel(bbuf, kc, nr, b16));
                 }
             }
             let bpanel = match p.b {
-                BSource::Packed(panels) => {
+                BSource::Packed(panels) if !b_half => {
                     panels.panel(((jr / nr) * p.k.div_ceil(per) + pg) * nr, kg * nr)
                 }
                 _ if bf16 => Panel::Bf16(&b16[..kg * nr]),
@@ -445,10 +487,10 @@ unsafe fn run_block(
             while ir < blk.m1 {
                 let tile_rows = mr.min(blk.m1 - ir);
                 let apanel = match p.a {
-                    ASource::Packed(panels, stride) => {
+                    ASource::Packed(panels, stride) if !a_half => {
                         panels.panel(((ir / mr) * stride.div_ceil(per) + pg) * mr, kg * mr)
                     }
-                    ASource::Strided(_) => {
+                    _ => {
                         let q = (ir - blk.m0) / mr;
                         if bf16 {
                             Panel::Bf16(&a16[q * KC2 * mr..q * KC2 * mr + kg * mr])
