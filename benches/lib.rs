@@ -211,6 +211,26 @@ impl<B: Backend> ConvOps for Profiled<B> {
         };
         self.record(name, flops, || self.inner.conv2d(x, weight, bias, params))
     }
+
+    fn upsample_nearest2x_conv2d(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        params: Conv2dParams,
+    ) -> Result<Self::Tensor> {
+        let (sx, sw) = (self.shape(x), self.shape(weight));
+        let flops = match (sx, sw) {
+            ([n, _, h, w], [o, c, kh, kw]) => params
+                .output_size(2 * h, 2 * w, *kh, *kw)
+                .map_or(0, |(ho, wo)| 2 * product(&[*n, *o, ho, wo, *c, *kh, *kw])),
+            _ => 0,
+        };
+        self.record("upsample + conv2d 3x3", flops, || {
+            self.inner
+                .upsample_nearest2x_conv2d(x, weight, bias, params)
+        })
+    }
 }
 
 impl<B: Backend> ActivationOps for Profiled<B> {

@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use sd_models::CpuBackend;
+use sd_models::cpu::CpuPrecision;
 use sd_models::pipeline::{Image, PixelDiffusion, PixelParams, PixelSamples, SamplerChoice};
 
 /// Draws a grid of handwritten digits 0 to 9 with the embedded digits model.
@@ -55,6 +56,9 @@ struct Cli {
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Multiply in bf16 (AVX512-BF16); an error on a CPU without it.
+    #[arg(long)]
+    bf16: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -92,7 +96,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     }
 
     let t0 = Instant::now();
-    let pipe = PixelDiffusion::from_dir(CpuBackend::new(), &cli.model)?;
+    let precision = if cli.bf16 {
+        CpuPrecision::Bf16
+    } else {
+        CpuPrecision::F32
+    };
+    let pipe = PixelDiffusion::from_dir(CpuBackend::new().with_precision(precision)?, &cli.model)?;
     eprintln!("load:      {:.2} s", t0.elapsed().as_secs_f64());
 
     let classes: Vec<u32> = digits

@@ -621,5 +621,16 @@ fn fp16_variant_files_are_preferred() {
     let a = finished(p.txt2img(&q, go).unwrap());
     let b = finished(pipe().txt2img(&q, go).unwrap());
     assert_eq!(a.images, b.images);
+    // Kept in f16 in memory, the same weights give the same image: the backend widens them
+    // exactly as it reads them.
+    let half = LoadOptions {
+        fp16_variant: true,
+        weights: sd_models::weights::LoadDType::Stored,
+        ..LoadOptions::default()
+    };
+    let p = StableDiffusion::from_dir(CpuBackend::new(), &dir, &half).unwrap();
+    let c = finished(p.txt2img(&q, go).unwrap());
+    assert_eq!(a.images, c.images);
+    assert_eq!(a.latents, c.latents);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -21,8 +21,12 @@ use crate::weights::{LoadDType, Variant};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Prefer the `fp16` variant files (`*.fp16.safetensors`) of each component folder,
-    /// falling back to the default files; weights are computed in `f32` either way.
+    /// falling back to the default files.
     pub fp16_variant: bool,
+    /// The precision the weights are handed to the backend in: `F32` (the default) widens
+    /// half-precision files; [`LoadDType::Stored`] keeps them as stored, which halves the
+    /// weights' memory on the CPU backend (its f32 products widen them as they read them).
+    pub weights: LoadDType,
     /// Unused weights are an error (otherwise ignored).
     pub strict: bool,
     /// The tokenizer folder (`vocab.json`, `merges.txt`, optionally the tokenizer configs).
@@ -90,15 +94,22 @@ impl<B: Backend> StableDiffusion<B> {
             .clone()
             .unwrap_or_else(|| dir.join("tokenizer"));
         let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
-        let text_encoder = ClipTextModel::from_dir(
+        let (strict, dtype) = (options.strict, options.weights);
+        let text_encoder = ClipTextModel::from_dir_as(
             &backend,
             dir.join("text_encoder"),
             &variants,
-            options.strict,
+            strict,
+            dtype,
         )?;
-        let unet =
-            Unet2DConditionModel::from_dir(&backend, dir.join("unet"), &variants, options.strict)?;
-        let vae = AutoencoderKl::from_dir(&backend, dir.join("vae"), &variants, options.strict)?;
+        let unet = Unet2DConditionModel::from_dir_as(
+            &backend,
+            dir.join("unet"),
+            &variants,
+            strict,
+            dtype,
+        )?;
+        let vae = AutoencoderKl::from_dir_as(&backend, dir.join("vae"), &variants, strict, dtype)?;
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         let scheduler = scheduler_config(
             &read(&scheduler_path)?,
@@ -145,11 +156,11 @@ impl<B: Backend> StableDiffusion<B> {
         };
         let unet_config =
             Unet2DConditionConfig::from_json(&config_json(Component::Unet)?, &what("unet"))?;
-        let unet = Unet2DConditionModel::load(&backend, file.unet(), unet_config, LoadDType::F32)?;
+        let unet = Unet2DConditionModel::load(&backend, file.unet(), unet_config, options.weights)?;
         let vae_config =
             AutoencoderKlConfig::from_json(&config_json(Component::Vae)?, &what("vae"))?;
         let vae_store = file.vae().ok_or_else(|| missing(Component::Vae))?;
-        let vae = AutoencoderKl::load(&backend, vae_store, vae_config, LoadDType::F32)?;
+        let vae = AutoencoderKl::load(&backend, vae_store, vae_config, options.weights)?;
         let text_config = ClipTextConfig::from_json(
             &config_json(Component::TextEncoder)?,
             &what("text_encoder"),
@@ -157,7 +168,7 @@ impl<B: Backend> StableDiffusion<B> {
         let text_store = file
             .text_encoder()
             .ok_or_else(|| missing(Component::TextEncoder))?;
-        let text_encoder = ClipTextModel::load(&backend, text_store, text_config, LoadDType::F32)?;
+        let text_encoder = ClipTextModel::load(&backend, text_store, text_config, options.weights)?;
         file.finish()?;
         let scheduler = scheduler_config(
             &Value::Object(file.scheduler_config().clone()).to_string(),

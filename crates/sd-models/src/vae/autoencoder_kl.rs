@@ -444,13 +444,29 @@ impl<B: Backend> AutoencoderKl<B> {
         variants: &[Variant],
         strict: bool,
     ) -> Result<Self> {
+        Self::from_dir_as(backend, dir, variants, strict, LoadDType::F32)
+    }
+
+    /// As [`from_dir`](Self::from_dir), with the weights handed to the backend in `dtype`:
+    /// [`LoadDType::Stored`] keeps a half-precision file in its precision, which halves the
+    /// weights' memory on the CPU backend.
+    ///
+    /// # Errors
+    /// As [`from_dir`](Self::from_dir).
+    pub fn from_dir_as(
+        backend: &B,
+        dir: impl AsRef<Path>,
+        variants: &[Variant],
+        strict: bool,
+        dtype: LoadDType,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = AutoencoderKlConfig::from_file(dir.join("config.json"))?;
         let store = OpenOptions::new()
             .rename(|k| Some(rename_legacy_attention(k)))
             .strict(strict)
             .open_folder(dir, variants)?;
-        let model = Self::load(backend, &store, config, LoadDType::F32)?;
+        let model = Self::load(backend, &store, config, dtype)?;
         store.finish()?;
         Ok(model)
     }
