@@ -14,6 +14,7 @@ use sd_models::CpuBackend;
 use sd_models::backend::{
     AttentionMask, AttentionOps, Conv2dParams, ConvOps, DataOps, MatmulOps, NormOps,
 };
+use sd_models::cpu::CpuPrecision;
 
 fn data(n: usize, seed: f32) -> Vec<f32> {
     (0..n)
@@ -64,6 +65,30 @@ fn bench(c: &mut Criterion) {
                 })
             },
         );
+    }
+    g.finish();
+
+    // The VAE decoder's 3x3 convolutions at a 64x64 latent (512 pixels), in f32 and with
+    // bf16 products (where the CPU has AVX512-BF16).
+    let bf16 = CpuBackend::new().with_precision(CpuPrecision::Bf16).ok();
+    let mut g = c.benchmark_group("vae_conv3x3");
+    g.sample_size(10);
+    for (hw, ch) in [(64, 512), (128, 256), (256, 128)] {
+        for (name, backend) in [("f32", Some(cpu)), ("bf16", bf16)] {
+            let Some(b) = backend else { continue };
+            let x = b
+                .upload(&data(ch * hw * hw, 0.3), &[1, ch, hw, hw])
+                .unwrap();
+            let w = b
+                .prepare_conv_weight(b.upload(&data(ch * ch * 9, 0.4), &[ch, ch, 3, 3]).unwrap())
+                .unwrap();
+            g.throughput(Throughput::Elements((2 * ch * ch * 9 * hw * hw) as u64));
+            g.bench_with_input(
+                BenchmarkId::new(name, format!("{hw}x{hw}x{ch}")),
+                &(),
+                |bch, _| bch.iter(|| b.conv2d(&x, &w, None, Conv2dParams::new(1, 1)).unwrap()),
+            );
+        }
     }
     g.finish();
 

@@ -26,6 +26,9 @@ use pack::{ConvGeom, Strided, pack_a, pack_b, pack_conv_b, pair_panel};
 pub(crate) const KC: usize = 192;
 /// The most rows of C one task covers: its A block (`MC x KC`) stays in L2.
 const MC: usize = 480;
+/// The bytes of C one task covers at most when B is packed on the fly: the block is
+/// revisited for every `KC` block of `K`, so it should stay in L2.
+const C_BLOCK_BYTES: usize = 384 << 10;
 
 /// Which microkernel family runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -263,6 +266,13 @@ fn blocks(isa: CpuIsa, p: &Product<'_>, threads: usize) -> Vec<Block> {
         rows = rows.max(want.min(p.m.div_ceil(mr)));
     } else {
         cols = want.div_ceil(rows).min(p.n.div_ceil(nr));
+        // Columns for the C block to stay in L2 (splitting them costs no packing when A is
+        // packed once).
+        let block_rows = p.m.div_ceil(rows).max(1);
+        let max_cols = (C_BLOCK_BYTES / (4 * block_rows)).max(nr);
+        cols = cols
+            .max(p.n.div_ceil(max_cols))
+            .min(p.n.div_ceil(nr).max(1));
     }
     // Still too few tasks (a short dimension): split the other one too.
     if rows * cols < want {
@@ -447,7 +457,7 @@ unsafe fn run_block(
             ASource::Strided(a) => {
                 for (q, dst) in abuf.chunks_exact_mut(KC * mr).take(a_panels).enumerate() {
                     let r0 = blk.m0 + q * mr;
-                    pack_a(a, r0, mr.min(blk.m1 - r0), pc, kc, mr, dst);
+                    dispatch!(isa, pack_a(a, r0, mr.min(blk.m1 - r0), pc, kc, mr, dst));
                     if bf16 {
                         dispatch!(isa, pair_panel(dst, kc, mr, &mut a16[q * KC2 * mr..]));
                     }
@@ -465,9 +475,14 @@ unsafe fn run_block(
         while jr < blk.n1 {
             let cols = nr.min(blk.n1 - jr);
             if b_buffered {
+                // Compiled for the widest vectors too: the packing copies are short runs.
                 match p.b {
-                    BSource::Strided(b) => pack_b(b, pc, kc, jr, cols, nr, bbuf),
-                    BSource::Conv(x, g) => pack_conv_b(x, &g, pc, kc, jr, cols, nr, bbuf),
+                    BSource::Strided(b) => {
+                        dispatch!(isa, pack_b(b, pc, kc, jr, cols, nr, bbuf));
+                    }
+                    BSource::Conv(x, g) => {
+                        dispatch!(isa, pack_conv_b(x, &g, pc, kc, jr, cols, nr, bbuf));
+                    }
                     BSource::Packed(panels) => {
                         panels.widen(((jr / nr) * p.k + pc) * nr, kc * nr, bbuf);
                     }

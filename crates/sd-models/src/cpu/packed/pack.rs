@@ -28,6 +28,7 @@ impl Strided<'_> {
 
 /// Packs rows `r0 .. r0 + rows` (`rows <= mr`) and columns `k0 .. k0 + kc` of `a` into an A
 /// micro-panel.
+#[inline(always)]
 pub(crate) fn pack_a(
     a: Strided<'_>,
     r0: usize,
@@ -66,6 +67,7 @@ pub(crate) fn pack_a(
 
 /// Packs rows `k0 .. k0 + kc` and columns `n0 .. n0 + cols` (`cols <= nr`) of `b` into a B
 /// micro-panel.
+#[inline(always)]
 pub(crate) fn pack_b(
     b: Strided<'_>,
     k0: usize,
@@ -195,6 +197,7 @@ impl ConvGeom {
 /// Packs rows `k0 .. k0 + kc` and pixels `n0 .. n0 + cols` of the unfolded image `x
 /// [C, H, W]` into a B micro-panel, reading the image directly.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub(crate) fn pack_conv_b(
     x: &[f32],
     g: &ConvGeom,
@@ -222,10 +225,21 @@ pub(crate) fn pack_conv_b(
     let runs = &runs[..n_runs];
     // The size of the image the convolution sees.
     let (vh, vw) = (g.h * g.up, g.w * g.up);
-    for (kk, d) in dst[..kc * nr].chunks_exact_mut(nr).enumerate() {
-        let k = k0 + kk;
-        let (c, tap) = (k / taps, k % taps);
-        let (ki, kj) = (tap / g.kw, tap % g.kw);
+    // (c, ki, kj) of row k0, then stepped along (no division per row).
+    let (mut c, tap) = (k0 / taps, k0 % taps);
+    let (mut ki, mut kj) = (tap / g.kw, tap % g.kw);
+    for d in dst[..kc * nr].chunks_exact_mut(nr) {
+        let (c_now, ki_now, kj_now) = (c, ki, kj);
+        kj += 1;
+        if kj == g.kw {
+            kj = 0;
+            ki += 1;
+            if ki == g.kh {
+                ki = 0;
+                c += 1;
+            }
+        }
+        let (c, ki, kj) = (c_now, ki_now, kj_now);
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         d[cols..].fill(0.0);
         for &(j0, oy, ox0, len) in runs {
@@ -246,7 +260,15 @@ pub(crate) fn pack_conv_b(
                 out[..lo].fill(0.0);
                 if hi > lo {
                     let s = (first + lo as isize) as usize;
-                    out[lo..hi].copy_from_slice(&row[s..s + (hi - lo)]);
+                    // A loop, not copy_from_slice: a call to memmove per run of at most
+                    // `nr` values costs more than the copy.
+                    for (o, &v) in out[lo..hi].iter_mut().zip(&row[s..s + (hi - lo)]) {
+                        *o = v;
+                    }
+                    // The next micro-panel reads the next `nr` values of these rows: dozens
+                    // of streams at once, more than the hardware prefetchers follow.
+                    prefetch(row, s + nr);
+                    prefetch(row, s + nr + 16);
                 }
                 out[hi.max(lo)..].fill(0.0);
             } else {
@@ -261,6 +283,23 @@ pub(crate) fn pack_conv_b(
             }
         }
     }
+}
+
+/// Asks for the cache line holding `data[at]` (nothing past the slice's end).
+#[inline(always)]
+fn prefetch(data: &[f32], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < data.len() {
+        // SAFETY: prefetching has no effect on memory or on the program's state; the address
+        // is inside the slice anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                data.as_ptr().add(at).cast(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, at);
 }
 
 /// `x` rounded to bfloat16 (to nearest, ties to even; NaN stays NaN), as its 16 bits.
