@@ -2,7 +2,7 @@
 //!
 //! Throughput is in floating-point operations (criterion's "elem/s" = FLOP/s; a multiply-add
 //! counts 2), so each kernel's rate reads directly against `peak/sgemm_2048`, a large square
-//! f32 GEMM through the same `gemm` crate call the backend makes: the fraction of the
+//! f32 GEMM through the backend's own packed GEMM, the one every product uses: the fraction of the
 //! measured peak is the ratio of the two rates. Run:
 //! `cargo bench -p sd-benches --bench cpu_kernels`.
 

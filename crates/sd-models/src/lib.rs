@@ -3,7 +3,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`backend`] | the `Backend` trait (op families with defaults) and its conformance suite |
-//! | [`cpu`] | `CpuBackend`: ndarray, rayon and the `gemm` crate |
+//! | [`cpu`] | `CpuBackend`: its own packed GEMM (AVX-512, AVX2, portable; f32 or bf16 products), fused attention, rayon |
 //! | [`weights`] | memory-mapped safetensors (folders, shards, fp16 variants, single-file CompVis checkpoints), typed keys, checked shapes |
 //! | [`clip`] | the CLIP tokenizer and text encoder (SD 1.x and 2.x) |
 //! | [`unet`] | `UNet2DConditionModel` (SD 1.x, 2.x, inpainting) and `UNet2DModel` (pixel-space DDPM) |

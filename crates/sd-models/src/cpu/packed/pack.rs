@@ -168,7 +168,7 @@ pub(crate) fn pack_cols_into(b: Strided<'_>, n: usize, k: usize, nr: usize, dst:
 /// The geometry of a convolution's implicit B operand: rows `k = (c, ki, kj)` (the weight's
 /// `[C, kh, kw]` order), columns `n = (oy, ox)` (the output's pixels). With `up == 2` the
 /// convolution sees the `[C, H, W]` image upsampled by nearest neighbour to `2H x 2W`, read
-/// from the small one (pixel `(y, x)` of the large image is `(y / 2, x / 2)`).
+/// from the small one (pixel `(y, x)` of the large image is `(y / 2, x / 2)`); `up` is 1 or 2.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConvGeom {
     pub c: usize,
@@ -223,8 +223,10 @@ pub(crate) fn pack_conv_b(
         j += len;
     }
     let runs = &runs[..n_runs];
-    // The size of the image the convolution sees.
+    // The size of the image the convolution sees, and the shift from its coordinates to
+    // the stored image's (`up` is 1 or 2).
     let (vh, vw) = (g.h * g.up, g.w * g.up);
+    let shift = g.up.trailing_zeros();
     // (c, ki, kj) of row k0, then stepped along (no division per row).
     let (mut c, tap) = (k0 / taps, k0 % taps);
     let (mut ki, mut kj) = (tap / g.kw, tap % g.kw);
@@ -249,7 +251,7 @@ pub(crate) fn pack_conv_b(
                 out.fill(0.0);
                 continue;
             }
-            let iy = iy as usize / g.up;
+            let iy = iy as usize >> shift;
             let row = &plane[iy * g.w..(iy + 1) * g.w];
             // Input column of output column ox: ox * sw + kj - pw.
             let first = (ox0 * sw + kj) as isize - pw as isize;
@@ -271,13 +273,22 @@ pub(crate) fn pack_conv_b(
                     prefetch(row, s + nr + 16);
                 }
                 out[hi.max(lo)..].fill(0.0);
+            } else if sw == 1 {
+                // Upsampled, stride 1: each input value twice, clipped at both borders.
+                let lo = (-first).clamp(0, len as isize) as usize;
+                let hi = ((vw as isize - first).clamp(0, len as isize)) as usize;
+                out[..lo].fill(0.0);
+                for (t, o) in out.iter_mut().enumerate().take(hi).skip(lo) {
+                    *o = row[(first + t as isize) as usize >> shift];
+                }
+                out[hi.max(lo)..].fill(0.0);
             } else {
                 for (t, o) in out.iter_mut().enumerate() {
                     let ix = first + (t * sw) as isize;
                     *o = if ix < 0 || ix >= vw as isize {
                         0.0
                     } else {
-                        row[ix as usize / g.up]
+                        row[ix as usize >> shift]
                     };
                 }
             }
