@@ -363,3 +363,68 @@ pub fn median(times: &mut [Duration]) -> Duration {
     times.sort();
     times.get(times.len() / 2).copied().unwrap_or_default()
 }
+
+/// The machine's arithmetic peak on `threads` threads, in GFLOP/s: a loop of independent
+/// AVX-512 f32 fused multiply-adds, and of AVX512-BF16 dot products (`vdpbf16ps`, 64
+/// FLOP each), where the CPU has them. What the GEMMs are measured against besides the
+/// 2048^3 product.
+pub fn fma_peak(threads: usize) -> (Option<f64>, Option<f64>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+
+        const ITERS: usize = 20_000_000;
+
+        #[target_feature(enable = "avx512f")]
+        fn fma_loop() -> f32 {
+            let a = _mm512_set1_ps(1.000_000_1);
+            let b = _mm512_set1_ps(0.999_999_9);
+            let mut acc = [_mm512_setzero_ps(); 12];
+            for _ in 0..ITERS {
+                for r in acc.iter_mut() {
+                    *r = _mm512_fmadd_ps(*r, a, b);
+                }
+            }
+            acc.iter().map(|&r| _mm512_reduce_add_ps(r)).sum()
+        }
+
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        fn dp_loop() -> f32 {
+            // SAFETY: a bf16 vector is 512 bits like the integer one it is made from.
+            let one: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi16(0x3f80)) };
+            let mut acc = [_mm512_setzero_ps(); 12];
+            for _ in 0..ITERS {
+                for r in acc.iter_mut() {
+                    *r = _mm512_dpbf16_ps(*r, one, one);
+                }
+            }
+            acc.iter().map(|&r| _mm512_reduce_add_ps(r)).sum()
+        }
+
+        let time = |f: fn() -> f32, flops_per_iter: f64| {
+            let t0 = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| std::hint::black_box(f()));
+                }
+            });
+            (ITERS * threads) as f64 * flops_per_iter / t0.elapsed().as_secs_f64() / 1e9
+        };
+        let f32_peak = std::arch::is_x86_feature_detected!("avx512f").then(|| {
+            // SAFETY: AVX-512F was detected.
+            time(|| unsafe { fma_loop() }, 12.0 * 16.0 * 2.0)
+        });
+        let bf16_peak = (std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16"))
+        .then(|| {
+            // SAFETY: AVX-512F and AVX512-BF16 were detected.
+            time(|| unsafe { dp_loop() }, 12.0 * 16.0 * 4.0)
+        });
+        (f32_peak, bf16_peak)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        (None, None)
+    }
+}

@@ -252,11 +252,16 @@ fn main() {
     }
     // The peak first, in this process; then each network in a fresh process, so that each
     // peak RSS is that network's own.
-    let peak = gemm_peak(&CpuBackend::new());
+    let threads = rayon::current_num_threads();
+    let (fma, dp) = sd_benches::fma_peak(threads);
+    let show = |v: Option<f64>| v.map_or("n/a".to_string(), |g| format!("{g:.1} GFLOP/s"));
     println!(
-        "peak    f32 GEMM 2048^3 through the backend {peak:>8.1} GFLOP/s ({} threads)",
-        rayon::current_num_threads()
+        "peak    AVX-512 f32 FMA loop {}, AVX512-BF16 dot-product loop {} ({threads} threads)",
+        show(fma),
+        show(dp)
     );
+    let peak = gemm_peak(&CpuBackend::new());
+    println!("peak    f32 GEMM 2048^3 through the backend {peak:>8.1} GFLOP/s ({threads} threads)");
     let exe = std::env::current_exe().unwrap();
     for name in o.names.iter().filter(|n| *n != "peak") {
         let mut cmd = std::process::Command::new(&exe);
