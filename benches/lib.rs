@@ -162,6 +162,16 @@ fn product(shape: &[usize]) -> u64 {
     shape.iter().map(|&d| d as u64).product()
 }
 
+/// The work of a convolution of `x` (upsampled `up` times) with `weight`.
+fn conv_flops(sx: &[usize], sw: &[usize], params: Conv2dParams, up: usize) -> u64 {
+    match (sx, sw) {
+        ([n, _, h, w], [o, c, kh, kw]) => params
+            .output_size(up * h, up * w, *kh, *kw)
+            .map_or(0, |(ho, wo)| 2 * product(&[*n, *o, ho, wo, *c, *kh, *kw])),
+        _ => 0,
+    }
+}
+
 impl<B: Backend> MatmulOps for Profiled<B> {
     fn prepare_linear_weight(&self, weight: Self::Tensor) -> Result<Self::Tensor> {
         self.inner.prepare_linear_weight(weight)
@@ -199,12 +209,7 @@ impl<B: Backend> ConvOps for Profiled<B> {
         params: Conv2dParams,
     ) -> Result<Self::Tensor> {
         let (sx, sw) = (self.shape(x), self.shape(weight));
-        let flops = match (sx, sw) {
-            ([n, _, h, w], [o, c, kh, kw]) => params
-                .output_size(*h, *w, *kh, *kw)
-                .map_or(0, |(ho, wo)| 2 * product(&[*n, *o, ho, wo, *c, *kh, *kw])),
-            _ => 0,
-        };
+        let flops = conv_flops(sx, sw, params, 1);
         let name = match sw {
             [_, _, 1, 1] => "conv2d 1x1",
             _ => "conv2d 3x3",
@@ -219,13 +224,7 @@ impl<B: Backend> ConvOps for Profiled<B> {
         bias: Option<&Self::Tensor>,
         params: Conv2dParams,
     ) -> Result<Self::Tensor> {
-        let (sx, sw) = (self.shape(x), self.shape(weight));
-        let flops = match (sx, sw) {
-            ([n, _, h, w], [o, c, kh, kw]) => params
-                .output_size(2 * h, 2 * w, *kh, *kw)
-                .map_or(0, |(ho, wo)| 2 * product(&[*n, *o, ho, wo, *c, *kh, *kw])),
-            _ => 0,
-        };
+        let flops = conv_flops(self.shape(x), self.shape(weight), params, 2);
         self.record("upsample + conv2d 3x3", flops, || {
             self.inner
                 .upsample_nearest2x_conv2d(x, weight, bias, params)
@@ -356,6 +355,19 @@ pub fn minor_faults() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(7)?.parse().ok()
+}
+
+/// The weight dtype a `--dtype f32|f16|bf16` argument names.
+///
+/// # Errors
+/// The argument, if it names none of them.
+pub fn parse_dtype(arg: Option<&str>) -> std::result::Result<DType, String> {
+    match arg {
+        Some("f32") => Ok(DType::F32),
+        Some("f16") => Ok(DType::F16),
+        Some("bf16") => Ok(DType::BF16),
+        other => Err(format!("--dtype f32|f16|bf16, not {other:?}")),
+    }
 }
 
 /// The median of some durations (0 for none).

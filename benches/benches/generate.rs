@@ -39,12 +39,7 @@ fn main() {
             "--steps" => steps = args.next().and_then(|v| v.parse().ok()).expect("--steps N"),
             "--bf16" => bf16 = true,
             "--dtype" => {
-                dtype = match args.next().as_deref() {
-                    Some("f32") => DType::F32,
-                    Some("f16") => DType::F16,
-                    Some("bf16") => DType::BF16,
-                    other => panic!("--dtype f32|f16|bf16, not {other:?}"),
-                }
+                dtype = sd_benches::parse_dtype(args.next().as_deref()).unwrap();
             }
             "--bench" => {}
             other => panic!("unknown argument {other:?}"),

@@ -58,12 +58,7 @@ fn options() -> Options {
             "--runs" => o.runs = args.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--profile" => o.profile = true,
             "--dtype" => {
-                o.dtype = match args.next().as_deref() {
-                    Some("f32") => DType::F32,
-                    Some("f16") => DType::F16,
-                    Some("bf16") => DType::BF16,
-                    other => panic!("--dtype f32|f16|bf16, not {other:?}"),
-                }
+                o.dtype = sd_benches::parse_dtype(args.next().as_deref()).unwrap();
             }
             "--child" => o.child = true,
             "--bf16" => o.bf16 = true,

@@ -31,6 +31,97 @@ pub(crate) const AVX512_MR: usize = 12;
 #[cfg(target_arch = "x86_64")]
 pub(crate) const AVX512_NR: usize = 32;
 
+/// The accumulators of a 12 x 32 AVX-512 tile: two vectors of 16 columns per row.
+#[cfg(target_arch = "x86_64")]
+type Tile512 = ([__m512; AVX512_MR], [__m512; AVX512_MR]);
+
+/// The write masks of a tile's two column halves for `cols <= 32` valid columns.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn masks512(cols: usize) -> (__mmask16, __mmask16) {
+    let m0 = if cols >= 16 {
+        0xffff
+    } else {
+        (1u32 << cols) as u16 - 1
+    };
+    let m1 = if cols >= 32 {
+        0xffff
+    } else if cols > 16 {
+        (1u32 << (cols - 16)) as u16 - 1
+    } else {
+        0
+    };
+    (m0, m1)
+}
+
+/// A tile's accumulators as `init` says.
+///
+/// # Safety
+/// AVX-512F; `c` addresses `rows` rows of the masked columns `ldc` apart; the `Init`
+/// pointer holds `rows` (`Row`) or the masked columns (`Col`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn start512(
+    init: Init,
+    c: *const f32,
+    ldc: usize,
+    rows: usize,
+    (m0, m1): (__mmask16, __mmask16),
+) -> Tile512 {
+    let mut lo = [_mm512_setzero_ps(); AVX512_MR];
+    let mut hi = [_mm512_setzero_ps(); AVX512_MR];
+    // SAFETY: the caller's contract covers every offset; masked loads read only valid
+    // columns, and no row past `rows` is read.
+    unsafe {
+        match init {
+            Init::Zero => {}
+            Init::Load => {
+                for r in 0..rows.min(AVX512_MR) {
+                    lo[r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
+                    hi[r] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16));
+                }
+            }
+            Init::Row(bias) => {
+                for r in 0..rows.min(AVX512_MR) {
+                    lo[r] = _mm512_set1_ps(*bias.add(r));
+                    hi[r] = lo[r];
+                }
+            }
+            Init::Col(bias) => {
+                let b0 = _mm512_maskz_loadu_ps(m0, bias);
+                let b1 = _mm512_maskz_loadu_ps(m1, bias.add(16));
+                lo = [b0; AVX512_MR];
+                hi = [b1; AVX512_MR];
+            }
+        }
+    }
+    (lo, hi)
+}
+
+/// Stores a tile's first `rows` rows, masked to its valid columns.
+///
+/// # Safety
+/// AVX-512F; `c` addresses `rows` rows of the masked columns `ldc` apart, writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store512(
+    (lo, hi): &Tile512,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    (m0, m1): (__mmask16, __mmask16),
+) {
+    for r in 0..rows.min(AVX512_MR) {
+        // SAFETY: the caller's contract; the masks keep the stores to valid columns.
+        unsafe {
+            _mm512_mask_storeu_ps(c.add(r * ldc), m0, lo[r]);
+            _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, hi[r]);
+        }
+    }
+}
+
 /// `C (+)= A B` for a tile of `rows <= 12` by `cols <= 32`.
 ///
 /// # Safety
@@ -50,65 +141,23 @@ pub(crate) unsafe fn avx512_f32(
     cols: usize,
     init: Init,
 ) {
-    const MR: usize = AVX512_MR;
-    const NR: usize = AVX512_NR;
-    let m0: __mmask16 = if cols >= 16 {
-        0xffff
-    } else {
-        (1u32 << cols) as u16 - 1
-    };
-    let m1: __mmask16 = if cols >= 32 {
-        0xffff
-    } else if cols > 16 {
-        (1u32 << (cols - 16)) as u16 - 1
-    } else {
-        0
-    };
-    // SAFETY (whole body): the caller's contract covers every pointer offset below; masked
-    // loads and stores touch only the `cols` valid columns, rows past `rows` are never
-    // loaded or stored.
+    let masks = masks512(cols);
+    // SAFETY (whole body): the caller's contract covers every pointer offset below.
     unsafe {
-        let mut lo = [_mm512_setzero_ps(); MR];
-        let mut hi = [_mm512_setzero_ps(); MR];
-        match init {
-            Init::Zero => {}
-            Init::Load => {
-                for r in 0..rows.min(MR) {
-                    lo[r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
-                    hi[r] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16));
-                }
-            }
-            Init::Row(bias) => {
-                for r in 0..rows.min(MR) {
-                    lo[r] = _mm512_set1_ps(*bias.add(r));
-                    hi[r] = lo[r];
-                }
-            }
-            Init::Col(bias) => {
-                let b0 = _mm512_maskz_loadu_ps(m0, bias);
-                let b1 = _mm512_maskz_loadu_ps(m1, bias.add(16));
-                for r in 0..MR {
-                    lo[r] = b0;
-                    hi[r] = b1;
-                }
-            }
-        }
+        let (mut lo, mut hi) = start512(init, c, ldc, rows, masks);
         let (mut a, mut b) = (a, b);
         for _ in 0..kc {
             let b0 = _mm512_loadu_ps(b);
             let b1 = _mm512_loadu_ps(b.add(16));
-            for r in 0..MR {
+            for r in 0..AVX512_MR {
                 let av = _mm512_set1_ps(*a.add(r));
                 lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
                 hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
             }
-            a = a.add(MR);
-            b = b.add(NR);
+            a = a.add(AVX512_MR);
+            b = b.add(AVX512_NR);
         }
-        for r in 0..rows.min(MR) {
-            _mm512_mask_storeu_ps(c.add(r * ldc), m0, lo[r]);
-            _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, hi[r]);
-        }
+        store512(&(lo, hi), c, ldc, rows, masks);
     }
 }
 
@@ -133,64 +182,24 @@ pub(crate) unsafe fn avx512_bf16(
     cols: usize,
     init: Init,
 ) {
-    const MR: usize = AVX512_MR;
-    const NR: usize = AVX512_NR;
-    let m0: __mmask16 = if cols >= 16 {
-        0xffff
-    } else {
-        (1u32 << cols) as u16 - 1
-    };
-    let m1: __mmask16 = if cols >= 32 {
-        0xffff
-    } else if cols > 16 {
-        (1u32 << (cols - 16)) as u16 - 1
-    } else {
-        0
-    };
+    let masks = masks512(cols);
     // SAFETY (whole body): as for `avx512_f32`; the bf16 vectors are reinterpretations of
     // integer vectors of the same width.
     unsafe {
-        let mut lo = [_mm512_setzero_ps(); MR];
-        let mut hi = [_mm512_setzero_ps(); MR];
-        match init {
-            Init::Zero => {}
-            Init::Load => {
-                for r in 0..rows.min(MR) {
-                    lo[r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
-                    hi[r] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16));
-                }
-            }
-            Init::Row(bias) => {
-                for r in 0..rows.min(MR) {
-                    lo[r] = _mm512_set1_ps(*bias.add(r));
-                    hi[r] = lo[r];
-                }
-            }
-            Init::Col(bias) => {
-                let b0 = _mm512_maskz_loadu_ps(m0, bias);
-                let b1 = _mm512_maskz_loadu_ps(m1, bias.add(16));
-                for r in 0..MR {
-                    lo[r] = b0;
-                    hi[r] = b1;
-                }
-            }
-        }
+        let (mut lo, mut hi) = start512(init, c, ldc, rows, masks);
         let (mut a, mut b) = (a, b);
         for _ in 0..kc2 {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
-            for r in 0..MR {
+            for r in 0..AVX512_MR {
                 let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r) as i32));
                 lo[r] = _mm512_dpbf16_ps(lo[r], av, b0);
                 hi[r] = _mm512_dpbf16_ps(hi[r], av, b1);
             }
-            a = a.add(MR);
-            b = b.add(NR);
+            a = a.add(AVX512_MR);
+            b = b.add(AVX512_NR);
         }
-        for r in 0..rows.min(MR) {
-            _mm512_mask_storeu_ps(c.add(r * ldc), m0, lo[r]);
-            _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, hi[r]);
-        }
+        store512(&(lo, hi), c, ldc, rows, masks);
     }
 }
 
