@@ -7,8 +7,9 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use sd_core::PredictionType;
 use sd_models::CpuBackend;
 use sd_models::cpu::CpuPrecision;
 use sd_models::pipeline::{
@@ -16,6 +17,29 @@ use sd_models::pipeline::{
     StableDiffusion,
 };
 use sd_models::weights::LoadDType;
+use sd_models::weights::compvis::SingleFileOptions;
+
+/// What a single-file checkpoint's UNet predicts, by diffusers' names.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Predicts {
+    /// The noise (SD 1.x, SD 2.x base at 512 pixels).
+    Epsilon,
+    /// The velocity (SD 2.x at 768 pixels).
+    #[value(name = "v_prediction")]
+    Velocity,
+    /// The clean image.
+    Sample,
+}
+
+impl From<Predicts> for PredictionType {
+    fn from(p: Predicts) -> Self {
+        match p {
+            Predicts::Epsilon => PredictionType::Epsilon,
+            Predicts::Velocity => PredictionType::VPrediction,
+            Predicts::Sample => PredictionType::Sample,
+        }
+    }
+}
 
 /// The arguments every image program takes.
 #[derive(Debug, Args)]
@@ -68,6 +92,13 @@ pub struct Common {
     /// The tokenizer folder (required for a single-file checkpoint).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// What a single-file checkpoint's UNet predicts, instead of the default for its kind
+    /// (diffusers' rule: v_prediction for SD 2.x text-to-image files, else epsilon).
+    #[arg(long, value_enum)]
+    pub prediction_type: Option<Predicts>,
+    /// Load a single-file checkpoint's EMA copy of the UNet (`model_ema.*`).
+    #[arg(long)]
+    pub ema: bool,
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -126,7 +157,12 @@ impl Common {
                 .build_global()?;
         }
         let t0 = Instant::now();
+        let mut single_file = SingleFileOptions::new().ema(self.ema);
+        if let Some(p) = self.prediction_type {
+            single_file = single_file.prediction_type(p.into());
+        }
         let options = LoadOptions {
+            single_file,
             fp16_variant: self.fp16,
             strict: false,
             tokenizer: self.tokenizer.clone(),

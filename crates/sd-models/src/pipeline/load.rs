@@ -33,6 +33,11 @@ pub struct LoadOptions {
     /// Required for a single-file checkpoint, which carries no tokenizer; for a diffusers
     /// folder it replaces the folder's `tokenizer/`.
     pub tokenizer: Option<PathBuf>,
+    /// How a single-file checkpoint is read: what inference cannot see (the kind, the
+    /// prediction type, config fields such as head or group counts) and EMA or not. Its own
+    /// dtype and strictness are replaced by [`weights`](Self::weights) and
+    /// [`strict`](Self::strict). Unused for a diffusers folder.
+    pub single_file: SingleFileOptions,
 }
 
 impl LoadOptions {
@@ -119,8 +124,8 @@ impl<B: Backend> StableDiffusion<B> {
     }
 
     /// Loads a single-file CompVis checkpoint (SD 1.x or 2.x, inpainting included) with every
-    /// config inferred (see [`crate::weights::compvis`]), and the tokenizer from
-    /// [`LoadOptions::tokenizer`].
+    /// config inferred (see [`crate::weights::compvis`]) except what
+    /// [`LoadOptions::single_file`] sets, and the tokenizer from [`LoadOptions::tokenizer`].
     ///
     /// # Errors
     /// [`Error::Config`] if no tokenizer folder is given, or the file has no VAE or text
@@ -140,7 +145,12 @@ impl<B: Backend> StableDiffusion<B> {
             });
         };
         let tokenizer = ClipTokenizer::from_dir(tokenizer_dir)?;
-        let file = SingleFileOptions::new().strict(options.strict).open(path)?;
+        let file = options
+            .single_file
+            .clone()
+            .dtype(options.weights)
+            .strict(options.strict)
+            .open(path)?;
         let what = |c: &str| format!("{}: {c} config", path.display());
         let config_json = |component: Component| -> Result<String> {
             file.config(component)

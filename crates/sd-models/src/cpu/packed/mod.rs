@@ -767,6 +767,11 @@ mod tests {
                 (6, 9, 9, 7, 1, 1, 0, 1),
                 (5, 8, 8, 4, 3, 2, 0, 1),
                 (2, 3, 70, 3, 3, 1, 2, 1),
+                // Borders on both sides of 64-wide rows with K over several KC blocks that
+                // start inside a channel; no padding; a 1x1 kernel on whole rows.
+                (24, 6, 64, 14, 3, 1, 1, 1),
+                (5, 4, 34, 7, 3, 1, 0, 1),
+                (7, 3, 32, 9, 1, 1, 0, 1),
                 // The image upsampled 2x on the fly, as every upsampler does.
                 (3, 5, 7, 6, 3, 1, 1, 2),
                 (4, 9, 20, 13, 3, 1, 1, 2),

@@ -175,7 +175,7 @@ pub struct IgnoredKey {
 
 /// How to open a single file: what inference cannot see (the kind, the prediction type,
 /// config fields), EMA or not, and the stores' dtype and strictness.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SingleFileOptions {
     dtype: LoadDType,
     strict: bool,
