@@ -61,9 +61,9 @@ fn main() {
     .unwrap();
     let text_encoder = ClipTextModel::random(
         &cpu,
+        &weights,
         ClipTextConfig::stable_diffusion_1_5().unwrap(),
         false,
-        1,
     )
     .unwrap();
     let unet = Unet2DConditionModel::from_source(

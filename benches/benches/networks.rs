@@ -219,7 +219,7 @@ fn run_one(name: &str, o: &Options) {
         }
         "clip" => {
             let config = ClipTextConfig::stable_diffusion_1_5().unwrap();
-            let clip = ClipTextModel::random(&backend, config, false, 0).unwrap();
+            let clip = ClipTextModel::random(&backend, &weights, config, false).unwrap();
             let mut ids: Vec<u32> = vec![49406];
             ids.extend((0..20).map(|i| 320 + i * 37));
             ids.resize(77, 49407);

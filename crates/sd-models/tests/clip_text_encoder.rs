@@ -9,7 +9,7 @@ use safetensors::SafeTensors;
 use sd_models::backend::DataOps;
 use sd_models::backend::conformance::rel_l2;
 use sd_models::clip::{ClipTextConfig, ClipTextModel};
-use sd_models::weights::Variant;
+use sd_models::weights::{DType, LoadDType, Variant};
 use sd_models::{CpuBackend, Error};
 
 const RTOL: f64 = 1e-5;
@@ -102,6 +102,28 @@ fn text_encoders_match_transformers() {
             &cpu.download(&no_skip).unwrap(),
             &tensor(&st, "last_hidden_state"),
         );
+    }
+}
+
+#[test]
+fn half_precision_weights_keep_the_embedding_tables_half() {
+    let cpu = CpuBackend::new();
+    let (bytes, ids) = expected("sd1");
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let want = tensor(&st, "last_hidden_state");
+    for (dtype, stored, tol) in [
+        (LoadDType::F32, DType::F32, RTOL),
+        (LoadDType::F16, DType::F16, 2e-3),
+        (LoadDType::BF16, DType::BF16, 2e-2),
+    ] {
+        let model =
+            ClipTextModel::from_dir_as(&cpu, dir("sd1"), &[Variant::Default], true, dtype).unwrap();
+        assert_eq!(model.embeddings.token_embedding.dtype(), stored);
+        assert_eq!(model.embeddings.position_embedding.dtype(), stored);
+        let out = model.forward(&cpu, &ids).unwrap();
+        let err = rel_l2(&cpu.download(&out.last_hidden_state).unwrap(), &want);
+        assert!(err <= tol, "{dtype:?}: relative L2 error {err:e}");
+        println!("{dtype:?} weights: last_hidden_state {err:.1e}");
     }
 }
 

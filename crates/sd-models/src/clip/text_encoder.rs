@@ -200,20 +200,26 @@ impl<B: Backend> ClipTextModel<B> {
         })
     }
 
-    /// The model with seeded random weights ([`RandomWeights`]), with the projection when
-    /// `projection` (`CLIPTextModelWithProjection`): for tests and benchmarks.
+    /// The model with seeded random weights, in the dtype `weights` hands out, with the
+    /// projection when `projection` (`CLIPTextModelWithProjection`): for tests and
+    /// benchmarks.
     ///
     /// # Errors
     /// [`Error::Config`] for an invalid configuration.
     pub fn random(
         backend: &B,
+        weights: &RandomWeights,
         config: ClipTextConfig,
         projection: bool,
-        seed: u64,
     ) -> Result<Self> {
         config.validate("text encoder config")?;
-        let root = RandomWeights::new(seed);
-        Self::from_source(backend, &root.push("text_model"), &root, config, projection)
+        Self::from_source(
+            backend,
+            &weights.push("text_model"),
+            weights,
+            config,
+            projection,
+        )
     }
 
     /// Loads a diffusers `text_encoder/` folder (or a transformers model folder):
@@ -273,10 +279,9 @@ impl<B: Backend> ClipTextModel<B> {
             for (pos, &id) in seq.iter().enumerate() {
                 let start = x.len();
                 self.embeddings.token_embedding.push_row(id, &mut x)?;
-                let p = &self.embeddings.position_embedding.weight[pos * d..(pos + 1) * d];
-                for (v, &q) in x[start..].iter_mut().zip(p) {
-                    *v += q;
-                }
+                self.embeddings
+                    .position_embedding
+                    .add_row(pos as u32, &mut x[start..])?;
             }
         }
         let mut x = backend.upload(&x, &[batch, len, d])?;

@@ -50,6 +50,17 @@ pub(crate) fn take(len: usize) -> Vec<f32> {
             }
             return v;
         }
+        // A miss: the kept buffers are of other sizes (another network's, or another image
+        // size's). Fresh memory plus kept memory stays within the cap: the oldest kept
+        // buffers go back to the allocator first.
+        let mut freed = Vec::new();
+        while pool.bytes + len * 4 > MAX_BYTES && !pool.free.is_empty() {
+            let v = pool.free.remove(0);
+            pool.bytes -= v.capacity() * 4;
+            freed.push(v);
+        }
+        drop(pool);
+        drop(freed);
     }
     vec![0.0; len]
 }
