@@ -252,12 +252,11 @@ impl<B: Backend> ClipTextModel<B> {
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ClipTextConfig::from_file(dir.join("config.json"))?;
-        let store = OpenOptions::new()
+        OpenOptions::new()
             .strict(strict)
-            .open_folder(dir, variants)?;
-        let model = Self::load(backend, &store, config, dtype)?;
-        store.finish()?;
-        Ok(model)
+            .load_folder(dir, variants, |store| {
+                Self::load(backend, store, config, dtype)
+            })
     }
 
     /// The configuration.

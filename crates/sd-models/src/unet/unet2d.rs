@@ -274,13 +274,12 @@ impl<B: Backend> Unet2DModel<B> {
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = Unet2DConfig::from_file(dir.join("config.json"))?;
-        let store = OpenOptions::new()
+        OpenOptions::new()
             .rename(|k| Some(rename_legacy_attention(k)))
             .strict(strict)
-            .open_folder(dir, variants)?;
-        let model = Self::load(backend, &store, config, LoadDType::F32)?;
-        store.finish()?;
-        Ok(model)
+            .load_folder(dir, variants, |store| {
+                Self::load(backend, store, config, LoadDType::F32)
+            })
     }
 
     /// The network with seeded random weights.

@@ -462,13 +462,12 @@ impl<B: Backend> AutoencoderKl<B> {
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = AutoencoderKlConfig::from_file(dir.join("config.json"))?;
-        let store = OpenOptions::new()
+        OpenOptions::new()
             .rename(|k| Some(rename_legacy_attention(k)))
             .strict(strict)
-            .open_folder(dir, variants)?;
-        let model = Self::load(backend, &store, config, dtype)?;
-        store.finish()?;
-        Ok(model)
+            .load_folder(dir, variants, |store| {
+                Self::load(backend, store, config, dtype)
+            })
     }
 
     /// The VAE with seeded random weights.

@@ -195,6 +195,25 @@ impl OpenOptions {
         self.open(&[folder::find_weights(dir, variants)?])
     }
 
+    /// Opens a component folder ([`open_folder`](Self::open_folder)), builds what `load`
+    /// makes of its store, then ends loading ([`WeightStore::finish`]): a network's
+    /// `from_dir`.
+    ///
+    /// # Errors
+    /// Those of [`open_folder`](Self::open_folder), of `load`, and of
+    /// [`WeightStore::finish`] in strict mode.
+    pub fn load_folder<T>(
+        &self,
+        dir: impl AsRef<Path>,
+        variants: &[Variant],
+        load: impl FnOnce(&WeightStore) -> Result<T>,
+    ) -> Result<T> {
+        let store = self.open_folder(dir, variants)?;
+        let loaded = load(&store)?;
+        store.finish()?;
+        Ok(loaded)
+    }
+
     /// A store over files already open.
     ///
     /// # Errors
