@@ -3,7 +3,7 @@
 use half::{bf16, f16};
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
-use super::{CpuBackend, CpuData, CpuTensor, pool, pooled};
+use super::{CpuBackend, CpuData, CpuTensor, pooled, pooled_with};
 use crate::backend::{DType, DataOps, HalfData};
 use crate::error::{Error, Result};
 
@@ -112,7 +112,7 @@ impl DataOps for CpuBackend {
             });
         }
         let data = match &tensor.data {
-            CpuData::F32(a) => return Ok(pooled(a.view().permuted_axes(IxDyn(axes)))),
+            CpuData::F32(a) => return pooled(a.view().permuted_axes(IxDyn(axes)), "permute"),
             CpuData::F16(a) => CpuData::F16(
                 a.view()
                     .permuted_axes(IxDyn(axes))
@@ -128,9 +128,10 @@ impl DataOps for CpuBackend {
                     .into_shared(),
             ),
             CpuData::Packed(_) => {
-                return Ok(pooled(
+                return pooled(
                     tensor.to_f32_array().view().permuted_axes(IxDyn(axes)),
-                ));
+                    "permute",
+                );
             }
         };
         Ok(CpuTensor { data })
@@ -153,7 +154,7 @@ impl DataOps for CpuBackend {
         }
         let s = Slice::from(start..start + len);
         let data = match &tensor.data {
-            CpuData::F32(a) => return Ok(pooled(a.slice_axis(Axis(axis), s))),
+            CpuData::F32(a) => return pooled(a.slice_axis(Axis(axis), s), "slice"),
             CpuData::F16(a) => CpuData::F16(
                 a.slice_axis(Axis(axis), s)
                     .as_standard_layout()
@@ -167,7 +168,7 @@ impl DataOps for CpuBackend {
                     .into_shared(),
             ),
             CpuData::Packed(_) => {
-                return Ok(pooled(tensor.to_f32_array().slice_axis(Axis(axis), s)));
+                return pooled(tensor.to_f32_array().slice_axis(Axis(axis), s), "slice");
             }
         };
         Ok(CpuTensor { data })
@@ -203,16 +204,7 @@ impl DataOps for CpuBackend {
         let arrays: Vec<_> = tensors.iter().map(|t| t.to_f32_array()).collect();
         let mut shape = first.shape().to_vec();
         shape[axis] = arrays.iter().map(|a| a.shape()[axis]).sum();
-        let mut out = pool::take(shape.iter().product());
-        {
-            let mut dst =
-                ndarray::ArrayViewMut::from_shape(IxDyn(&shape), &mut out[..]).map_err(|e| {
-                    Error::Shape {
-                        op: "concat",
-                        expected: format!("{shape:?}"),
-                        found: e.to_string(),
-                    }
-                })?;
+        pooled_with(&shape, "concat", |mut dst| {
             let mut at = 0;
             for a in &arrays {
                 let len = a.shape()[axis];
@@ -220,8 +212,7 @@ impl DataOps for CpuBackend {
                     .assign(a);
                 at += len;
             }
-        }
-        CpuTensor::from_vec(&shape, out)
+        })
     }
 
     fn cast(&self, tensor: &CpuTensor, dtype: DType) -> Result<CpuTensor> {

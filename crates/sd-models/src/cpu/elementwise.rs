@@ -81,22 +81,12 @@ fn binary(
     let by = y
         .broadcast(IxDyn(&shape))
         .ok_or_else(|| not_broadcastable(op, &shape, y.shape()))?;
-    let mut out = super::pool::take(shape.iter().product());
-    {
-        let mut dst =
-            ndarray::ArrayViewMut::from_shape(IxDyn(&shape), &mut out[..]).map_err(|e| {
-                Error::Shape {
-                    op,
-                    expected: format!("{shape:?}"),
-                    found: e.to_string(),
-                }
-            })?;
-        ndarray::Zip::from(&mut dst)
+    super::pooled_with(&shape, op, |dst| {
+        ndarray::Zip::from(dst)
             .and(&bx)
             .and(&by)
             .for_each(|o, &p, &q| *o = f(p, q));
-    }
-    CpuTensor::from_vec(&shape, out)
+    })
 }
 
 /// If `small` equals `full` on its leading axes and is 1 on the rest (padded on the left

@@ -460,19 +460,28 @@ impl Drop for CpuTensor {
     }
 }
 
+/// A new f32 tensor of `shape` in a pooled buffer, every value of which `fill` writes
+/// through a standard-layout view.
+pub(crate) fn pooled_with(
+    shape: &[usize],
+    op: &'static str,
+    fill: impl FnOnce(ndarray::ArrayViewMutD<'_, f32>),
+) -> Result<CpuTensor> {
+    let mut out = pool::take(shape.iter().product());
+    let dst = ndarray::ArrayViewMut::from_shape(IxDyn(shape), &mut out[..]).map_err(|e| {
+        Error::Shape {
+            op,
+            expected: format!("{shape:?}"),
+            found: e.to_string(),
+        }
+    })?;
+    fill(dst);
+    CpuTensor::from_vec(shape, out)
+}
+
 /// A new f32 tensor holding `view`'s values in standard layout, in a pooled buffer.
-pub(crate) fn pooled(view: ndarray::ArrayViewD<'_, f32>) -> CpuTensor {
-    let shape = view.shape().to_vec();
-    let mut out = pool::take(view.len());
-    // `out` holds exactly the view's element count, so the shape always fits.
-    if let Ok(mut dst) = ndarray::ArrayViewMut::from_shape(IxDyn(&shape), &mut out[..]) {
-        dst.assign(&view);
-    }
-    CpuTensor::f32(
-        ArrayD::from_shape_vec(IxDyn(&shape), out)
-            .map(ArrayD::into_shared)
-            .unwrap_or_else(|_| ArrayD::zeros(IxDyn(&[0])).into_shared()),
-    )
+pub(crate) fn pooled(view: ndarray::ArrayViewD<'_, f32>, op: &'static str) -> Result<CpuTensor> {
+    pooled_with(view.shape(), op, |mut dst| dst.assign(&view))
 }
 
 /// A contiguous slice of a standard-layout array (always true of CPU tensors).
