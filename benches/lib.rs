@@ -370,6 +370,19 @@ pub fn parse_dtype(arg: Option<&str>) -> std::result::Result<DType, String> {
     }
 }
 
+/// The CPU backend multiplying in bf16 (`--bf16`) or in f32.
+///
+/// # Errors
+/// [`sd_models::Error::Unsupported`] for bf16 on a CPU without AVX512-BF16.
+pub fn cpu_backend(bf16: bool) -> Result<sd_models::CpuBackend> {
+    let precision = if bf16 {
+        sd_models::cpu::CpuPrecision::Bf16
+    } else {
+        sd_models::cpu::CpuPrecision::F32
+    };
+    sd_models::CpuBackend::new().with_precision(precision)
+}
+
 /// The median of some durations (0 for none).
 pub fn median(times: &mut [Duration]) -> Duration {
     times.sort();

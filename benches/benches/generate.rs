@@ -17,10 +17,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use sd_benches::{current_rss, peak_rss};
-use sd_models::CpuBackend;
 use sd_models::backend::DType;
 use sd_models::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
-use sd_models::cpu::CpuPrecision;
 use sd_models::nn::RandomWeights;
 use sd_models::pipeline::{Control, Params, SamplerChoice, StableDiffusion};
 use sd_models::unet::{Unet2DConditionConfig, Unet2DConditionModel};
@@ -45,14 +43,7 @@ fn main() {
             other => panic!("unknown argument {other:?}"),
         }
     }
-    let precision = if bf16 {
-        CpuPrecision::Bf16
-    } else {
-        CpuPrecision::F32
-    };
-    let cpu = CpuBackend::new()
-        .with_precision(precision)
-        .expect("bf16 products need AVX512-BF16");
+    let cpu = sd_benches::cpu_backend(bf16).expect("bf16 products need AVX512-BF16");
     let t0 = Instant::now();
     let weights = RandomWeights::new(0).with_dtype(dtype);
     let tokenizer = ClipTokenizer::from_dir(

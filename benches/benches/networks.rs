@@ -25,7 +25,6 @@ use sd_benches::{Profiled, cpu_time, median, minor_faults, peak_rss};
 use sd_models::CpuBackend;
 use sd_models::backend::{DType, DataOps, MatmulOps};
 use sd_models::clip::{ClipTextConfig, ClipTextModel};
-use sd_models::cpu::CpuPrecision;
 use sd_models::nn::RandomWeights;
 use sd_models::unet::{Unet2DConditionConfig, Unet2DConditionModel};
 use sd_models::vae::{AutoencoderKl, AutoencoderKlConfig};
@@ -164,14 +163,7 @@ fn measure(
 }
 
 fn run_one(name: &str, o: &Options) {
-    let precision = if o.bf16 {
-        CpuPrecision::Bf16
-    } else {
-        CpuPrecision::F32
-    };
-    let cpu = CpuBackend::new()
-        .with_precision(precision)
-        .expect("bf16 products need AVX512-BF16");
+    let cpu = sd_benches::cpu_backend(o.bf16).expect("bf16 products need AVX512-BF16");
     let products = if o.bf16 { "bf16 products" } else { "f32" };
     let backend = Profiled::new(cpu, true);
     let weights = RandomWeights::new(0).with_dtype(o.dtype);

@@ -3,8 +3,6 @@
 //! stays in the precision it was loaded in (half the memory for f16 or bf16 weights: CLIP's
 //! token table is 146 MiB in f32); rows are widened to f32 as they are read.
 
-use half::slice::HalfFloatSliceExt;
-
 use crate::error::{Error, Result};
 use crate::nn::source::WeightSource;
 use crate::weights::{DType, HostData};
@@ -48,9 +46,13 @@ impl Embedding {
     /// # Errors
     /// [`Error::TokenOutOfVocab`] for an index past the table.
     pub fn push_row(&self, index: u32, out: &mut Vec<f32>) -> Result<()> {
-        let start = out.len();
-        out.resize(start + self.dim, 0.0);
-        self.add_row(index, &mut out[start..])
+        let range = self.row(index)?;
+        match &self.table {
+            HostData::F32(t) => out.extend_from_slice(&t[range]),
+            HostData::F16(t) => out.extend(t[range].iter().map(|v| v.to_f32())),
+            HostData::BF16(t) => out.extend(t[range].iter().map(|v| v.to_f32())),
+        }
+        Ok(())
     }
 
     /// Adds row `index` to `out` (`dim` values), in f32.
@@ -59,13 +61,7 @@ impl Embedding {
     /// [`Error::TokenOutOfVocab`] for an index past the table; [`Error::Shape`] if `out`
     /// does not hold `dim` values.
     pub fn add_row(&self, index: u32, out: &mut [f32]) -> Result<()> {
-        let i = index as usize;
-        if i >= self.rows {
-            return Err(Error::TokenOutOfVocab {
-                id: index,
-                vocab_size: self.rows,
-            });
-        }
+        let range = self.row(index)?;
         if out.len() != self.dim {
             return Err(Error::Shape {
                 op: "embedding row",
@@ -73,17 +69,29 @@ impl Embedding {
                 found: format!("[{}]", out.len()),
             });
         }
-        let range = i * self.dim..(i + 1) * self.dim;
-        let add = |out: &mut [f32], row: &[f32]| {
-            for (o, &v) in out.iter_mut().zip(row) {
-                *o += v;
-            }
-        };
         match &self.table {
-            HostData::F32(t) => add(out, &t[range]),
-            HostData::F16(t) => add(out, &t[range].to_f32_vec()),
-            HostData::BF16(t) => add(out, &t[range].to_f32_vec()),
+            HostData::F32(t) => out.iter_mut().zip(&t[range]).for_each(|(o, v)| *o += v),
+            HostData::F16(t) => out
+                .iter_mut()
+                .zip(&t[range])
+                .for_each(|(o, v)| *o += v.to_f32()),
+            HostData::BF16(t) => out
+                .iter_mut()
+                .zip(&t[range])
+                .for_each(|(o, v)| *o += v.to_f32()),
         }
         Ok(())
+    }
+
+    /// The values of row `index` in the table.
+    fn row(&self, index: u32) -> Result<std::ops::Range<usize>> {
+        let i = index as usize;
+        if i >= self.rows {
+            return Err(Error::TokenOutOfVocab {
+                id: index,
+                vocab_size: self.rows,
+            });
+        }
+        Ok(i * self.dim..(i + 1) * self.dim)
     }
 }
