@@ -25,12 +25,13 @@ impl MatmulOps for CpuBackend {
         let (xa, xb) = (a.to_f32_array(), b.to_f32_array());
         let (xs, ys) = (contiguous(&xa, "matmul")?, contiguous(&xb, "matmul")?);
         let b_stride = if sb.len() == 2 { 0 } else { k * n };
-        let mut out = super::pool::zeroed(batch * m * n);
         let mut shape = sa[..sa.len() - 2].to_vec();
         shape.extend([m, n]);
         if m * n == 0 || k == 0 {
-            return CpuTensor::from_vec(&shape, out);
+            return CpuTensor::from_vec(&shape, super::pool::zeroed(batch * m * n));
         }
+        // Every value is written by the products.
+        let mut out = super::pool::take(batch * m * n);
         let products: Vec<Product<'_>> = (0..batch)
             .map(|i| Product {
                 m,
@@ -110,16 +111,15 @@ impl MatmulOps for CpuBackend {
             Some(b) => Some(contiguous(b, "linear")?),
             None => None,
         };
-        let mut out = super::pool::zeroed(rows * out_f);
-        if rows * out_f == 0 {
-            return CpuTensor::from_vec(&shape, out);
-        }
-        if in_f == 0 {
+        if rows * out_f == 0 || in_f == 0 {
+            let mut out = super::pool::zeroed(rows * out_f);
             if let Some(b) = bs {
                 out.chunks_mut(out_f).for_each(|r| r.copy_from_slice(b));
             }
             return CpuTensor::from_vec(&shape, out);
         }
+        // Every value is written by the product.
+        let mut out = super::pool::take(rows * out_f);
         let isa = self.isa();
         let precision = self.precision();
         let packed = weight.packed_cols(isa, precision, out_f, in_f)?;
