@@ -231,17 +231,6 @@ pub(crate) fn pack_conv_b(
     let (mut c, tap) = (k0 / taps, k0 % taps);
     let (mut ki, mut kj) = (tap / g.kw, tap % g.kw);
     for d in dst[..kc * nr].chunks_exact_mut(nr) {
-        let (c_now, ki_now, kj_now) = (c, ki, kj);
-        kj += 1;
-        if kj == g.kw {
-            kj = 0;
-            ki += 1;
-            if ki == g.kh {
-                ki = 0;
-                c += 1;
-            }
-        }
-        let (c, ki, kj) = (c_now, ki_now, kj_now);
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         d[cols..].fill(0.0);
         for &(j0, oy, ox0, len) in runs {
@@ -291,6 +280,15 @@ pub(crate) fn pack_conv_b(
                         row[ix as usize >> shift]
                     };
                 }
+            }
+        }
+        kj += 1;
+        if kj == g.kw {
+            kj = 0;
+            ki += 1;
+            if ki == g.kh {
+                ki = 0;
+                c += 1;
             }
         }
     }
