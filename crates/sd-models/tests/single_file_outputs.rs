@@ -115,8 +115,13 @@ fn single_files_give_the_folder_outputs() {
 
 /// A tokenizer folder whose ids fit the fixtures' 100-token text encoders: the letters, the
 /// letters ending a word, a few merges and the two special tokens (ids 98 and 99); anything
-/// else is the unknown token.
+/// else is the unknown token. Written once per process (the tests run in parallel).
 fn tiny_tokenizer() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(write_tiny_tokenizer).clone()
+}
+
+fn write_tiny_tokenizer() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sd-tiny-tokenizer-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let merges = ["c a", "ca t</w>", "o w</w>", "l ow</w>", "r e", "re d</w>"];
