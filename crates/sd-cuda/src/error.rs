@@ -3,8 +3,8 @@
 //! first use.
 //!
 //! The tensor operations return [`sd_models::Error`] (they implement its `Backend` trait);
-//! a device failure there becomes [`sd_models::Error::Unsupported`] carrying this error's
-//! message.
+//! a device failure there becomes [`sd_models::Error::Backend`] with this error as its
+//! source, and a request it cannot serve [`sd_models::Error::Unsupported`].
 
 use crate::kernels::Arch;
 
@@ -122,8 +122,19 @@ impl CudaError {
 }
 
 impl From<CudaError> for sd_models::Error {
+    /// A request sd-cuda cannot serve stays [`sd_models::Error::Unsupported`]; everything
+    /// else (a missing library or device, a failed driver, cuBLAS or NVRTC call) becomes
+    /// [`sd_models::Error::Backend`] with this error as its source.
     fn from(e: CudaError) -> Self {
-        sd_models::Error::Unsupported(format!("cuda: {e}"))
+        match e {
+            CudaError::Unsupported(message) => {
+                sd_models::Error::Unsupported(format!("cuda: {message}"))
+            }
+            e => sd_models::Error::Backend {
+                backend: "cuda",
+                source: Box::new(e),
+            },
+        }
     }
 }
 

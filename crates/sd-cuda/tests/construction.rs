@@ -45,8 +45,20 @@ fn a_device_that_does_not_exist_is_an_error() {
         "{e:?}"
     );
     // And it converts into sd-models' error for code that only knows that one.
+    let message = e.to_string();
     let e: sd_models::Error = e.into();
-    assert!(matches!(e, sd_models::Error::Unsupported(_)));
+    match &e {
+        sd_models::Error::Backend { backend, source } => {
+            assert_eq!(*backend, "cuda");
+            assert_eq!(source.to_string(), message);
+            assert!(source.downcast_ref::<CudaError>().is_some());
+        }
+        other => panic!("expected a backend error, got {other:?}"),
+    }
+    assert_eq!(e.to_string(), format!("cuda: {message}"));
+    // A request it cannot serve stays `Unsupported`.
+    let e: sd_models::Error = CudaError::Unsupported("dtype u8".into()).into();
+    assert!(matches!(e, sd_models::Error::Unsupported(ref m) if m == "cuda: dtype u8"));
 }
 
 #[test]

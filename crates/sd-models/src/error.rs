@@ -111,9 +111,19 @@ pub enum Error {
         /// The vocabulary size.
         vocab_size: usize,
     },
-    /// The backend cannot do this (a missing device, a dtype it has no kernel for).
+    /// The backend cannot do this (a dtype it has no kernel for, a size past its limits).
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A backend's device or library failed: a missing driver, a failed launch or copy, no
+    /// device memory left. `source` is the backend's own error, with the details.
+    #[error("{backend}: {source}")]
+    Backend {
+        /// Which backend (for example `"cuda"`).
+        backend: &'static str,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The schedule mathematics rejected an input.
     #[error(transparent)]
     Core(#[from] sd_core::Error),
