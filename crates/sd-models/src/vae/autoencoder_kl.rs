@@ -17,7 +17,8 @@
 //! last up blocks of Stable Diffusion's VAE exceed 65504 on ordinary latents), which is why
 //! diffusers' configs carry `force_upcast` and pipelines decode in `f32`.
 //! [`DecoderPrecision::F32`] (the default) keeps the activations in `f32` whatever the
-//! weights' dtype; [`DecoderPrecision::NaiveF16`] rounds them to `f16` after every block, as a
+//! weights' dtype and whatever dtype the backend handed the latents over in (the encoder,
+//! likewise, always takes its image in `f32`); [`DecoderPrecision::NaiveF16`] rounds them to `f16` after every block, as a
 //! plain half-precision decoder stores them, and shows the overflow.
 
 use std::path::Path;
@@ -285,6 +286,15 @@ impl<B: Backend> Decoder<B> {
     }
 }
 
+/// `t` in f32: itself when it already is, a cast otherwise.
+fn upcast<B: Backend>(backend: &B, t: &B::Tensor) -> Result<B::Tensor> {
+    if backend.dtype(t) == DType::F32 {
+        Ok(t.clone())
+    } else {
+        backend.cast(t, DType::F32)
+    }
+}
+
 /// The encoder's output distribution, diffusers' `DiagonalGaussianDistribution`: the
 /// moments split into a mean and a log-variance clamped to `[-30, 20]`.
 ///
@@ -513,7 +523,9 @@ impl<B: Backend> AutoencoderKl<B> {
     }
 
     fn encode_whole(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let h = self.encoder.forward(backend, x)?;
+        // In f32 whatever the backend stores, as diffusers' pipelines upcast the VAE.
+        let x = upcast(backend, x)?;
+        let h = self.encoder.forward(backend, &x)?;
         match &self.quant_conv {
             Some(q) => q.forward(backend, &h),
             None => Ok(h),
@@ -526,9 +538,15 @@ impl<B: Backend> AutoencoderKl<B> {
         z: &B::Tensor,
         precision: DecoderPrecision,
     ) -> Result<B::Tensor> {
+        // A backend holding activations in half precision hands over half-precision latents:
+        // `F32` decodes them in f32 (the products then promote the half weights).
+        let z = match precision {
+            DecoderPrecision::NaiveF16 => z.clone(),
+            _ => upcast(backend, z)?,
+        };
         let z = match &self.post_quant_conv {
-            Some(p) => p.forward(backend, z)?,
-            None => z.clone(),
+            Some(p) => p.forward(backend, &z)?,
+            None => z,
         };
         self.decoder.forward(backend, &z, precision)
     }
