@@ -23,20 +23,25 @@
 //! - `tests/emulation.rs` runs every kernel on the CPU in an emulator of the CUDA execution
 //!   model (threads, barriers, warp shuffles, the `mma.sync` fragment layout) against
 //!   double-precision references;
-//! - `tests/construction.rs` checks that a missing driver is an error.
+//! - `tests/construction.rs` checks that a missing driver is an error;
+//! - `tests/networks.rs` runs its end-to-end harness (the fixture UNets, VAE, CLIP encoders
+//!   and pipeline against diffusers) on the CPU backend, the same code its GPU tests run.
 //!
 //! # On a GPU
 //!
-//! The GPU tests (`tests/gpu.rs`: the conformance suite in f32, f16 and bf16, every kernel at
-//! SD's shapes against the CPU backend, the pool's steady state) are `#[ignore]`d:
+//! The GPU tests are `#[ignore]`d: `tests/gpu.rs` (the conformance suite in f32, f16 and
+//! bf16, every kernel at SD's shapes against the CPU backend, the pool's steady state) and
+//! `tests/networks.rs` (the fixture networks and pipeline end to end: f32 against diffusers,
+//! f16 and bf16 against the CPU backend, the f16 VAE staying finite):
 //!
 //! ```text
 //! cargo test -p sd-cuda --release -- --ignored --test-threads 1
 //! ```
 //!
 //! or, built on a machine without a GPU (`cargo test -p sd-cuda --release --no-run` prints the
-//! binary), run as `target/release/deps/gpu-<hash> --ignored --test-threads 1` where there is
-//! a GPU and no toolchain. `examples/gpu_bench.rs` times the kernels against cuBLAS.
+//! binaries), run as `target/release/deps/gpu-<hash> --ignored --test-threads 1` (and
+//! `networks-<hash>`, from the repository root, which holds `fixtures/`) where there is a GPU
+//! and no toolchain. `examples/gpu_bench.rs` times the kernels against cuBLAS.
 //!
 //! ```
 //! use sd_models::backend::{DataOps, ActivationOps};
