@@ -41,7 +41,10 @@
 //! or, built on a machine without a GPU (`cargo test -p sd-cuda --release --no-run` prints the
 //! binaries), run as `target/release/deps/gpu-<hash> --ignored --test-threads 1` (and
 //! `networks-<hash>`, from the repository root, which holds `fixtures/`) where there is a GPU
-//! and no toolchain. `examples/gpu_bench.rs` times the kernels against cuBLAS.
+//! and no toolchain. `examples/gpu_bench.rs` times the kernels against cuBLAS, and
+//! `cargo bench -p sd-benches --bench gpu_unet -- --pytorch python3` the SD 1.5 UNet step
+//! against PyTorch. `ci/gpu-prepare.sh` builds all of these into `.device/` here, and
+//! `ci/gpu-run.sh` runs them there in one call.
 //!
 //! ```
 //! use sd_models::backend::{DataOps, ActivationOps};
