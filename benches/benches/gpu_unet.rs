@@ -167,7 +167,10 @@ fn pytorch(python: &str, o: &Options) -> Result<f64, String> {
     let device = if o.cpu { "cpu" } else { "cuda" };
     // Where it was at build time, else relative to the working directory (a binary copied
     // to a GPU machine, run from the repository root there).
-    let built = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/bench/unet_step_torch.py");
+    let built = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tools/bench/unet_step_torch.py"
+    );
     let script = if std::path::Path::new(built).is_file() {
         built
     } else {

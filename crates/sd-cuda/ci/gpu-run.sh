@@ -9,7 +9,8 @@
 #   4. gpu_bench    each kernel's TFLOP/s against cuBLAS, f16 and bf16
 #   5. sanitizer    compute-sanitizer memcheck and racecheck on a subset of the GPU tests
 #                   (skipped where compute-sanitizer cannot attach, as on gVisor)
-# STEPS="1 2 3" runs a subset. Budget: about 6 minutes on an H100/H200.
+# STEPS="1 2 3" runs a subset. DEADLINE (seconds, default 540) bounds the whole run: each step
+# gets its own limit or what is left, whichever is less, and is skipped with under 20 s left.
 set -uo pipefail
 out="${OUT:-/tmp/sd-cuda-gpu}"
 mkdir -p "$out"
@@ -33,10 +34,17 @@ if ls .device/whl/*.whl >/dev/null 2>&1; then
 fi
 export SD_FIXTURES="$PWD/fixtures"
 
+deadline=$((SECONDS + ${DEADLINE:-540}))
 step() { # step N NAME TIMEOUT COMMAND...
     local n=$1 name=$2 limit=$3
     shift 3
     [[ $steps == *" $n "* ]] || return 0
+    local left=$((deadline - SECONDS))
+    if ((left < 20)); then
+        echo "== $name: skipped, the deadline is near"
+        return 0
+    fi
+    ((limit > left)) && limit=$left
     local t0=$SECONDS
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?

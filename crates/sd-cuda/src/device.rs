@@ -105,6 +105,15 @@ struct Inner {
     upload_dtype: DType,
 }
 
+impl Drop for Inner {
+    /// Waits for the queued work before the fields go: the modules are unloaded first, and a
+    /// kernel still queued must not outlive its code. An error here has nowhere to go (it
+    /// was, or will be, reported by the call that queued the work).
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
+}
+
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaBackend")

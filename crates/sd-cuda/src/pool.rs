@@ -107,8 +107,12 @@ impl Pool {
 
     /// Frees every cached buffer (stream-ordered).
     pub(crate) fn release_cached(&self) {
-        let free = std::mem::take(&mut self.state().free);
-        self.state().stats.cached_bytes = 0;
+        // One guard for both: a buffer given back in between would otherwise be counted out.
+        let free = {
+            let mut st = self.state();
+            st.stats.cached_bytes = 0;
+            std::mem::take(&mut st.free)
+        };
         // The driver frees in the current context: make it this pool's on this thread. A
         // failure here leaves the context's error to the next driver call.
         let ctx = self.stream.context();

@@ -399,8 +399,12 @@ fn the_harness_holds_on_the_cpu_backend() {
 }
 
 fn gpu(dtype: DType) -> CudaBackend {
-    CudaBackend::with_options(CudaOptions::new(0).with_upload_dtype(dtype))
-        .unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"))
+    let b = CudaBackend::with_options(CudaOptions::new(0).with_upload_dtype(dtype))
+        .unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"));
+    // Compile every kernel once per process on all cores, not one at a time on first use.
+    static WARM: std::sync::Once = std::sync::Once::new();
+    WARM.call_once(|| b.warm_up().expect("the kernels compile and load"));
+    b
 }
 
 #[test]
