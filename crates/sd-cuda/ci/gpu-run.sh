@@ -14,6 +14,7 @@
 set -uo pipefail
 out="${OUT:-/tmp/sd-cuda-gpu}"
 mkdir -p "$out"
+rm -f "$out"/*.log
 steps=" ${STEPS:-1 2 3 4 5} "
 bin=.device/bin
 [[ -x $bin/gpu ]] || { echo "gpu-run: no $bin/gpu; run gpu-prepare.sh first and carry .device" >&2; exit 2; }
