@@ -23,7 +23,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+#[path = "../../sd-models/tests/common/fixtures.rs"]
+mod fixtures;
 
 use safetensors::SafeTensors;
 use sd_cuda::{CudaBackend, CudaOptions};
@@ -31,60 +34,12 @@ use sd_models::CpuBackend;
 use sd_models::backend::conformance::rel_l2;
 use sd_models::backend::{Backend, BackendBase, DType, DataOps};
 use sd_models::clip::ClipTextModel;
-use sd_models::nn::ClassLabels;
-use sd_models::pipeline::{
-    Control, Image, LoadOptions, Mask, Outcome, Params, Progress, SamplerChoice, StableDiffusion,
-    Task,
-};
+use sd_models::pipeline::{Control, LoadOptions, Outcome, Progress, StableDiffusion, Task};
 use sd_models::unet::{Unet2DConditionModel, Unet2DConfig, Unet2DModel, UnetConditioning};
 use sd_models::vae::{AutoencoderKl, DecoderPrecision};
 use sd_models::weights::{LoadDType, OpenOptions, Variant};
-use sd_schedulers::ReplayNoise;
 
-/// The repository's `fixtures/`: `SD_FIXTURES` if set, else where it was at build time, else
-/// `fixtures` in the working directory (a test binary copied to a GPU machine, run from the
-/// repository root there).
-fn fixtures() -> PathBuf {
-    if let Some(dir) = std::env::var_os("SD_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
-    if built.is_dir() {
-        built
-    } else {
-        PathBuf::from("fixtures")
-    }
-}
-
-/// The f32 tensors of a safetensors file, by name, with their shapes.
-fn read_tensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let data = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (k, (v.shape().to_vec(), data))
-        })
-        .collect()
-}
-
-fn read_json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
-}
-
-fn numbers(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
+use fixtures::{Labels, PipelineCase, Tensor, numbers, read_json, read_tensors, root};
 
 /// One output of one network on one backend, with what diffusers (or transformers) computed.
 struct Output {
@@ -112,17 +67,13 @@ impl<B: Backend> Outputs<'_, B> {
 }
 
 /// The input tensor `name` of a fixture, uploaded.
-fn input<B: Backend>(
-    b: &B,
-    tensors: &HashMap<String, (Vec<usize>, Vec<f32>)>,
-    name: &str,
-) -> Option<B::Tensor> {
+fn input<B: Backend>(b: &B, tensors: &HashMap<String, Tensor>, name: &str) -> Option<B::Tensor> {
     tensors
         .get(name)
         .map(|(shape, data)| b.upload(data, shape).unwrap())
 }
 
-fn reference(tensors: &HashMap<String, (Vec<usize>, Vec<f32>)>, name: &str) -> Vec<f32> {
+fn reference(tensors: &HashMap<String, Tensor>, name: &str) -> Vec<f32> {
     tensors
         .get(name)
         .unwrap_or_else(|| panic!("no {name} in the fixture"))
@@ -133,7 +84,7 @@ fn reference(tensors: &HashMap<String, (Vec<usize>, Vec<f32>)>, name: &str) -> V
 fn conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
     let b = out.backend;
     for name in ["sd1", "sd2", "inpaint", "misc"] {
-        let dir = fixtures().join("unet").join(name);
+        let dir = root().join("unet").join(name);
         let unet = Unet2DConditionModel::from_dir_as(b, &dir, &[Variant::Default], true, dtype)
             .unwrap_or_else(|e| panic!("unet {name}: {e}"));
         let inputs = read_tensors(&dir.join("inputs.safetensors"));
@@ -142,17 +93,9 @@ fn conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
         let sample = input(b, &inputs, "sample").unwrap();
         let text = input(b, &inputs, "encoder_hidden_states").unwrap();
         let cond = input(b, &inputs, "timestep_cond");
-        let ids: Option<Vec<u32>> = case
-            .get("class_ids")
-            .map(|v| numbers(v).into_iter().map(|x| x as u32).collect());
-        let class_t: Option<Vec<f64>> = case.get("class_timesteps").map(numbers);
-        let class_labels = match (&ids, &class_t) {
-            (Some(ids), _) => Some(ClassLabels::Ids(ids)),
-            (_, Some(t)) => Some(ClassLabels::Timesteps(t)),
-            _ => None,
-        };
+        let labels = Labels::of(&case);
         let extra = UnetConditioning {
-            class_labels,
+            class_labels: labels.get(),
             timestep_cond: cond.as_ref(),
         };
         for (i, t) in numbers(&case["timesteps"]).into_iter().enumerate() {
@@ -169,7 +112,7 @@ fn conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
 fn class_conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
     let b = out.backend;
     for name in ["class_cond", "ddpm"] {
-        let dir = fixtures().join("unet").join(name);
+        let dir = root().join("unet").join(name);
         let config = Unet2DConfig::from_file(dir.join("config.json")).unwrap();
         let unet = OpenOptions::new()
             .strict(true)
@@ -181,15 +124,10 @@ fn class_conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDTyp
         let expected = read_tensors(&dir.join("expected.safetensors"));
         let case = read_json(&dir.join("case.json"));
         let sample = input(b, &inputs, "sample").unwrap();
-        let ids: Option<Vec<u32>> = case
-            .get("class_ids")
-            .map(|v| numbers(v).into_iter().map(|x| x as u32).collect());
-        let class_t: Option<Vec<f64>> = case.get("class_timesteps").map(numbers);
-        let labels = match (&ids, &class_t) {
-            (Some(ids), _) => ClassLabels::Ids(ids),
-            (_, Some(t)) => ClassLabels::Timesteps(t),
-            _ => panic!("{name}: no class labels"),
-        };
+        let labels = Labels::of(&case);
+        let labels = labels
+            .get()
+            .unwrap_or_else(|| panic!("{name}: no class labels"));
         for (i, t) in numbers(&case["timesteps"]).into_iter().enumerate() {
             let y = unet.forward(b, &sample, &[t], Some(labels)).unwrap();
             out.push(
@@ -203,7 +141,7 @@ fn class_conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDTyp
 
 fn vae<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
     let b = out.backend;
-    let dir = fixtures().join("vae/kl");
+    let dir = root().join("vae/kl");
     let vae = AutoencoderKl::from_dir_as(b, &dir, &[Variant::Default], true, dtype).unwrap();
     let inputs = read_tensors(&dir.join("inputs.safetensors"));
     let expected = read_tensors(&dir.join("expected.safetensors"));
@@ -228,7 +166,7 @@ fn vae<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
 fn text_encoders<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
     let b = out.backend;
     for name in ["sd1", "sd2", "eos_first"] {
-        let dir = fixtures().join("clip").join(name);
+        let dir = root().join("clip").join(name);
         let model = ClipTextModel::from_dir_as(b, &dir, &[Variant::Default], true, dtype)
             .unwrap_or_else(|e| panic!("clip {name}: {e}"));
         let expected = read_tensors(&dir.join("expected.safetensors"));
@@ -259,73 +197,32 @@ fn text_encoders<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
     }
 }
 
-/// diffusers' `[B, H, W, 3]` images as `[B, 3, H, W]`, the pipeline's layout.
-fn channels_first((shape, v): &(Vec<usize>, Vec<f32>)) -> Vec<f32> {
-    let [b, h, w, c] = shape[..] else {
-        panic!("image shape {shape:?}")
-    };
-    let mut out = vec![0.0; v.len()];
-    for n in 0..b {
-        for y in 0..h {
-            for x in 0..w {
-                for ch in 0..c {
-                    out[((n * c + ch) * h + y) * w + x] = v[((n * h + y) * w + x) * c + ch];
-                }
-            }
-        }
-    }
-    out
-}
-
 fn pipelines<B: Backend + Clone>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
     let b = out.backend;
-    let root = fixtures().join("pipeline");
+    let dir = root().join("pipeline");
     let options = LoadOptions {
         weights: dtype,
         ..LoadOptions::default()
     };
-    let pipe = StableDiffusion::from_dir(b.clone(), root.join("sd1"), &options).unwrap();
+    let pipe = StableDiffusion::from_dir(b.clone(), dir.join("sd1"), &options).unwrap();
     let inpaint_unet = Unet2DConditionModel::from_dir_as(
         b,
-        root.join("inpaint_unet"),
+        dir.join("inpaint_unet"),
         &[Variant::Default],
         true,
         dtype,
     )
     .unwrap();
-    let inpaint = StableDiffusion::from_dir(b.clone(), root.join("sd1"), &options)
+    let inpaint = StableDiffusion::from_dir(b.clone(), dir.join("sd1"), &options)
         .unwrap()
         .with_unet(inpaint_unet)
         .unwrap();
     for name in ["txt2img_euler_a", "img2img_ddim", "inpaint_unet9_ddim"] {
-        let meta = read_json(&root.join(format!("cases/{name}.json")));
-        let tensors = read_tensors(&root.join(format!("cases/{name}.safetensors")));
-        let a = &meta["args"];
-        let params = Params {
-            prompt: a["prompt"].as_str().unwrap().into(),
-            negative_prompt: a["negative_prompt"].as_str().unwrap_or("").into(),
-            steps: a["num_inference_steps"].as_u64().unwrap() as usize,
-            guidance_scale: a["guidance_scale"].as_f64().unwrap(),
-            guidance_rescale: a["guidance_rescale"].as_f64().unwrap_or(0.0),
-            num_images: a["num_images_per_prompt"].as_u64().unwrap_or(1) as usize,
-            sampler: SamplerChoice::Name(meta["sampler"].as_str().unwrap().into()),
-            width: Some(64),
-            height: Some(64),
-            ..Params::default()
-        };
-        let count = meta["noise_tensors"].as_u64().unwrap() as usize;
-        let mut noise = ReplayNoise::new(
-            (0..count)
-                .map(|k| tensors[&format!("noise.{k}")].1.clone())
-                .collect(),
-        );
-        let image = tensors.get("input").map(|(shape, v)| {
-            Image::new(shape[1], shape[0], v.iter().map(|&x| x as u8).collect()).unwrap()
-        });
-        let mask = tensors.get("mask").map(|(shape, v)| {
-            Mask::new(shape[1], shape[0], v.iter().map(|&x| x as u8).collect()).unwrap()
-        });
-        let strength = a["strength"].as_f64().unwrap_or(1.0);
+        let case = PipelineCase::read(name);
+        let params = case.params();
+        let mut noise = case.noise();
+        let (image, mask) = (case.image(), case.mask());
+        let strength = case.strength();
         let (task, pipe) = match (&image, &mask) {
             (Some(image), Some(mask)) => (
                 Task::Inpaint {
@@ -345,15 +242,11 @@ fn pipelines<B: Backend + Clone>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
         };
         assert_eq!(
             noise.used(),
-            count,
+            case.noise_count(),
             "{name}: every noise tensor used, in order"
         );
         let pixels = b.upload(&g.pixels, &[g.pixels.len()]).unwrap();
-        out.push(
-            format!("pipeline {name}"),
-            &pixels,
-            channels_first(&tensors["image"]),
-        );
+        out.push(format!("pipeline {name}"), &pixels, case.expected());
     }
 }
 
@@ -461,7 +354,7 @@ fn on_the_gpu_in_bf16_the_networks_match_the_cpu() {
 /// their shape, and the folder of the loud VAE (written once per process).
 fn loud_vae() -> (Vec<f32>, Vec<usize>, PathBuf) {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let src = fixtures().join("vae/kl");
+    let src = root().join("vae/kl");
     let dir = DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("sd-cuda-loud-vae-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -3,7 +3,8 @@
 //! promise (determinism, guidance, strength, masks, the callback, typed errors).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::PathBuf;
 
 use sd_models::CpuBackend;
@@ -14,7 +15,8 @@ use sd_models::pipeline::{
 };
 use sd_models::unet::Unet2DConditionModel;
 use sd_models::weights::Variant;
-use sd_schedulers::ReplayNoise;
+
+use common::fixtures::PipelineCase;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pipeline")
@@ -81,109 +83,29 @@ fn mean_diff(a: &[f32], b: &[f32]) -> f32 {
 // Parity with diffusers
 // ---------------------------------------------------------------------------------------------
 
-struct Case {
-    meta: serde_json::Value,
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+fn case(name: &str) -> PipelineCase {
+    PipelineCase::read(name)
 }
 
-fn case(name: &str) -> Case {
-    let dir = root().join("cases");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
-            .unwrap();
-    let bytes = std::fs::read(dir.join(format!("{name}.safetensors"))).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let data = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (k, (v.shape().to_vec(), data))
-        })
-        .collect();
-    Case { meta, tensors }
-}
-
-impl Case {
-    fn noise(&self) -> ReplayNoise {
-        let count = self.meta["noise_tensors"].as_u64().unwrap() as usize;
-        ReplayNoise::new(
-            (0..count)
-                .map(|k| self.tensors[&format!("noise.{k}")].1.clone())
-                .collect(),
-        )
-    }
-
-    fn params(&self) -> Params {
-        let a = &self.meta["args"];
-        Params {
-            prompt: a["prompt"].as_str().unwrap().into(),
-            negative_prompt: a["negative_prompt"].as_str().unwrap_or("").into(),
-            steps: a["num_inference_steps"].as_u64().unwrap() as usize,
-            guidance_scale: a["guidance_scale"].as_f64().unwrap(),
-            guidance_rescale: a["guidance_rescale"].as_f64().unwrap_or(0.0),
-            num_images: a["num_images_per_prompt"].as_u64().unwrap_or(1) as usize,
-            sampler: SamplerChoice::Name(self.meta["sampler"].as_str().unwrap().into()),
-            width: Some(64),
-            height: Some(64),
-            ..Params::default()
-        }
-    }
-
-    fn strength(&self) -> f64 {
-        self.meta["args"]["strength"].as_f64().unwrap()
-    }
-
-    fn image(&self) -> Image {
-        let (shape, v) = &self.tensors["input"];
-        Image::new(shape[1], shape[0], v.iter().map(|&x| x as u8).collect()).unwrap()
-    }
-
-    fn mask(&self) -> Mask {
-        let (shape, v) = &self.tensors["mask"];
-        Mask::new(shape[1], shape[0], v.iter().map(|&x| x as u8).collect()).unwrap()
-    }
-
-    /// diffusers' `[B, H, W, 3]` images as `[B, 3, H, W]`.
-    fn expected(&self) -> Vec<f32> {
-        let (shape, v) = &self.tensors["image"];
-        let [b, h, w, c] = shape[..] else { panic!() };
-        let mut out = vec![0.0; v.len()];
-        for n in 0..b {
-            for y in 0..h {
-                for x in 0..w {
-                    for ch in 0..c {
-                        out[((n * c + ch) * h + y) * w + x] = v[((n * h + y) * w + x) * c + ch];
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    fn check(&self, pipe: &StableDiffusion<CpuBackend>, task: Task<'_>) {
-        let mut noise = self.noise();
-        let g = finished(
-            pipe.generate(&self.params(), task, &mut noise, &mut go)
-                .unwrap(),
-        );
-        assert_eq!(
-            noise.used(),
-            self.meta["noise_tensors"].as_u64().unwrap() as usize,
-            "every noise tensor diffusers drew is used, in order"
-        );
-        let expected = self.expected();
-        let (max, mean) = (
-            max_diff(&g.pixels, &expected),
-            mean_diff(&g.pixels, &expected),
-        );
-        println!("{}: max {max:.2e} mean {mean:.2e}", self.meta["sampler"]);
-        assert!(max < 1e-4 && mean < 1e-5, "max {max}, mean {mean}");
-    }
+/// Runs `c` on `pipe` with diffusers' noise and compares the images: max 1e-4, mean 1e-5.
+fn check(c: &PipelineCase, pipe: &StableDiffusion<CpuBackend>, task: Task<'_>) {
+    let mut noise = c.noise();
+    let g = finished(
+        pipe.generate(&c.params(), task, &mut noise, &mut go)
+            .unwrap(),
+    );
+    assert_eq!(
+        noise.used(),
+        c.noise_count(),
+        "every noise tensor diffusers drew is used, in order"
+    );
+    let expected = c.expected();
+    let (max, mean) = (
+        max_diff(&g.pixels, &expected),
+        mean_diff(&g.pixels, &expected),
+    );
+    println!("{}: max {max:.2e} mean {mean:.2e}", c.meta["sampler"]);
+    assert!(max < 1e-4 && mean < 1e-5, "max {max}, mean {mean}");
 }
 
 #[test]
@@ -209,14 +131,15 @@ fn txt2img_matches_diffusers_pndm() {
 #[test]
 fn txt2img_matches_diffusers_euler_ancestral_with_rescale_and_two_images() {
     let c = case("txt2img_euler_a");
-    c.check(&pipe(), Task::TextToImage);
+    check(&c, &pipe(), Task::TextToImage);
 }
 
 #[test]
 fn img2img_matches_diffusers_ddim() {
     let c = case("img2img_ddim");
-    let image = c.image();
-    c.check(
+    let image = c.image().unwrap();
+    check(
+        &c,
         &pipe(),
         Task::ImageToImage {
             image: &image,
@@ -228,8 +151,9 @@ fn img2img_matches_diffusers_ddim() {
 #[test]
 fn inpaint_blend_matches_diffusers_euler() {
     let c = case("inpaint_blend_euler");
-    let (image, mask) = (c.image(), c.mask());
-    c.check(
+    let (image, mask) = (c.image().unwrap(), c.mask().unwrap());
+    check(
+        &c,
         &pipe(),
         Task::Inpaint {
             image: &image,
@@ -242,8 +166,9 @@ fn inpaint_blend_matches_diffusers_euler() {
 #[test]
 fn inpaint_with_inpainting_unet_matches_diffusers_ddim() {
     let c = case("inpaint_unet9_ddim");
-    let (image, mask) = (c.image(), c.mask());
-    c.check(
+    let (image, mask) = (c.image().unwrap(), c.mask().unwrap());
+    check(
+        &c,
         &inpaint_pipe(),
         Task::Inpaint {
             image: &image,
@@ -259,7 +184,7 @@ fn inpaint_with_inpainting_unet_matches_diffusers_ddim() {
 
 fn test_image() -> Image {
     let c = case("img2img_ddim");
-    c.image()
+    c.image().unwrap()
 }
 
 #[test]

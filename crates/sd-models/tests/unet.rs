@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::fixtures::Labels;
+
 use std::path::PathBuf;
 
 use safetensors::SafeTensors;
@@ -95,18 +97,9 @@ fn unet_2d_condition_models_match_diffusers() {
         let sample = fx.input(&cpu, "sample").unwrap();
         let text = fx.input(&cpu, "encoder_hidden_states").unwrap();
         let cond = fx.input(&cpu, "timestep_cond");
-        let ids: Option<Vec<u32>> = fx
-            .case
-            .get("class_ids")
-            .map(|v| numbers(v).into_iter().map(|x| x as u32).collect());
-        let class_t: Option<Vec<f64>> = fx.case.get("class_timesteps").map(numbers);
-        let class_labels = match (&ids, &class_t) {
-            (Some(ids), _) => Some(ClassLabels::Ids(ids)),
-            (_, Some(t)) => Some(ClassLabels::Timesteps(t)),
-            _ => None,
-        };
+        let labels = Labels::of(&fx.case);
         let extra = UnetConditioning {
-            class_labels,
+            class_labels: labels.get(),
             timestep_cond: cond.as_ref(),
         };
         for (i, t) in fx.timesteps().into_iter().enumerate() {
@@ -158,16 +151,10 @@ fn unet_2d_models_match_diffusers() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let fx = Fixture::read(name);
         let sample = fx.input(&cpu, "sample").unwrap();
-        let ids: Option<Vec<u32>> = fx
-            .case
-            .get("class_ids")
-            .map(|v| numbers(v).into_iter().map(|x| x as u32).collect());
-        let class_t: Option<Vec<f64>> = fx.case.get("class_timesteps").map(numbers);
-        let labels = match (&ids, &class_t) {
-            (Some(ids), _) => ClassLabels::Ids(ids),
-            (_, Some(t)) => ClassLabels::Timesteps(t),
-            _ => panic!("{name}: no class labels"),
-        };
+        let labels = Labels::of(&fx.case);
+        let labels = labels
+            .get()
+            .unwrap_or_else(|| panic!("{name}: no class labels"));
         for (i, t) in fx.timesteps().into_iter().enumerate() {
             let out = unet.forward(&cpu, &sample, &[t], Some(labels)).unwrap();
             check(

@@ -4,6 +4,8 @@
 //! checks that a real checkpoint of it would load, key for key and shape for shape.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
+pub mod fixtures;
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
