@@ -12,6 +12,8 @@ mod sd_cli;
 use std::path::PathBuf;
 
 use clap::Parser;
+use sd_models::Backend;
+use sd_models::pipeline::{Outcome, StableDiffusion};
 
 /// Image-to-image.
 #[derive(Debug, Parser)]
@@ -26,14 +28,21 @@ struct Cli {
     strength: f64,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+impl sd_cli::Job for &Cli {
+    fn run<B: Backend>(
+        self,
+        pipe: &StableDiffusion<B>,
+    ) -> Result<Outcome, Box<dyn std::error::Error>> {
+        let image = sd_cli::load_image(&self.image, pipe.size_multiple())?;
+        let params = self.common.params();
+        let (bar, callback) = sd_cli::progress_bar();
+        let outcome = pipe.img2img(&params, &image, self.strength, callback)?;
+        bar.finish();
+        Ok(outcome)
+    }
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let outputs = cli.common.outputs()?;
-    let pipe = cli.common.load()?;
-    let image = sd_cli::load_image(&cli.image, pipe.size_multiple())?;
-    let params = cli.common.params();
-    let (bar, callback) = sd_cli::progress_bar();
-    let outcome = pipe.img2img(&params, &image, cli.strength, callback)?;
-    bar.finish();
-    sd_cli::finish(outcome, &outputs, cli.common.overwrite)
+    sd_cli::report(cli.common.run(&cli))
 }

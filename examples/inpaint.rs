@@ -12,6 +12,8 @@ mod sd_cli;
 use std::path::PathBuf;
 
 use clap::Parser;
+use sd_models::Backend;
+use sd_models::pipeline::{Outcome, StableDiffusion};
 
 /// Inpainting.
 #[derive(Debug, Parser)]
@@ -29,15 +31,22 @@ struct Cli {
     strength: f64,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+impl sd_cli::Job for &Cli {
+    fn run<B: Backend>(
+        self,
+        pipe: &StableDiffusion<B>,
+    ) -> Result<Outcome, Box<dyn std::error::Error>> {
+        let image = sd_cli::load_image(&self.image, pipe.size_multiple())?;
+        let mask = sd_cli::load_mask(&self.mask, image.width(), image.height())?;
+        let params = self.common.params();
+        let (bar, callback) = sd_cli::progress_bar();
+        let outcome = pipe.inpaint(&params, &image, &mask, self.strength, callback)?;
+        bar.finish();
+        Ok(outcome)
+    }
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let outputs = cli.common.outputs()?;
-    let pipe = cli.common.load()?;
-    let image = sd_cli::load_image(&cli.image, pipe.size_multiple())?;
-    let mask = sd_cli::load_mask(&cli.mask, image.width(), image.height())?;
-    let params = cli.common.params();
-    let (bar, callback) = sd_cli::progress_bar();
-    let outcome = pipe.inpaint(&params, &image, &mask, cli.strength, callback)?;
-    bar.finish();
-    sd_cli::finish(outcome, &outputs, cli.common.overwrite)
+    sd_cli::report(cli.common.run(&cli))
 }

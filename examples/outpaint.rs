@@ -13,7 +13,8 @@ mod sd_cli;
 use std::path::PathBuf;
 
 use clap::Parser;
-use sd_models::pipeline::Margins;
+use sd_models::Backend;
+use sd_models::pipeline::{Margins, Outcome, StableDiffusion};
 
 /// Outpainting.
 #[derive(Debug, Parser)]
@@ -37,20 +38,27 @@ struct Cli {
     bottom: usize,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+impl sd_cli::Job for &Cli {
+    fn run<B: Backend>(
+        self,
+        pipe: &StableDiffusion<B>,
+    ) -> Result<Outcome, Box<dyn std::error::Error>> {
+        let image = sd_cli::load_image(&self.image, pipe.size_multiple())?;
+        let margins = Margins {
+            left: self.left,
+            top: self.top,
+            right: self.right,
+            bottom: self.bottom,
+        };
+        let params = self.common.params();
+        let (bar, callback) = sd_cli::progress_bar();
+        let outcome = pipe.outpaint(&params, &image, margins, callback)?;
+        bar.finish();
+        Ok(outcome)
+    }
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let outputs = cli.common.outputs()?;
-    let pipe = cli.common.load()?;
-    let image = sd_cli::load_image(&cli.image, pipe.size_multiple())?;
-    let margins = Margins {
-        left: cli.left,
-        top: cli.top,
-        right: cli.right,
-        bottom: cli.bottom,
-    };
-    let params = cli.common.params();
-    let (bar, callback) = sd_cli::progress_bar();
-    let outcome = pipe.outpaint(&params, &image, margins, callback)?;
-    bar.finish();
-    sd_cli::finish(outcome, &outputs, cli.common.overwrite)
+    sd_cli::report(cli.common.run(&cli))
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_core::PredictionType;
-use sd_models::CpuBackend;
+use sd_cuda::{CudaBackend, CudaOptions};
+use sd_models::backend::DType;
 use sd_models::cpu::CpuPrecision;
 use sd_models::pipeline::{
     Control, Generation, Image, LoadOptions, Mask, Outcome, Params, Progress, SamplerChoice,
@@ -18,6 +19,7 @@ use sd_models::pipeline::{
 };
 use sd_models::weights::LoadDType;
 use sd_models::weights::compvis::SingleFileOptions;
+use sd_models::{Backend, CpuBackend};
 
 /// What a single-file checkpoint's UNet predicts, by diffusers' names.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -39,6 +41,24 @@ impl From<Predicts> for PredictionType {
             Predicts::Sample => PredictionType::Sample,
         }
     }
+}
+
+/// Where the networks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The CPU backend (AVX-512, AVX2 or portable kernels, chosen at run time).
+    Cpu,
+    /// A CUDA GPU (sd-cuda: the NVIDIA driver, NVRTC and cuBLAS, found at run time).
+    Cuda,
+}
+
+/// A program's work on a loaded pipeline, whatever backend it runs on.
+pub trait Job {
+    /// Runs on `pipe`.
+    ///
+    /// # Errors
+    /// The pipeline's, or the program's inputs'.
+    fn run<B: Backend>(self, pipe: &StableDiffusion<B>) -> Result<Outcome, Box<dyn Error>>;
 }
 
 /// The arguments every image program takes.
@@ -102,6 +122,13 @@ pub struct Common {
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the networks run. On `cuda`, `--fp16` or `--bf16` keeps weights and
+    /// activations in that type on the GPU (f32 otherwise).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// The CUDA device's ordinal (with `--device cuda`).
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
 }
 
 impl Common {
@@ -149,13 +176,56 @@ impl Common {
         Ok(paths)
     }
 
-    /// Sets the thread count, loads the model and reports how long it took.
-    pub fn load(&self) -> Result<StableDiffusion<CpuBackend>, Box<dyn Error>> {
+    /// Checks the outputs, sets the thread count, loads the model on the chosen device
+    /// (reporting how long it took), runs `job` on it and writes its images.
+    ///
+    /// # Errors
+    /// An existing output without `--overwrite`, a device or model that cannot be loaded,
+    /// and the job's errors.
+    pub fn run(&self, job: impl Job) -> Result<(), Box<dyn Error>> {
+        let outputs = self.outputs()?;
         if let Some(n) = self.threads {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
                 .build_global()?;
         }
+        let outcome = match self.device {
+            Device::Cpu => {
+                let precision = if self.bf16 {
+                    CpuPrecision::Bf16
+                } else {
+                    CpuPrecision::F32
+                };
+                let weights = if self.fp16 {
+                    LoadDType::Stored
+                } else {
+                    LoadDType::F32
+                };
+                let backend = CpuBackend::new().with_precision(precision)?;
+                job.run(&self.load(backend, weights)?)?
+            }
+            Device::Cuda => {
+                let (dtype, weights) = match (self.bf16, self.fp16) {
+                    (true, _) => (DType::BF16, LoadDType::BF16),
+                    (false, true) => (DType::F16, LoadDType::F16),
+                    (false, false) => (DType::F32, LoadDType::F32),
+                };
+                let options = CudaOptions::new(self.gpu).with_upload_dtype(dtype);
+                let backend = CudaBackend::with_options(options)?;
+                eprintln!("device:        {} ({dtype})", backend.device_name());
+                job.run(&self.load(backend, weights)?)?
+            }
+        };
+        finish(outcome, &outputs, self.overwrite)
+    }
+
+    /// Loads the model on `backend` with the weights in `weights`, and reports how long it
+    /// took.
+    fn load<B: Backend>(
+        &self,
+        backend: B,
+        weights: LoadDType,
+    ) -> Result<StableDiffusion<B>, Box<dyn Error>> {
         let t0 = Instant::now();
         let mut single_file = SingleFileOptions::new().ema(self.ema);
         if let Some(p) = self.prediction_type {
@@ -166,18 +236,8 @@ impl Common {
             fp16_variant: self.fp16,
             strict: false,
             tokenizer: self.tokenizer.clone(),
-            weights: if self.fp16 {
-                LoadDType::Stored
-            } else {
-                LoadDType::F32
-            },
+            weights,
         };
-        let precision = if self.bf16 {
-            CpuPrecision::Bf16
-        } else {
-            CpuPrecision::F32
-        };
-        let backend = CpuBackend::new().with_precision(precision)?;
         let pipe = StableDiffusion::load(backend, &self.model, &options)?;
         eprintln!("load:          {}", secs(t0.elapsed()));
         Ok(pipe)

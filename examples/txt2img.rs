@@ -9,6 +9,8 @@
 mod sd_cli;
 
 use clap::Parser;
+use sd_models::Backend;
+use sd_models::pipeline::{Outcome, StableDiffusion};
 
 /// Text-to-image.
 #[derive(Debug, Parser)]
@@ -23,15 +25,22 @@ struct Cli {
     height: Option<usize>,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+impl sd_cli::Job for &Cli {
+    fn run<B: Backend>(
+        self,
+        pipe: &StableDiffusion<B>,
+    ) -> Result<Outcome, Box<dyn std::error::Error>> {
+        let mut params = self.common.params();
+        params.width = self.width;
+        params.height = self.height;
+        let (bar, callback) = sd_cli::progress_bar();
+        let outcome = pipe.txt2img(&params, callback)?;
+        bar.finish();
+        Ok(outcome)
+    }
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let outputs = cli.common.outputs()?;
-    let pipe = cli.common.load()?;
-    let mut params = cli.common.params();
-    params.width = cli.width;
-    params.height = cli.height;
-    let (bar, callback) = sd_cli::progress_bar();
-    let outcome = pipe.txt2img(&params, callback)?;
-    bar.finish();
-    sd_cli::finish(outcome, &outputs, cli.common.overwrite)
+    sd_cli::report(cli.common.run(&cli))
 }
