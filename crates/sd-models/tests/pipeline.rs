@@ -125,6 +125,11 @@ fn txt2img_matches_diffusers_pndm() {
         mean_diff(&g.pixels, &expected),
     );
     println!("pndm: max {max:.2e} mean {mean:.2e}");
+    assert!(
+        g.timings.image_encoding.is_zero(),
+        "text-to-image encodes no image: {:?}",
+        g.timings
+    );
     assert!(max < 1e-4 && mean < 1e-5, "max {max}, mean {mean}");
 }
 

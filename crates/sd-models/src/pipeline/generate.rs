@@ -581,7 +581,9 @@ impl<B: Backend> StableDiffusion<B> {
             Some(p) if encode_image => Some(repeat(&self.encode_image(p, w, h, noise)?, n)),
             _ => None,
         };
-        timings.image_encoding = t0.elapsed();
+        if pixels.is_some() {
+            timings.image_encoding = t0.elapsed();
+        }
 
         // 2. The initial noise and latents.
         let init_noise = fill(noise, n * per_image)?;
@@ -626,8 +628,8 @@ impl<B: Backend> StableDiffusion<B> {
                 fill(noise, per_image)?;
             }
             mask_latent = Some(mask.binary_nearest(lw, lh));
+            timings.image_encoding += t0.elapsed();
         }
-        timings.image_encoding += t0.elapsed();
 
         // The denoising loop.
         let t0 = Instant::now();
