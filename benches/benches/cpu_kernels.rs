@@ -141,7 +141,8 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("group_norm_silu");
-    for (hw, ch) in [(64, 320), (32, 640)] {
+    // The UNet's 64x64 and 32x32 levels, and the VAE decoder's last (256x256 of a 512x512 image).
+    for (hw, ch) in [(64, 320), (32, 640), (256, 128)] {
         let x = cpu
             .upload(&data(ch * hw * hw, 1.0), &[1, ch, hw, hw])
             .unwrap();
@@ -151,6 +152,20 @@ fn bench(c: &mut Criterion) {
             BenchmarkId::from_parameter(format!("{hw}x{hw}x{ch}")),
             &(),
             |bch, _| bch.iter(|| cpu.group_norm_silu(&x, 32, &p, &p, 1e-5).unwrap()),
+        );
+    }
+    g.finish();
+
+    // The transformer blocks' layer norms: 4096 tokens of 320 (64x64) and 1024 of 640 (32x32).
+    let mut g = c.benchmark_group("layer_norm");
+    for (tokens, ch) in [(4096, 320), (1024, 640)] {
+        let x = cpu.upload(&data(tokens * ch, 1.0), &[tokens, ch]).unwrap();
+        let p = cpu.upload(&data(ch, 1.1), &[ch]).unwrap();
+        g.throughput(Throughput::Bytes((tokens * ch * 4) as u64));
+        g.bench_with_input(
+            BenchmarkId::from_parameter(format!("{tokens}x{ch}")),
+            &(),
+            |bch, _| bch.iter(|| cpu.layer_norm(&x, &p, &p, 1e-5).unwrap()),
         );
     }
     g.finish();

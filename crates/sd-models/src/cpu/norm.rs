@@ -76,22 +76,29 @@ fn group_norm_impl(
     let spatial: usize = shape[2..].iter().product();
     let per_group = c / groups * spatial;
     let a = x.to_f32_array();
-    let mut out = super::pool::copy_of(contiguous(&a, "group_norm")?);
+    let input = contiguous(&a, "group_norm")?;
+    // Written whole below: the statistics and the output both read the input, so nothing
+    // is copied first.
+    let mut out = super::pool::take(input.len());
     par_chunks_mut(&mut out, per_group, |i, chunk| {
-        let (mean, var) = mean_var(isa, chunk);
+        let src = &input[i * per_group..i * per_group + chunk.len()];
+        let (mean, var) = mean_var(isa, src);
         let inv = 1.0 / (var + eps).sqrt();
         let first_channel = (i % groups) * (c / groups);
-        for (j, plane) in chunk.chunks_mut(spatial.max(1)).enumerate() {
+        let planes = chunk
+            .chunks_mut(spatial.max(1))
+            .zip(src.chunks(spatial.max(1)));
+        for (j, (plane, from)) in planes.enumerate() {
             let ch = first_channel + j;
             let (scale, shift) = (g[ch] * inv, b[ch] - mean * inv * g[ch]);
             dispatch!(isa, {
                 if fuse_silu {
-                    for v in plane.iter_mut() {
-                        *v = silu(*v * scale + shift);
+                    for (v, &x) in plane.iter_mut().zip(from) {
+                        *v = silu(x * scale + shift);
                     }
                 } else {
-                    for v in plane.iter_mut() {
-                        *v = *v * scale + shift;
+                    for (v, &x) in plane.iter_mut().zip(from) {
+                        *v = x * scale + shift;
                     }
                 }
             });
@@ -134,14 +141,19 @@ impl NormOps for CpuBackend {
         let c = shape.last().copied().unwrap_or(0);
         let (g, b) = params("layer_norm", gamma, beta, c)?;
         let a = x.to_f32_array();
-        let mut out = super::pool::copy_of(contiguous(&a, "layer_norm")?);
+        let input = contiguous(&a, "layer_norm")?;
+        // Written whole below, from the input: nothing is copied first.
+        let mut out = super::pool::take(input.len());
         let isa = self.isa();
-        par_chunks_mut(&mut out, c, |_, row| {
-            let (mean, var) = mean_var(isa, row);
+        par_chunks_mut(&mut out, c, |i, row| {
+            let src = &input[i * c..(i + 1) * c];
+            let (mean, var) = mean_var(isa, src);
             let inv = 1.0 / (var + eps).sqrt();
-            for (v, (&gv, &bv)) in row.iter_mut().zip(g.iter().zip(&b)) {
-                *v = (*v - mean) * inv * gv + bv;
-            }
+            dispatch!(isa, {
+                for ((v, &x), (&gv, &bv)) in row.iter_mut().zip(src).zip(g.iter().zip(&b)) {
+                    *v = (x - mean) * inv * gv + bv;
+                }
+            });
         });
         CpuTensor::from_vec(&shape, out)
     }
