@@ -12,7 +12,7 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sd_models::CpuBackend;
 use sd_models::backend::{
-    AttentionMask, AttentionOps, Conv2dParams, ConvOps, DataOps, MatmulOps, NormOps,
+    ActivationOps, AttentionMask, AttentionOps, Conv2dParams, ConvOps, DataOps, MatmulOps, NormOps,
 };
 use sd_models::cpu::CpuPrecision;
 
@@ -154,6 +154,13 @@ fn bench(c: &mut Criterion) {
             |bch, _| bch.iter(|| cpu.group_norm_silu(&x, 32, &p, &p, 1e-5).unwrap()),
         );
     }
+    g.finish();
+
+    // The GEGLU of the 64x64 transformer blocks: 4096 tokens, 2 x 1280 in, 1280 out.
+    let mut g = c.benchmark_group("geglu");
+    let x = cpu.upload(&data(4096 * 2560, 1.0), &[4096, 2560]).unwrap();
+    g.throughput(Throughput::Bytes(4096 * 2560 * 4));
+    g.bench_function("4096x2560", |bch| bch.iter(|| cpu.geglu(&x).unwrap()));
     g.finish();
 
     // The transformer blocks' layer norms: 4096 tokens of 320 (64x64) and 1024 of 640 (32x32).

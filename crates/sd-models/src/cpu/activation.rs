@@ -26,9 +26,10 @@ pub(crate) fn map(
     CpuTensor::from_vec(a.shape(), out)
 }
 
-#[inline]
+/// The exact (erf) GELU, with [`math::erf`] so that it vectorises.
+#[inline(always)]
 pub(crate) fn gelu_exact(v: f32) -> f32 {
-    0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2))
+    0.5 * v * (1.0 + math::erf(v * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 #[inline]
@@ -89,6 +90,7 @@ impl ActivationOps for CpuBackend {
         let a = x.to_f32_array();
         let xs = contiguous(&a, "geglu")?;
         let mut out = super::pool::take(xs.len() / 2);
+        let isa = self.isa();
         if let Some(rows) = (1_usize << 14).checked_div(c) {
             let rows_per_chunk = rows + 1;
             par_chunks_mut(&mut out, rows_per_chunk * c, |i, chunk| {
@@ -96,9 +98,11 @@ impl ActivationOps for CpuBackend {
                 for (r, o) in chunk.chunks_exact_mut(c).enumerate() {
                     let row = &xs[(first + r) * c2..(first + r + 1) * c2];
                     let (h, g) = row.split_at(c);
-                    for ((o, &hv), &gv) in o.iter_mut().zip(h).zip(g) {
-                        *o = hv * gelu_exact(gv);
-                    }
+                    dispatch!(isa, {
+                        for ((o, &hv), &gv) in o.iter_mut().zip(h).zip(g) {
+                            *o = hv * gelu_exact(gv);
+                        }
+                    });
                 }
             });
         }

@@ -117,9 +117,44 @@ pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// The error function by Abramowitz and Stegun's 7.1.26 (absolute error at most 1.5e-7 in
+/// exact arithmetic; in f32 within 4.6e-7 of libm's `erff` on [-8, 8], tested),
+/// `1 - t P(t) e^{-x^2}` with `t = 1 / (1 + p |x|)`, the sign restored:
+/// the approximation PyTorch's vectorised CPU kernels use for the exact GELU. Branch-free on
+/// top of [`exp`], so a loop of it vectorises, unlike a libm call.
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A1: f32 = 0.254_829_6;
+    const A2: f32 = -0.284_496_74;
+    const A3: f32 = 1.421_413_8;
+    const A4: f32 = -1.453_152_1;
+    const A5: f32 = 1.061_405_4;
+    let ax = x.abs();
+    let t = 1.0 / (1.0 + P * ax);
+    let poly = ((((A5 * t + A4) * t + A3) * t + A2) * t + A1) * t;
+    (1.0 - poly * exp(-ax * ax)).copysign(x)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn erf_is_within_5e_7_of_libm() {
+        let mut worst = 0.0_f32;
+        let mut x = -8.0_f32;
+        while x < 8.0 {
+            worst = worst.max((erf(x) - libm::erff(x)).abs());
+            x += 0.000_73;
+        }
+        assert!(worst <= 5e-7, "worst absolute error {worst:e}");
+        // The approximation's own error at 0 (its coefficients sum to 1 - 6e-8).
+        assert!(erf(0.0).abs() <= 1e-7);
+        assert_eq!(erf(f32::INFINITY), 1.0);
+        assert_eq!(erf(f32::NEG_INFINITY), -1.0);
+        assert!(erf(f32::NAN).is_nan());
+    }
 
     #[test]
     fn exp_is_within_two_ulp_where_it_is_normal() {
