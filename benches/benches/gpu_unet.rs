@@ -17,8 +17,9 @@
 //! (diffusers' default attention processor, `scaled_dot_product_attention`; cuDNN
 //! convolutions) and prints both times and their ratio.
 //!
-//! `--cpu` runs the same steps on the CPU backend instead (f32; for a small `--size`, to try
-//! the bench on a machine without a GPU). A binary built elsewhere
+//! `--cpu --dtype f32` runs the same steps on the CPU backend instead (f32 products; for a
+//! small `--size`, to try the bench on a machine without a GPU). The exit status is a failure
+//! if the PyTorch side was asked for and failed. A binary built elsewhere
 //! (`cargo bench -p sd-benches --bench gpu_unet --no-run`) runs with no Rust toolchain; run it
 //! from the repository root there so that it finds the PyTorch script.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -69,6 +70,9 @@ fn options() -> Result<Options, String> {
             "--bench" => {}
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if o.cpu && o.dtype != DType::F32 {
+        return Err("--cpu runs f32 products: give --dtype f32 (the default is f16)".into());
     }
     if !o.size.is_multiple_of(8) {
         return Err(format!("--size {}: the UNet needs a multiple of 8", o.size));
@@ -205,7 +209,13 @@ fn pytorch(python: &str, o: &Options) -> Result<f64, String> {
         .ok_or_else(|| "the PyTorch side printed no RESULT line".to_string())
 }
 
-fn report<B: Backend>(backend: &B, sync: &dyn Fn(&B), o: &Options, allocations: &dyn Fn() -> u64) {
+/// Prints the lines; `false` if the PyTorch side was asked for and failed.
+fn report<B: Backend>(
+    backend: &B,
+    sync: &dyn Fn(&B),
+    o: &Options,
+    allocations: &dyn Fn() -> u64,
+) -> bool {
     let n = if o.cpu { 1024 } else { 8192 };
     let peak = gemm_peak(backend, sync, n, o.dtype);
     println!(
@@ -231,9 +241,13 @@ fn report<B: Backend>(backend: &B, sync: &dyn Fn(&B), o: &Options, allocations: 
                 "ratio   PyTorch / ours = {:.2} (above 1: ours is faster)",
                 theirs / secs
             ),
-            Err(e) => println!("PyTorch: {e}"),
+            Err(e) => {
+                println!("PyTorch: {e}");
+                return false;
+            }
         }
     }
+    true
 }
 
 fn main() -> ExitCode {
@@ -250,8 +264,7 @@ fn main() -> ExitCode {
             "CPU backend ({} threads), f32 products",
             rayon::current_num_threads()
         );
-        report(&cpu, &|_| {}, &o, &|| 0);
-        return ExitCode::SUCCESS;
+        return exit(report(&cpu, &|_| {}, &o, &|| 0));
     }
     let g = match CudaBackend::with_options(CudaOptions::new(0).with_upload_dtype(o.dtype)) {
         Ok(g) => g,
@@ -270,6 +283,13 @@ fn main() -> ExitCode {
         t0.elapsed().as_secs_f64()
     );
     let sync = |g: &CudaBackend| g.synchronize().unwrap();
-    report(&g, &sync, &o, &|| g.pool_stats().device_allocations);
-    ExitCode::SUCCESS
+    exit(report(&g, &sync, &o, &|| g.pool_stats().device_allocations))
+}
+
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

@@ -11,8 +11,8 @@ PyTorch users run it):
 
 It prints the versions, the median of --runs timed steps after three warm-up steps (each
 step synchronised), and a last line `RESULT ms=<median>` that the Rust bench reads.
-diffusers may be missing on a GPU machine without network: tools/bench/gpu_python.sh
-prepares a folder of wheels here that installs there with no network.
+diffusers may be missing on a GPU machine without network: crates/sd-cuda/ci/gpu-prepare.sh
+downloads its wheel here, and crates/sd-cuda/ci/gpu-run.sh installs it there.
 """
 
 import argparse

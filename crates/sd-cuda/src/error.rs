@@ -85,6 +85,14 @@ pub enum CudaError {
         /// cuBLAS's status.
         message: String,
     },
+    /// An NVRTC query failed (the library loaded, but a call into it did not succeed).
+    #[error("NVRTC: {call} failed: {message}")]
+    Nvrtc {
+        /// The call.
+        call: &'static str,
+        /// NVRTC's status.
+        message: String,
+    },
     /// NVRTC rejected a kernel module (a bug in the kernels, or an unsupported architecture).
     #[error("NVRTC could not compile {program} for {arch}: {message}\n{log}")]
     Compile {

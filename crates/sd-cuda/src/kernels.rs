@@ -879,13 +879,19 @@ pub fn supported_archs() -> Result<Vec<u32>> {
     // SAFETY: NVRTC is loaded (checked above); writes one int.
     unsafe { sys::nvrtcGetNumSupportedArchs(&mut n) }
         .result()
-        .map_err(|e| CudaError::Unsupported(format!("nvrtcGetNumSupportedArchs: {e:?}")))?;
+        .map_err(|e| CudaError::Nvrtc {
+            call: "nvrtcGetNumSupportedArchs",
+            message: format!("{e:?}"),
+        })?;
     let mut archs = vec![0 as c_int; usize::try_from(n).unwrap_or(0)];
     if !archs.is_empty() {
         // SAFETY: `archs` has the `n` entries NVRTC reported.
         unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
             .result()
-            .map_err(|e| CudaError::Unsupported(format!("nvrtcGetSupportedArchs: {e:?}")))?;
+            .map_err(|e| CudaError::Nvrtc {
+                call: "nvrtcGetSupportedArchs",
+                message: format!("{e:?}"),
+            })?;
     }
     Ok(archs
         .into_iter()

@@ -356,9 +356,19 @@ fn loud_vae() -> (Vec<f32>, Vec<usize>, PathBuf) {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let src = root().join("vae/kl");
     let dir = DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("sd-cuda-loud-vae-{}", std::process::id()));
+        // One folder for every run (rewritten each time, each file renamed into place, so
+        // that nothing accumulates and a concurrent run never reads half a file).
+        let dir = std::env::temp_dir().join("sd-cuda-loud-vae");
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+        let put = |name: &str, bytes: &[u8]| {
+            let part = dir.join(format!("{name}.{}", std::process::id()));
+            std::fs::write(&part, bytes).unwrap();
+            std::fs::rename(&part, dir.join(name)).unwrap();
+        };
+        put(
+            "config.json",
+            &std::fs::read(src.join("config.json")).unwrap(),
+        );
         let name = "diffusion_pytorch_model.safetensors";
         let bytes = std::fs::read(src.join(name)).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -381,7 +391,7 @@ fn loud_vae() -> (Vec<f32>, Vec<usize>, PathBuf) {
                 (k.clone(), view)
             })
             .collect();
-        std::fs::write(dir.join(name), safetensors::serialize(views, None).unwrap()).unwrap();
+        put(name, &safetensors::serialize(views, None).unwrap());
         dir
     });
     let expected = read_tensors(&src.join("expected.safetensors"));

@@ -19,7 +19,7 @@ use sd_models::weights::Variant;
 use common::fixtures::PipelineCase;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pipeline")
+    common::fixtures::root().join("pipeline")
 }
 
 fn pipe() -> StableDiffusion<CpuBackend> {

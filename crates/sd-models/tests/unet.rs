@@ -8,8 +8,6 @@
 
 mod common;
 
-use common::fixtures::Labels;
-
 use std::path::PathBuf;
 
 use safetensors::SafeTensors;
@@ -23,12 +21,12 @@ use sd_models::unet::{
 use sd_models::weights::Variant;
 use sd_models::{CpuBackend, CpuTensor, Error};
 
+use common::fixtures::{Labels, numbers};
+
 const RTOL: f64 = 1e-4;
 
 fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/unet")
-        .join(name)
+    common::fixtures::root().join("unet").join(name)
 }
 
 struct Fixture {
@@ -69,14 +67,6 @@ fn floats(bytes: &[u8]) -> Vec<f32> {
     bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
-fn numbers(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
         .collect()
 }
 

@@ -18,8 +18,9 @@
 //! diffusers' configs carry `force_upcast` and pipelines decode in `f32`.
 //! [`DecoderPrecision::F32`] (the default) keeps the activations in `f32` whatever the
 //! weights' dtype and whatever dtype the backend handed the latents over in (the encoder,
-//! likewise, always takes its image in `f32`); [`DecoderPrecision::NaiveF16`] rounds them to `f16` after every block, as a
-//! plain half-precision decoder stores them, and shows the overflow.
+//! likewise, always takes its image in `f32`); [`DecoderPrecision::NaiveF16`] rounds them to
+//! `f16` after every block, as a plain half-precision decoder stores them, and shows the
+//! overflow.
 
 use std::path::Path;
 

@@ -36,6 +36,12 @@ pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
     st.tensors()
         .into_iter()
         .map(|(k, v)| {
+            assert_eq!(
+                v.dtype(),
+                safetensors::Dtype::F32,
+                "{}: {k}",
+                path.display()
+            );
             let data = v
                 .data()
                 .chunks_exact(4)
@@ -156,9 +162,16 @@ impl PipelineCase {
         }
     }
 
-    /// The image-to-image or inpainting strength (1 where the case has none).
+    /// The image-to-image or inpainting strength (a case with an input image must give it).
     pub fn strength(&self) -> f64 {
-        self.meta["args"]["strength"].as_f64().unwrap_or(1.0)
+        let strength = self.meta["args"]["strength"].as_f64();
+        match strength {
+            Some(s) => s,
+            None if self.tensors.contains_key("input") => {
+                panic!("a case with an input image and no strength")
+            }
+            None => 1.0,
+        }
     }
 
     /// The input image, where the case has one.
