@@ -12,8 +12,6 @@ mod sd_cli;
 use std::path::PathBuf;
 
 use clap::Parser;
-use sd_models::Backend;
-use sd_models::pipeline::{Outcome, StableDiffusion};
 
 /// Image-to-image.
 #[derive(Debug, Parser)]
@@ -28,21 +26,10 @@ struct Cli {
     strength: f64,
 }
 
-impl sd_cli::Job for &Cli {
-    fn run<B: Backend>(
-        self,
-        pipe: &StableDiffusion<B>,
-    ) -> Result<Outcome, Box<dyn std::error::Error>> {
-        let image = sd_cli::load_image(&self.image, pipe.size_multiple())?;
-        let params = self.common.params();
-        let (bar, callback) = sd_cli::progress_bar();
-        let outcome = pipe.img2img(&params, &image, self.strength, callback)?;
-        bar.finish();
-        Ok(outcome)
-    }
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    sd_cli::report(cli.common.run(&cli))
+    sd_cli::report(cli.common.run(&sd_cli::Work::ImageToImage {
+        image: cli.image.clone(),
+        strength: cli.strength,
+    }))
 }

@@ -12,8 +12,6 @@ mod sd_cli;
 use std::path::PathBuf;
 
 use clap::Parser;
-use sd_models::Backend;
-use sd_models::pipeline::{Outcome, StableDiffusion};
 
 /// Inpainting.
 #[derive(Debug, Parser)]
@@ -31,22 +29,11 @@ struct Cli {
     strength: f64,
 }
 
-impl sd_cli::Job for &Cli {
-    fn run<B: Backend>(
-        self,
-        pipe: &StableDiffusion<B>,
-    ) -> Result<Outcome, Box<dyn std::error::Error>> {
-        let image = sd_cli::load_image(&self.image, pipe.size_multiple())?;
-        let mask = sd_cli::load_mask(&self.mask, image.width(), image.height())?;
-        let params = self.common.params();
-        let (bar, callback) = sd_cli::progress_bar();
-        let outcome = pipe.inpaint(&params, &image, &mask, self.strength, callback)?;
-        bar.finish();
-        Ok(outcome)
-    }
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    sd_cli::report(cli.common.run(&cli))
+    sd_cli::report(cli.common.run(&sd_cli::Work::Inpaint {
+        image: cli.image.clone(),
+        mask: cli.mask.clone(),
+        strength: cli.strength,
+    }))
 }

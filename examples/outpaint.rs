@@ -13,8 +13,7 @@ mod sd_cli;
 use std::path::PathBuf;
 
 use clap::Parser;
-use sd_models::Backend;
-use sd_models::pipeline::{Margins, Outcome, StableDiffusion};
+use sd_models::pipeline::Margins;
 
 /// Outpainting.
 #[derive(Debug, Parser)]
@@ -38,27 +37,15 @@ struct Cli {
     bottom: usize,
 }
 
-impl sd_cli::Job for &Cli {
-    fn run<B: Backend>(
-        self,
-        pipe: &StableDiffusion<B>,
-    ) -> Result<Outcome, Box<dyn std::error::Error>> {
-        let image = sd_cli::load_image(&self.image, pipe.size_multiple())?;
-        let margins = Margins {
-            left: self.left,
-            top: self.top,
-            right: self.right,
-            bottom: self.bottom,
-        };
-        let params = self.common.params();
-        let (bar, callback) = sd_cli::progress_bar();
-        let outcome = pipe.outpaint(&params, &image, margins, callback)?;
-        bar.finish();
-        Ok(outcome)
-    }
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    sd_cli::report(cli.common.run(&cli))
+    sd_cli::report(cli.common.run(&sd_cli::Work::Outpaint {
+        image: cli.image.clone(),
+        margins: Margins {
+            left: cli.left,
+            top: cli.top,
+            right: cli.right,
+            bottom: cli.bottom,
+        },
+    }))
 }

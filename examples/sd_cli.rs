@@ -14,8 +14,8 @@ use sd_cuda::{CudaBackend, CudaOptions};
 use sd_models::backend::DType;
 use sd_models::cpu::CpuPrecision;
 use sd_models::pipeline::{
-    Control, Generation, Image, LoadOptions, Mask, Outcome, Params, Progress, SamplerChoice,
-    StableDiffusion,
+    Control, Generation, Image, LoadOptions, Margins, Mask, Outcome, Params, Progress,
+    SamplerChoice, StableDiffusion,
 };
 use sd_models::weights::LoadDType;
 use sd_models::weights::compvis::SingleFileOptions;
@@ -52,13 +52,55 @@ pub enum Device {
     Cuda,
 }
 
-/// A program's work on a loaded pipeline, whatever backend it runs on.
-pub trait Job {
-    /// Runs on `pipe`.
-    ///
-    /// # Errors
-    /// The pipeline's, or the program's inputs'.
-    fn run<B: Backend>(self, pipe: &StableDiffusion<B>) -> Result<Outcome, Box<dyn Error>>;
+/// What a program asks of the pipeline, with the inputs it names.
+#[derive(Debug)]
+pub enum Work {
+    /// Text-to-image, at the model's size unless given.
+    TextToImage {
+        /// Width in pixels.
+        width: Option<usize>,
+        /// Height in pixels.
+        height: Option<usize>,
+    },
+    /// Image-to-image from a PNG.
+    ImageToImage {
+        /// The input image.
+        image: PathBuf,
+        /// How much to change it, in [0, 1].
+        strength: f64,
+    },
+    /// Inpainting the white part of a mask.
+    Inpaint {
+        /// The input image.
+        image: PathBuf,
+        /// The mask (white is repainted).
+        mask: PathBuf,
+        /// How much to change the masked region, in [0, 1].
+        strength: f64,
+    },
+    /// Outpainting: the canvas extended by margins.
+    Outpaint {
+        /// The input image.
+        image: PathBuf,
+        /// Pixels added on each side.
+        margins: Margins,
+    },
+}
+
+impl Work {
+    /// Fails, naming the file, if an input image or mask is missing: before the model takes
+    /// its time to load.
+    fn check_inputs(&self) -> Result<(), Box<dyn Error>> {
+        let paths: Vec<&Path> = match self {
+            Work::TextToImage { .. } => vec![],
+            Work::ImageToImage { image, .. } | Work::Outpaint { image, .. } => vec![image],
+            Work::Inpaint { image, mask, .. } => vec![image, mask],
+        };
+        match paths.into_iter().find(|p| !p.is_file()) {
+            Some(p) => Err(format!("{}: no such file", p.display()).into()),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The arguments every image program takes.
@@ -177,13 +219,14 @@ impl Common {
     }
 
     /// Checks the outputs, sets the thread count, loads the model on the chosen device
-    /// (reporting how long it took), runs `job` on it and writes its images.
+    /// (reporting how long it took), does `work` on it and writes its images.
     ///
     /// # Errors
-    /// An existing output without `--overwrite`, a device or model that cannot be loaded,
-    /// and the job's errors.
-    pub fn run(&self, job: impl Job) -> Result<(), Box<dyn Error>> {
+    /// An existing output without `--overwrite`, a device, model or input that cannot be
+    /// loaded, and the pipeline's errors.
+    pub fn run(&self, work: &Work) -> Result<(), Box<dyn Error>> {
         let outputs = self.outputs()?;
+        work.check_inputs()?;
         if let Some(n) = self.threads {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
@@ -202,7 +245,7 @@ impl Common {
                     LoadDType::F32
                 };
                 let backend = CpuBackend::new().with_precision(precision)?;
-                job.run(&self.load(backend, weights)?)?
+                self.run_on(self.load(backend, weights)?, work)?
             }
             Device::Cuda => {
                 let (dtype, weights) = match (self.bf16, self.fp16) {
@@ -213,10 +256,46 @@ impl Common {
                 let options = CudaOptions::new(self.gpu).with_upload_dtype(dtype);
                 let backend = CudaBackend::with_options(options)?;
                 eprintln!("device:        {} ({dtype})", backend.device_name());
-                job.run(&self.load(backend, weights)?)?
+                self.run_on(self.load(backend, weights)?, work)?
             }
         };
         finish(outcome, &outputs, self.overwrite)
+    }
+
+    /// Does `work` on `pipe`, with a progress bar.
+    fn run_on<B: Backend>(
+        &self,
+        pipe: StableDiffusion<B>,
+        work: &Work,
+    ) -> Result<Outcome, Box<dyn Error>> {
+        let mut params = self.params();
+        let (bar, progress) = progress_bar();
+        let outcome = match work {
+            Work::TextToImage { width, height } => {
+                params.width = *width;
+                params.height = *height;
+                pipe.txt2img(&params, progress)?
+            }
+            Work::ImageToImage { image, strength } => {
+                let image = load_image(image, pipe.size_multiple())?;
+                pipe.img2img(&params, &image, *strength, progress)?
+            }
+            Work::Inpaint {
+                image,
+                mask,
+                strength,
+            } => {
+                let image = load_image(image, pipe.size_multiple())?;
+                let mask = load_mask(mask, image.width(), image.height())?;
+                pipe.inpaint(&params, &image, &mask, *strength, progress)?
+            }
+            Work::Outpaint { image, margins } => {
+                let image = load_image(image, pipe.size_multiple())?;
+                pipe.outpaint(&params, &image, *margins, progress)?
+            }
+        };
+        bar.finish();
+        Ok(outcome)
     }
 
     /// Loads the model on `backend` with the weights in `weights`, and reports how long it
@@ -311,10 +390,16 @@ pub fn save(image: &Image, path: &Path, overwrite: bool) -> Result<(), Box<dyn E
     Ok(())
 }
 
+/// Reads an image file as RGB; the error names the file.
+fn open_rgb(path: &Path) -> Result<image::RgbImage, Box<dyn Error>> {
+    let image = image::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(image.to_rgb8())
+}
+
 /// Reads an RGB image, resized down (Lanczos, as diffusers' default resampling) to the
 /// nearest multiple of what the model needs, if it is not one already.
 pub fn load_image(path: &Path, multiple: usize) -> Result<Image, Box<dyn Error>> {
-    let rgb = image::open(path)?.to_rgb8();
+    let rgb = open_rgb(path)?;
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     let (tw, th) = (w / multiple * multiple, h / multiple * multiple);
     if tw == 0 || th == 0 {
@@ -340,7 +425,7 @@ pub fn load_image(path: &Path, multiple: usize) -> Result<Image, Box<dyn Error>>
 
 /// Reads a mask (white: repaint), resized with nearest neighbour to `width x height`.
 pub fn load_mask(path: &Path, width: usize, height: usize) -> Result<Mask, Box<dyn Error>> {
-    let rgb = image::open(path)?.to_rgb8();
+    let rgb = open_rgb(path)?;
     let rgb = if (rgb.width() as usize, rgb.height() as usize) == (width, height) {
         rgb
     } else {

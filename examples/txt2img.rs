@@ -9,8 +9,6 @@
 mod sd_cli;
 
 use clap::Parser;
-use sd_models::Backend;
-use sd_models::pipeline::{Outcome, StableDiffusion};
 
 /// Text-to-image.
 #[derive(Debug, Parser)]
@@ -25,22 +23,10 @@ struct Cli {
     height: Option<usize>,
 }
 
-impl sd_cli::Job for &Cli {
-    fn run<B: Backend>(
-        self,
-        pipe: &StableDiffusion<B>,
-    ) -> Result<Outcome, Box<dyn std::error::Error>> {
-        let mut params = self.common.params();
-        params.width = self.width;
-        params.height = self.height;
-        let (bar, callback) = sd_cli::progress_bar();
-        let outcome = pipe.txt2img(&params, callback)?;
-        bar.finish();
-        Ok(outcome)
-    }
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    sd_cli::report(cli.common.run(&cli))
+    sd_cli::report(cli.common.run(&sd_cli::Work::TextToImage {
+        width: cli.width,
+        height: cli.height,
+    }))
 }
