@@ -35,9 +35,9 @@ use sd_models::backend::conformance::rel_l2;
 use sd_models::backend::{Backend, BackendBase, DType, DataOps};
 use sd_models::clip::ClipTextModel;
 use sd_models::pipeline::{Control, LoadOptions, Outcome, Progress, StableDiffusion, Task};
-use sd_models::unet::{Unet2DConditionModel, Unet2DConfig, Unet2DModel, UnetConditioning};
+use sd_models::unet::{Unet2DConditionModel, Unet2DModel, UnetConditioning};
 use sd_models::vae::{AutoencoderKl, DecoderPrecision};
-use sd_models::weights::{LoadDType, OpenOptions, Variant};
+use sd_models::weights::{LoadDType, Variant};
 
 use fixtures::{Labels, PipelineCase, Tensor, numbers, read_json, read_tensors, root};
 
@@ -81,30 +81,52 @@ fn reference(tensors: &HashMap<String, Tensor>, name: &str) -> Vec<f32> {
         .clone()
 }
 
+/// A UNet fixture: its folder, inputs, diffusers' outputs and case.json.
+struct UnetCase {
+    dir: PathBuf,
+    inputs: HashMap<String, Tensor>,
+    expected: HashMap<String, Tensor>,
+    case: serde_json::Value,
+}
+
+impl UnetCase {
+    fn read(name: &str) -> Self {
+        let dir = root().join("unet").join(name);
+        UnetCase {
+            inputs: read_tensors(&dir.join("inputs.safetensors")),
+            expected: read_tensors(&dir.join("expected.safetensors")),
+            case: read_json(&dir.join("case.json")),
+            dir,
+        }
+    }
+
+    /// Each timestep of the case with diffusers' output at it.
+    fn timesteps(&self) -> Vec<(f64, Vec<f32>)> {
+        numbers(&self.case["timesteps"])
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, reference(&self.expected, &format!("t{i}"))))
+            .collect()
+    }
+}
+
 fn conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
     let b = out.backend;
     for name in ["sd1", "sd2", "inpaint", "misc"] {
-        let dir = root().join("unet").join(name);
-        let unet = Unet2DConditionModel::from_dir_as(b, &dir, &[Variant::Default], true, dtype)
+        let fx = UnetCase::read(name);
+        let unet = Unet2DConditionModel::from_dir_as(b, &fx.dir, &[Variant::Default], true, dtype)
             .unwrap_or_else(|e| panic!("unet {name}: {e}"));
-        let inputs = read_tensors(&dir.join("inputs.safetensors"));
-        let expected = read_tensors(&dir.join("expected.safetensors"));
-        let case = read_json(&dir.join("case.json"));
-        let sample = input(b, &inputs, "sample").unwrap();
-        let text = input(b, &inputs, "encoder_hidden_states").unwrap();
-        let cond = input(b, &inputs, "timestep_cond");
-        let labels = Labels::of(&case);
+        let sample = input(b, &fx.inputs, "sample").unwrap();
+        let text = input(b, &fx.inputs, "encoder_hidden_states").unwrap();
+        let cond = input(b, &fx.inputs, "timestep_cond");
+        let labels = Labels::of(&fx.case);
         let extra = UnetConditioning {
             class_labels: labels.get(),
             timestep_cond: cond.as_ref(),
         };
-        for (i, t) in numbers(&case["timesteps"]).into_iter().enumerate() {
+        for (t, want) in fx.timesteps() {
             let y = unet.forward_with(b, &sample, &[t], &text, &extra).unwrap();
-            out.push(
-                format!("unet {name} t={t}"),
-                &y,
-                reference(&expected, &format!("t{i}")),
-            );
+            out.push(format!("unet {name} t={t}"), &y, want);
         }
     }
 }
@@ -112,29 +134,17 @@ fn conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
 fn class_conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
     let b = out.backend;
     for name in ["class_cond", "ddpm"] {
-        let dir = root().join("unet").join(name);
-        let config = Unet2DConfig::from_file(dir.join("config.json")).unwrap();
-        let unet = OpenOptions::new()
-            .strict(true)
-            .load_folder(&dir, &[Variant::Default], |store| {
-                Unet2DModel::load(b, store, config, dtype)
-            })
+        let fx = UnetCase::read(name);
+        let unet = Unet2DModel::from_dir_as(b, &fx.dir, &[Variant::Default], true, dtype)
             .unwrap_or_else(|e| panic!("unet2d {name}: {e}"));
-        let inputs = read_tensors(&dir.join("inputs.safetensors"));
-        let expected = read_tensors(&dir.join("expected.safetensors"));
-        let case = read_json(&dir.join("case.json"));
-        let sample = input(b, &inputs, "sample").unwrap();
-        let labels = Labels::of(&case);
+        let sample = input(b, &fx.inputs, "sample").unwrap();
+        let labels = Labels::of(&fx.case);
         let labels = labels
             .get()
             .unwrap_or_else(|| panic!("{name}: no class labels"));
-        for (i, t) in numbers(&case["timesteps"]).into_iter().enumerate() {
+        for (t, want) in fx.timesteps() {
             let y = unet.forward(b, &sample, &[t], Some(labels)).unwrap();
-            out.push(
-                format!("unet2d {name} t={t}"),
-                &y,
-                reference(&expected, &format!("t{i}")),
-            );
+            out.push(format!("unet2d {name} t={t}"), &y, want);
         }
     }
 }

@@ -272,13 +272,27 @@ impl<B: Backend> Unet2DModel<B> {
         variants: &[Variant],
         strict: bool,
     ) -> Result<Self> {
+        Self::from_dir_as(backend, dir, variants, strict, LoadDType::F32)
+    }
+
+    /// As [`from_dir`](Self::from_dir), with the weights handed to the backend in `dtype`.
+    ///
+    /// # Errors
+    /// As [`from_dir`](Self::from_dir).
+    pub fn from_dir_as(
+        backend: &B,
+        dir: impl AsRef<Path>,
+        variants: &[Variant],
+        strict: bool,
+        dtype: LoadDType,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = Unet2DConfig::from_file(dir.join("config.json"))?;
         OpenOptions::new()
             .rename(|k| Some(rename_legacy_attention(k)))
             .strict(strict)
             .load_folder(dir, variants, |store| {
-                Self::load(backend, store, config, LoadDType::F32)
+                Self::load(backend, store, config, dtype)
             })
     }
 
