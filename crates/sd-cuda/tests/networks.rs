@@ -39,7 +39,9 @@ use sd_models::unet::{Unet2DConditionModel, Unet2DModel, UnetConditioning};
 use sd_models::vae::{AutoencoderKl, DecoderPrecision};
 use sd_models::weights::{LoadDType, Variant};
 
-use fixtures::{Labels, PipelineCase, Tensor, numbers, read_json, read_tensors, root};
+use fixtures::{
+    Labels, PipelineCase, Tensor, numbers, read_json, read_tensors, root, scratch_dir, write_whole,
+};
 
 /// One output of one network on one backend, with what diffusers (or transformers) computed.
 struct Output {
@@ -366,19 +368,9 @@ fn loud_vae() -> (Vec<f32>, Vec<usize>, PathBuf) {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let src = root().join("vae/kl");
     let dir = DIR.get_or_init(|| {
-        // One folder for every run (rewritten each time, each file renamed into place, so
-        // that nothing accumulates and a concurrent run never reads half a file).
-        let dir = std::env::temp_dir().join("sd-cuda-loud-vae");
-        std::fs::create_dir_all(&dir).unwrap();
-        let put = |name: &str, bytes: &[u8]| {
-            let part = dir.join(format!("{name}.{}", std::process::id()));
-            std::fs::write(&part, bytes).unwrap();
-            std::fs::rename(&part, dir.join(name)).unwrap();
-        };
-        put(
-            "config.json",
-            &std::fs::read(src.join("config.json")).unwrap(),
-        );
+        let dir = scratch_dir("sd-cuda-loud-vae");
+        let config = std::fs::read(src.join("config.json")).unwrap();
+        write_whole(&dir, "config.json", &config);
         let name = "diffusion_pytorch_model.safetensors";
         let bytes = std::fs::read(src.join(name)).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -401,7 +393,7 @@ fn loud_vae() -> (Vec<f32>, Vec<usize>, PathBuf) {
                 (k.clone(), view)
             })
             .collect();
-        put(name, &safetensors::serialize(views, None).unwrap());
+        write_whole(&dir, name, &safetensors::serialize(views, None).unwrap());
         dir
     });
     let expected = read_tensors(&src.join("expected.safetensors"));

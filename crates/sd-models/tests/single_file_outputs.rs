@@ -4,6 +4,8 @@
 //! text-to-image pipeline loaded from the single file draws the folder's images.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::PathBuf;
 
 use sd_core::PredictionType;
@@ -16,6 +18,8 @@ use sd_models::vae::{AutoencoderKl, AutoencoderKlConfig};
 use sd_models::weights::compvis::{Component, SingleFileOptions};
 use sd_models::weights::{LoadDType, Variant};
 use serde_json::{Map, Value};
+
+use common::fixtures::{scratch_dir, write_whole};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/single_file")
@@ -122,8 +126,7 @@ fn tiny_tokenizer() -> PathBuf {
 }
 
 fn write_tiny_tokenizer() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sd-tiny-tokenizer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("sd-tiny-tokenizer");
     let merges = ["c a", "ca t</w>", "o w</w>", "l ow</w>", "r e", "re d</w>"];
     let mut tokens: Vec<String> = ('a'..='z').map(String::from).collect();
     tokens.extend(('a'..='z').map(|c| format!("{c}</w>")));
@@ -138,16 +141,10 @@ fn write_tiny_tokenizer() -> PathBuf {
         .enumerate()
         .map(|(id, t)| (t, Value::from(id)))
         .collect();
-    std::fs::write(
-        dir.join("vocab.json"),
-        serde_json::to_string(&Value::Object(vocab)).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("merges.txt"),
-        format!("#version: 0.2\n{}\n", merges.join("\n")),
-    )
-    .unwrap();
+    let vocab = serde_json::to_string(&Value::Object(vocab)).unwrap();
+    write_whole(&dir, "vocab.json", vocab.as_bytes());
+    let merges = format!("#version: 0.2\n{}\n", merges.join("\n"));
+    write_whole(&dir, "merges.txt", merges.as_bytes());
     dir
 }
 

@@ -26,6 +26,22 @@ pub fn root() -> PathBuf {
     }
 }
 
+/// A folder of the system's temporary directory for files a test writes, the same for every
+/// run (so that runs do not leave one each behind).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(name);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
+/// Writes `bytes` to `dir/name` through a file of this process's own renamed into place, so
+/// that a test in another process writing the same file never leaves half of it to be read.
+pub fn write_whole(dir: &Path, name: &str, bytes: &[u8]) {
+    let part = dir.join(format!("{name}.{}", std::process::id()));
+    std::fs::write(&part, bytes).unwrap_or_else(|e| panic!("{}: {e}", part.display()));
+    std::fs::rename(&part, dir.join(name)).unwrap();
+}
+
 /// A tensor's shape and values.
 pub type Tensor = (Vec<usize>, Vec<f32>);
 
