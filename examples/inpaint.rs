@@ -18,7 +18,7 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     common: sd_cli::Common,
-    /// The input image (PNG); resized down to a multiple of 64 if it is not one.
+    /// The input image (PNG); resized down to a multiple of 8 if it is not one.
     #[arg(long, short)]
     image: PathBuf,
     /// The mask (PNG; white is repainted), resized to the image's size.

@@ -5,7 +5,7 @@
 //!     --image photo.png --left 128 --right 128 --prompt "a wide landscape" --output wide.png
 //! ```
 //!
-//! The extended size must be a multiple of 64 (for SD 1.x and 2.x).
+//! The extended size must be a multiple of 8.
 
 #[path = "sd_cli.rs"]
 mod sd_cli;

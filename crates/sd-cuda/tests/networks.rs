@@ -125,6 +125,7 @@ fn conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
         let extra = UnetConditioning {
             class_labels: labels.get(),
             timestep_cond: cond.as_ref(),
+            ..UnetConditioning::default()
         };
         for (t, want) in fx.timesteps() {
             let y = unet.forward_with(b, &sample, &[t], &text, &extra).unwrap();

@@ -18,6 +18,7 @@
 pub mod backend;
 pub mod clip;
 mod config;
+pub mod controlnet;
 pub mod cpu;
 pub mod error;
 pub mod nn;

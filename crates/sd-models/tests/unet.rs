@@ -91,6 +91,7 @@ fn unet_2d_condition_models_match_diffusers() {
         let extra = UnetConditioning {
             class_labels: labels.get(),
             timestep_cond: cond.as_ref(),
+            ..UnetConditioning::default()
         };
         for (i, t) in fx.timesteps().into_iter().enumerate() {
             let out = unet
@@ -187,9 +188,28 @@ fn bad_inputs_are_typed_errors() {
     // Wrong channel count, wrong rank.
     shape_error(unet.forward(&cpu, &zeros(&[2, 3, 16, 16]), &[1.0], &text));
     shape_error(unet.forward(&cpu, &zeros(&[2, 4, 16]), &[1.0], &text));
-    // A size the network cannot downsample (two downsamplers: multiples of 4).
-    let e = shape_error(unet.forward(&cpu, &zeros(&[2, 4, 18, 16]), &[1.0], &text));
-    assert!(e.contains("multiples of 4"), "{e}");
+    // An empty latent.
+    shape_error(unet.forward(&cpu, &zeros(&[2, 4, 0, 16]), &[1.0], &text));
+    // ControlNet residuals of the wrong count or shape.
+    let sample = zeros(&[2, 4, 16, 16]);
+    let skips: Vec<_> = [16, 16, 16, 8, 8, 8, 4, 4, 4]
+        .iter()
+        .zip([16, 16, 16, 16, 16, 16, 16, 32, 32])
+        .map(|(&s, c)| zeros(&[2, c, s, s]))
+        .collect();
+    let residuals = UnetConditioning {
+        down_residuals: Some(&skips[..8]),
+        ..UnetConditioning::default()
+    };
+    let e = shape_error(unet.forward_with(&cpu, &sample, &[1.0], &text, &residuals));
+    assert!(e.contains("down_block_additional_residuals"), "{e}");
+    let mid = zeros(&[2, 32, 4, 5]);
+    let residuals = UnetConditioning {
+        mid_residual: Some(&mid),
+        ..UnetConditioning::default()
+    };
+    let e = shape_error(unet.forward_with(&cpu, &sample, &[1.0], &text, &residuals));
+    assert!(e.contains("mid_block_additional_residual"), "{e}");
     // Text embeddings of the wrong width or batch.
     let e = shape_error(unet.forward(&cpu, &zeros(&[2, 4, 16, 16]), &[1.0], &zeros(&[2, 7, 48])));
     assert!(e.contains("encoder_hidden_states"), "{e}");
@@ -205,11 +225,13 @@ fn bad_inputs_are_typed_errors() {
     let extra = UnetConditioning {
         class_labels: Some(ClassLabels::Timesteps(&[1.0, 2.0])),
         timestep_cond: None,
+        ..UnetConditioning::default()
     };
     shape_error(inpaint.forward_with(&cpu, &sample, &[1.0], &text, &extra));
     let extra = UnetConditioning {
         class_labels: Some(ClassLabels::Ids(&[1, 99])),
         timestep_cond: None,
+        ..UnetConditioning::default()
     };
     assert!(matches!(
         inpaint.forward_with(&cpu, &sample, &[1.0], &text, &extra),
@@ -222,6 +244,7 @@ fn bad_inputs_are_typed_errors() {
     let extra = UnetConditioning {
         class_labels: Some(ClassLabels::Ids(&[1, 2])),
         timestep_cond: Some(&cond),
+        ..UnetConditioning::default()
     };
     shape_error(inpaint.forward_with(&cpu, &sample, &[1.0], &text, &extra));
 
@@ -229,6 +252,7 @@ fn bad_inputs_are_typed_errors() {
     let extra = UnetConditioning {
         class_labels: None,
         timestep_cond: Some(&cond),
+        ..UnetConditioning::default()
     };
     shape_error(unet.forward_with(&cpu, &zeros(&[2, 4, 16, 16]), &[1.0], &text, &extra));
 

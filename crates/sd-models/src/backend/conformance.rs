@@ -713,7 +713,28 @@ fn check_upsample<B: Backend>(c: &mut Ctx<'_, B>) -> Result<()> {
         })
         .collect();
     let got = c.b.upsample_nearest2x(&tx)?;
-    c.expect("upsample_nearest2x", &got, &want, &[2, 3, 8, 10])
+    c.expect("upsample_nearest2x", &got, &want, &[2, 3, 8, 10])?;
+    // Resizing to a skip connection's odd size (and shrinking, and a size kept), with
+    // PyTorch's indices written out: 4 -> 7 rows, 5 -> 9 and 5 -> 3 columns.
+    for (size, rows, cols) in [
+        (
+            (7, 9),
+            vec![0, 0, 1, 1, 2, 2, 3],
+            vec![0, 0, 1, 1, 2, 2, 3, 3, 4],
+        ),
+        ((4, 3), vec![0, 1, 2, 3], vec![0, 1, 3]),
+    ] {
+        let (ho, wo) = size;
+        let want: Vec<f32> = (0..2 * 3 * ho * wo)
+            .map(|i| {
+                let idx = unravel(i, &[2, 3, ho, wo]);
+                x[((idx[0] * 3 + idx[1]) * 4 + rows[idx[2]]) * 5 + cols[idx[3]]]
+            })
+            .collect();
+        let got = c.b.upsample_nearest(&tx, size)?;
+        c.expect("upsample_nearest", &got, &want, &[2, 3, ho, wo])?;
+    }
+    Ok(())
 }
 
 fn check_shape_errors<B: Backend>(c: &mut Ctx<'_, B>) -> Result<()> {
@@ -734,6 +755,7 @@ fn check_shape_errors<B: Backend>(c: &mut Ctx<'_, B>) -> Result<()> {
     c.expect_err("concat mismatch", c.b.concat(&[&a, &b], 0));
     c.expect_err("group_norm groups", c.b.group_norm(&img, 2, &a, &a, 1e-5));
     c.expect_err("upsample rank", c.b.upsample_nearest2x(&a));
+    c.expect_err("upsample empty size", c.b.upsample_nearest(&img, (0, 3)));
     c.expect_err("upload length", c.tensor(&[1.0, 2.0], &[3]));
     c.expect_err("geglu odd", c.b.geglu(&c.b.upload(&[1.0; 3], &[3])?));
     let bad_q = c.tensor(&[0.0; 8], &[1, 1, 2, 4])?;

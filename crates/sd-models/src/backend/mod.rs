@@ -457,6 +457,58 @@ pub trait ResampleOps: BackendBase {
     /// # Errors
     /// [`Error::Shape`](crate::Error::Shape) for a tensor that is not 4-D.
     fn upsample_nearest2x(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Nearest-neighbour resizing to `size = (H', W')`: `[N, C, H, W] -> [N, C, H', W']`,
+    /// output row `i` reading input row [`nearest_index`]`(i, H, H')` (PyTorch's
+    /// `F.interpolate(x, size=size, mode="nearest")`). The UNet uses it to upsample to a
+    /// skip connection of odd size. The default gathers rows and columns with
+    /// [`DataOps::slice`] and [`DataOps::concat`]; backends override it with a kernel.
+    ///
+    /// # Errors
+    /// [`Error::Shape`](crate::Error::Shape) for a tensor that is not 4-D, an empty input or
+    /// an empty size.
+    fn upsample_nearest(&self, x: &Self::Tensor, size: (usize, usize)) -> Result<Self::Tensor>
+    where
+        Self: DataOps,
+    {
+        let (h, w) = match *self.shape(x) {
+            [_, _, h, w] if h > 0 && w > 0 && size.0 > 0 && size.1 > 0 => (h, w),
+            ref other => {
+                return Err(crate::error::Error::Shape {
+                    op: "upsample_nearest",
+                    expected: format!("a non-empty [N, C, H, W] resized to a non-empty {size:?}"),
+                    found: format!("{other:?}"),
+                });
+            }
+        };
+        let gather = |x: &Self::Tensor, axis: usize, from: usize, to: usize| {
+            if from == to {
+                return Ok(x.clone());
+            }
+            let slices = (0..to)
+                .map(|i| self.slice(x, axis, nearest_index(i, from, to), 1))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&Self::Tensor> = slices.iter().collect();
+            self.concat(&refs, axis)
+        };
+        let rows = gather(x, 2, h, size.0)?;
+        gather(&rows, 3, w, size.1)
+    }
+}
+
+/// The input index output index `i` reads when nearest-neighbour resizing `input` values to
+/// `output`, exactly as PyTorch's `nearest` mode computes it: the identity for equal sizes,
+/// `i / 2` for doubling, else `floor(i * (input / output))` in single precision, clamped.
+#[must_use]
+pub fn nearest_index(i: usize, input: usize, output: usize) -> usize {
+    if input == output {
+        i
+    } else if output == 2 * input {
+        i / 2
+    } else {
+        let scale = input as f32 / output as f32;
+        ((i as f32 * scale).floor() as usize).min(input.saturating_sub(1))
+    }
 }
 
 /// A complete backend: every operation family. Implemented automatically.

@@ -119,6 +119,32 @@ impl<B: Backend> Upsample2D<B> {
     /// # Errors
     /// A shape mismatch.
     pub fn forward(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        self.forward_to(backend, x, None)
+    }
+
+    /// As [`forward`](Self::forward), resized to `size = (H', W')` instead of doubled when
+    /// given (diffusers' `output_size`, which the UNet passes when a skip connection is of
+    /// odd size): `[N, C', H', W']`.
+    ///
+    /// # Errors
+    /// A shape mismatch; an empty size.
+    pub fn forward_to(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        size: Option<(usize, usize)>,
+    ) -> Result<B::Tensor> {
+        let doubled = match *backend.shape(x) {
+            [_, _, h, w] => (2 * h, 2 * w),
+            _ => (0, 0),
+        };
+        if let Some(size) = size.filter(|&s| s != doubled) {
+            let x = backend.upsample_nearest(x, size)?;
+            return match &self.conv {
+                Some(conv) => conv.forward(backend, &x),
+                None => Ok(x),
+            };
+        }
         match &self.conv {
             Some(conv) => backend.upsample_nearest2x_conv2d(
                 x,

@@ -503,20 +503,12 @@ impl<B: Backend> StableDiffusion<B> {
         };
         let multiple = self.size_multiple();
         for (what, v) in [("width", w), ("height", h)] {
-            if v == 0 || v % 8 != 0 {
-                return Err(config_error(
-                    what,
-                    format!("{v} is not a positive multiple of 8"),
-                ));
-            }
-            if v % multiple != 0 {
+            if v == 0 || v % multiple != 0 {
                 return Err(config_error(
                     what,
                     format!(
-                        "{v} is not a multiple of {multiple}, which this model needs ({} pixels \
-                         per latent pixel, latents divisible by the UNet's {})",
-                        self.vae_scale_factor(),
-                        self.unet.config().downsample_factor()
+                        "{v} is not a positive multiple of {multiple} (the VAE's pixels per \
+                         latent pixel)"
                     ),
                 ));
             }

@@ -185,12 +185,10 @@ impl<B: Backend> StableDiffusion<B> {
         self.vae.config().downsample_factor()
     }
 
-    /// What the width and height must be a multiple of: 8 (diffusers' check), and the VAE's
-    /// scale factor times the UNet's downsampling factor (64 for Stable Diffusion, whose UNet
-    /// here needs latents divisible by 8).
+    /// What the width and height must be a multiple of: the VAE's scale factor (8 for
+    /// Stable Diffusion, as diffusers checks). The UNet takes latents of any size.
     pub fn size_multiple(&self) -> usize {
-        // Both factors are powers of two.
-        (self.vae_scale_factor() * self.unet.config().downsample_factor()).max(8)
+        self.vae_scale_factor().max(1)
     }
 
     /// The default image size (width, height): the UNet's `sample_size` times

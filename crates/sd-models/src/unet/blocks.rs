@@ -524,6 +524,25 @@ impl<B: Backend> UpBlock<B> {
         temb: Option<&B::Tensor>,
         context: Option<&B::Tensor>,
     ) -> Result<B::Tensor> {
+        self.forward_to(backend, x, skips, temb, context, None)
+    }
+
+    /// As [`forward`](Self::forward), with the upsampler resizing to `upsample_size`
+    /// (height, width) instead of doubling, when given: the size of the next block's skip
+    /// connection, which diffusers passes when the latent is not a multiple of the
+    /// network's downsampling.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_to(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        skips: &mut Vec<B::Tensor>,
+        temb: Option<&B::Tensor>,
+        context: Option<&B::Tensor>,
+        upsample_size: Option<(usize, usize)>,
+    ) -> Result<B::Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             if self.skips {
@@ -540,7 +559,7 @@ impl<B: Backend> UpBlock<B> {
             }
         }
         match &self.upsamplers {
-            Some(Upsampler::Conv(u)) => u.forward(backend, &h),
+            Some(Upsampler::Conv(u)) => u.forward_to(backend, &h, upsample_size),
             Some(Upsampler::Resnet(r)) => r.forward(backend, &h, temb),
             None => Ok(h),
         }

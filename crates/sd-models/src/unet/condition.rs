@@ -17,70 +17,31 @@
 //! noise level (`num_class_embeds`); LCM-distilled networks take a guidance embedding
 //! (`time_cond_proj_dim`).
 //!
-//! Unlike diffusers, a latent whose height or width is not a multiple of
-//! [`Unet2DConditionConfig::downsample_factor`] is an error rather than upsampled to odd skip
-//! sizes.
+//! Latents of any size run, as in diffusers: where a skip connection is of odd size, the up
+//! block before it resizes to that size (`forward_upsample_size`). A ControlNet's residuals
+//! enter through [`UnetConditioning`] (`down_block_additional_residuals`,
+//! `mid_block_additional_residual`).
 
 use std::path::Path;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::nn::source::WeightSource;
-use crate::nn::{
-    ClassEmbedding, ClassLabels, Conv2d, GroupNorm, RandomWeights, TimestepEmbedding, Timesteps,
-    rename_legacy_attention,
+use crate::nn::{Conv2d, GroupNorm, RandomWeights, rename_legacy_attention};
+use crate::unet::blocks::{AttentionSpec, UpBlock, UpChannels, UpsampleSpec};
+use crate::unet::config::{Unet2DConditionConfig, UpBlockType};
+use crate::unet::encoder::{
+    UnetConditioning, UnetEncoder, missing_entry, resnet_spec, transformer_spec,
 };
-use crate::unet::blocks::{
-    AttentionSpec, DownBlock, DownsampleSpec, MidBlock, ResnetSpec, UpBlock, UpChannels,
-    UpsampleSpec,
-};
-use crate::unet::config::{DownBlockType, MidBlockType, Unet2DConditionConfig, UpBlockType};
 use crate::weights::{LoadDType, OpenOptions, Variant, WeightStore};
-
-/// Optional inputs of [`Unet2DConditionModel::forward_with`].
-#[derive(Debug)]
-pub struct UnetConditioning<'a, B: Backend> {
-    /// Class labels, required by class-conditional networks.
-    pub class_labels: Option<ClassLabels<'a, B::Tensor>>,
-    /// The guidance embedding `[N, time_cond_proj_dim]` of LCM-distilled networks.
-    pub timestep_cond: Option<&'a B::Tensor>,
-}
-
-impl<B: Backend> Default for UnetConditioning<'_, B> {
-    fn default() -> Self {
-        UnetConditioning {
-            class_labels: None,
-            timestep_cond: None,
-        }
-    }
-}
-
-impl<B: Backend> Clone for UnetConditioning<'_, B> {
-    fn clone(&self) -> Self {
-        UnetConditioning {
-            class_labels: self.class_labels,
-            timestep_cond: self.timestep_cond,
-        }
-    }
-}
 
 /// diffusers' `UNet2DConditionModel`; see the module documentation. Field names are the
 /// checkpoint's key segments.
 #[derive(Debug, Clone)]
 pub struct Unet2DConditionModel<B: Backend> {
-    config: Unet2DConditionConfig,
-    /// The sinusoidal projection of the timesteps (no weights).
-    pub time_proj: Timesteps,
-    /// `linear_1`, `linear_2` (and `cond_proj`).
-    pub time_embedding: TimestepEmbedding<B>,
-    /// The class embedding of class-conditional networks.
-    pub class_embedding: Option<ClassEmbedding<B>>,
-    /// `sample -> block_out_channels[0]`.
-    pub conv_in: Conv2d<B>,
-    /// The down blocks.
-    pub down_blocks: Vec<DownBlock<B>>,
-    /// The mid block.
-    pub mid_block: Option<MidBlock<B>>,
+    /// The time embedding, `conv_in`, the down blocks and the mid block (their keys at the
+    /// root of the checkpoint), shared with the ControlNet.
+    pub encoder: UnetEncoder<B>,
     /// The up blocks.
     pub up_blocks: Vec<UpBlock<B>>,
     /// The output norm.
@@ -101,173 +62,16 @@ impl<B: Backend> Unet2DConditionModel<B> {
         w: &S,
         config: Unet2DConditionConfig,
     ) -> Result<Self> {
-        config.validate("UNet2DConditionModel config")?;
-        let c = &config;
+        let encoder = UnetEncoder::load(backend, w, config)?;
+        let c = encoder.config();
         let what = || w.describe();
-        let missing = |key: &str| Error::Config {
-            what: what(),
-            message: format!("{key} has no entry for a block"),
-        };
+        let missing = |key: &str| missing_entry(what(), key);
         let channels = &c.block_out_channels;
         let blocks = channels.len();
         let c0 = channels[0];
-        let groups = c.norm_num_groups.unwrap_or(32);
-        let time_embed_dim = c.time_embed_dim();
-        let time_proj = Timesteps::new(c0, c.flip_sin_to_cos, c.freq_shift);
-        let time_embedding = TimestepEmbedding::load(
-            backend,
-            &w.push("time_embedding"),
-            c0,
-            time_embed_dim,
-            c.act_fn,
-            c.timestep_post_act,
-            c.time_cond_proj_dim,
-        )?;
-        let class_embedding = ClassEmbedding::load(
-            backend,
-            &w.push("class_embedding"),
-            c.class_embed_type,
-            c.num_class_embeds,
-            c.projection_class_embeddings_input_dim,
-            c0,
-            time_embed_dim,
-            c.act_fn,
-        )?;
-        let blocks_temb = if c.class_embeddings_concat {
-            2 * time_embed_dim
-        } else {
-            time_embed_dim
-        };
-        let resnet = ResnetSpec {
-            temb_channels: Some(blocks_temb),
-            groups,
-            eps: c.norm_eps,
-            act: c.act_fn,
-            time_embedding_norm: c.resnet_time_scale_shift,
-            output_scale_factor: 1.0,
-        };
-        let cross = c
-            .cross_attention_dim(0)
-            .ok_or_else(|| missing("cross_attention_dim"))?;
-        let transformer = |block: usize, layers: Vec<usize>| -> Result<AttentionSpec> {
-            Ok(AttentionSpec::Transformer {
-                heads: c
-                    .heads(block)
-                    .ok_or_else(|| missing("attention_head_dim"))?,
-                layers,
-                cross_attention_dim: cross,
-                use_linear_projection: c.use_linear_projection,
-                upcast_attention: c.upcast_attention,
-                only_cross_attention: c
-                    .only_cross_attention
-                    .get(block)
-                    .ok_or_else(|| missing("only_cross_attention"))?,
-            })
-        };
-        let conv_in = Conv2d::load(
-            backend,
-            &w.push("conv_in"),
-            c.in_channels,
-            c0,
-            c.conv_in_kernel,
-            1,
-            (c.conv_in_kernel - 1) / 2,
-            true,
-        )?;
-
-        let mut down_blocks = Vec::with_capacity(blocks);
-        let mut output = c0;
-        for (i, &kind) in c.down_block_types.iter().enumerate() {
-            let input = output;
-            output = channels[i];
-            let layers = c
-                .layers_per_block
-                .get(i)
-                .ok_or_else(|| missing("layers_per_block"))?;
-            let attention = match kind {
-                DownBlockType::CrossAttnDownBlock2D => transformer(
-                    i,
-                    (0..layers)
-                        .map(|l| {
-                            c.down_transformer_layers(i, l)
-                                .ok_or_else(|| missing("transformer_layers_per_block"))
-                        })
-                        .collect::<Result<_>>()?,
-                )?,
-                _ => AttentionSpec::None,
-            };
-            let downsample = if i + 1 == blocks {
-                DownsampleSpec::None
-            } else {
-                DownsampleSpec::Conv {
-                    padding: c.downsample_padding,
-                }
-            };
-            down_blocks.push(DownBlock::load(
-                backend,
-                &w.push("down_blocks").index(i),
-                kind,
-                input,
-                output,
-                layers,
-                &resnet,
-                &attention,
-                downsample,
-            )?);
-        }
-
-        let last = channels[blocks - 1];
-        let mid_resnet = ResnetSpec {
-            output_scale_factor: c.mid_block_scale_factor,
-            ..resnet
-        };
-        let mid_block = match c.mid_block_type {
-            Some(MidBlockType::UnetMidBlock2DCrossAttn) => {
-                let layers = c
-                    .mid_transformer_layers()
-                    .ok_or_else(|| missing("transformer_layers_per_block"))?;
-                // diffusers does not pass only_cross_attention to this mid block.
-                let attention = match transformer(blocks - 1, vec![layers])? {
-                    AttentionSpec::Transformer {
-                        heads,
-                        layers,
-                        cross_attention_dim,
-                        use_linear_projection,
-                        upcast_attention,
-                        ..
-                    } => AttentionSpec::Transformer {
-                        heads,
-                        layers,
-                        cross_attention_dim,
-                        use_linear_projection,
-                        upcast_attention,
-                        only_cross_attention: false,
-                    },
-                    other => other,
-                };
-                Some(MidBlock::load(
-                    backend,
-                    &w.push("mid_block"),
-                    last,
-                    1,
-                    &mid_resnet,
-                    &attention,
-                )?)
-            }
-            // diffusers builds this mid block with no attention layers: one resnet.
-            Some(MidBlockType::UnetMidBlock2D) => Some(MidBlock::load(
-                backend,
-                &w.push("mid_block"),
-                last,
-                0,
-                &mid_resnet,
-                &AttentionSpec::None,
-            )?),
-            None => None,
-        };
-
+        let resnet = resnet_spec(c);
         let mut up_blocks = Vec::with_capacity(blocks);
-        let mut output = last;
+        let mut output = channels[blocks - 1];
         for (i, &kind) in c.up_block_types.iter().enumerate() {
             let mirrored = blocks - 1 - i;
             let prev = output;
@@ -279,7 +83,8 @@ impl<B: Backend> Unet2DConditionModel<B> {
                 .ok_or_else(|| missing("layers_per_block"))?
                 + 1;
             let attention = match kind {
-                UpBlockType::CrossAttnUpBlock2D => transformer(
+                UpBlockType::CrossAttnUpBlock2D => transformer_spec(
+                    c,
                     mirrored,
                     (0..layers)
                         .map(|l| {
@@ -287,6 +92,8 @@ impl<B: Backend> Unet2DConditionModel<B> {
                                 .ok_or_else(|| missing("transformer_layers_per_block"))
                         })
                         .collect::<Result<_>>()?,
+                    false,
+                    &what,
                 )?,
                 _ => AttentionSpec::None,
             };
@@ -311,7 +118,7 @@ impl<B: Backend> Unet2DConditionModel<B> {
                 upsample,
             )?);
         }
-
+        let groups = c.norm_num_groups.unwrap_or(32);
         let conv_norm_out =
             GroupNorm::load(backend, &w.push("conv_norm_out"), c0, groups, c.norm_eps)?;
         let conv_out = Conv2d::load(
@@ -325,13 +132,7 @@ impl<B: Backend> Unet2DConditionModel<B> {
             true,
         )?;
         Ok(Unet2DConditionModel {
-            config,
-            time_proj,
-            time_embedding,
-            class_embedding,
-            conv_in,
-            down_blocks,
-            mid_block,
+            encoder,
             up_blocks,
             conv_norm_out,
             conv_out,
@@ -401,7 +202,7 @@ impl<B: Backend> Unet2DConditionModel<B> {
 
     /// The configuration.
     pub fn config(&self) -> &Unet2DConditionConfig {
-        &self.config
+        self.encoder.config()
     }
 
     /// The noise (or v, or x0) prediction for `sample [N, in_channels, H, W]` at
@@ -426,14 +227,16 @@ impl<B: Backend> Unet2DConditionModel<B> {
         )
     }
 
-    /// [`forward`](Self::forward) with class labels and a guidance embedding.
+    /// [`forward`](Self::forward) with class labels, a guidance embedding and a
+    /// ControlNet's residuals.
     ///
     /// # Errors
-    /// [`Error::Shape`] for a sample that is not `[N, in_channels, H, W]` or whose height or
-    /// width is not a positive multiple of the downsampling factor, text embeddings that are
-    /// not `[N, L, cross_attention_dim]`, a timestep count other than 1 or `N`, missing or
-    /// unexpected class labels, labels of the wrong kind, or a guidance embedding of the
-    /// wrong shape or for a network without one; [`Error::TokenOutOfVocab`] for a class id past the table.
+    /// [`Error::Shape`] for a sample that is not `[N, in_channels, H, W]` with positive `H`
+    /// and `W`, text embeddings that are not `[N, L, cross_attention_dim]`, a timestep count
+    /// other than 1 or `N`, missing or unexpected class labels, labels of the wrong kind, a
+    /// guidance embedding of the wrong shape or for a network without one, or residuals of
+    /// another count or shape than the skip connections and mid block output;
+    /// [`Error::TokenOutOfVocab`] for a class id past the table.
     pub fn forward_with(
         &self,
         backend: &B,
@@ -442,120 +245,88 @@ impl<B: Backend> Unet2DConditionModel<B> {
         encoder_hidden_states: &B::Tensor,
         extra: &UnetConditioning<'_, B>,
     ) -> Result<B::Tensor> {
-        let c = &self.config;
-        let n = check_sample(
-            backend,
-            sample,
-            c.in_channels,
-            c.downsample_factor(),
-            "UNet2DConditionModel",
-        )?;
-        let cross = c.cross_attention_dim(0).unwrap_or(0);
-        match *backend.shape(encoder_hidden_states) {
-            [b, l, d] if b == n && l > 0 && d == cross => {}
-            ref other => {
-                return Err(Error::Shape {
-                    op: "UNet2DConditionModel",
-                    expected: format!("encoder_hidden_states [{n}, L, {cross}]"),
-                    found: format!("{other:?}"),
-                });
-            }
+        const OP: &str = "UNet2DConditionModel";
+        let enc = &self.encoder;
+        let n = enc.check_inputs(backend, sample, encoder_hidden_states, OP)?;
+        let emb = enc.embed(backend, n, timesteps, extra, OP)?;
+        let text = encoder_hidden_states;
+        let h = enc.conv_in(backend, sample)?;
+        let (h, mut skips) = enc.down(backend, &h, &emb, text)?;
+        if let Some(residuals) = extra.down_residuals {
+            add_residuals(backend, &mut skips, residuals)?;
         }
-        let timesteps = broadcast_timesteps(timesteps, n, "UNet2DConditionModel")?;
-        let timestep_cond = match (c.time_cond_proj_dim, extra.timestep_cond) {
-            (Some(d), Some(t)) => {
-                if backend.shape(t) != [n, d] {
-                    return Err(Error::Shape {
-                        op: "UNet2DConditionModel",
-                        expected: format!("timestep_cond [{n}, {d}]"),
-                        found: format!("{:?}", backend.shape(t)),
-                    });
-                }
-                Some(t)
-            }
-            (None, Some(_)) => {
-                return Err(Error::Shape {
-                    op: "UNet2DConditionModel",
-                    expected: "no timestep_cond for a network without time_cond_proj_dim".into(),
-                    found: "timestep_cond".into(),
-                });
-            }
-            (_, None) => None,
-        };
-
-        let sample = if c.center_input_sample {
-            backend.affine(sample, 2.0, -1.0)?
-        } else {
-            sample.clone()
-        };
-        let t_emb = self.time_proj.forward(backend, &timesteps)?;
-        let mut emb = self
-            .time_embedding
-            .forward(backend, &t_emb, timestep_cond)?;
-        match (&self.class_embedding, extra.class_labels) {
-            (Some(class), Some(labels)) => {
-                let class_emb = class.forward(backend, labels, n, &self.time_proj)?;
-                emb = if c.class_embeddings_concat {
-                    backend.concat(&[&emb, &class_emb], 1)?
-                } else {
-                    backend.add(&emb, &class_emb)?
-                };
-            }
-            (Some(_), None) => return Err(missing_labels("UNet2DConditionModel")),
-            // diffusers ignores labels given to an unconditional network.
-            (None, _) => {}
+        let mut h = enc.mid(backend, &h, &emb, text)?;
+        if let Some(r) = extra.mid_residual {
+            h = add_residual(backend, &h, r, "mid_block_additional_residual")?;
         }
-        if let Some(act) = c.time_embedding_act_fn {
-            emb = act.forward(backend, &emb)?;
+        let blocks = self.up_blocks.len();
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let remaining = skips.len().saturating_sub(block.skips_needed());
+            // diffusers passes the next skip's size only when the latent is not a multiple
+            // of the downsampling; resizing to 2x is the same as doubling.
+            let upsample_size = match skips.get(remaining.wrapping_sub(1)) {
+                Some(next) if i + 1 < blocks => match *backend.shape(next) {
+                    [_, _, h, w] => Some((h, w)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            h = block.forward_to(
+                backend,
+                &h,
+                &mut skips,
+                Some(&emb),
+                Some(text),
+                upsample_size,
+            )?;
         }
-
-        let text = Some(encoder_hidden_states);
-        let mut h = self.conv_in.forward(backend, &sample)?;
-        let mut skips = vec![h.clone()];
-        for block in &self.down_blocks {
-            let (out, s) = block.forward(backend, &h, Some(&emb), text)?;
-            h = out;
-            skips.extend(s);
-        }
-        if let Some(mid) = &self.mid_block {
-            h = mid.forward(backend, &h, Some(&emb), text)?;
-        }
-        for block in &self.up_blocks {
-            h = block.forward(backend, &h, &mut skips, Some(&emb), text)?;
-        }
-        let h = self.conv_norm_out.forward_act(backend, &h, c.act_fn)?;
+        let h = self
+            .conv_norm_out
+            .forward_act(backend, &h, self.config().act_fn)?;
         self.conv_out.forward(backend, &h)
     }
 }
 
-/// Checks `sample [N, channels, H, W]` with `H` and `W` positive multiples of `factor`;
-/// returns `N`.
-pub(crate) fn check_sample<B: Backend>(
+/// Adds a ControlNet's residuals to the skip connections, one for one (not in place).
+fn add_residuals<B: Backend>(
     backend: &B,
-    sample: &B::Tensor,
-    channels: usize,
-    factor: usize,
-    op: &'static str,
-) -> Result<usize> {
-    match *backend.shape(sample) {
-        [n, ch, h, w]
-            if n > 0
-                && ch == channels
-                && h > 0
-                && w > 0
-                && h.is_multiple_of(factor)
-                && w.is_multiple_of(factor) =>
-        {
-            Ok(n)
-        }
-        ref other => Err(Error::Shape {
-            op,
+    skips: &mut [B::Tensor],
+    residuals: &[B::Tensor],
+) -> Result<()> {
+    if residuals.len() != skips.len() {
+        return Err(Error::Shape {
+            op: "UNet2DConditionModel",
             expected: format!(
-                "sample [N, {channels}, H, W] with H and W positive multiples of {factor}"
+                "{} down_block_additional_residuals, one per skip connection",
+                skips.len()
             ),
-            found: format!("{other:?}"),
-        }),
+            found: format!("{}", residuals.len()),
+        });
     }
+    for (skip, r) in skips.iter_mut().zip(residuals) {
+        *skip = add_residual(backend, skip, r, "down_block_additional_residuals")?;
+    }
+    Ok(())
+}
+
+/// `x + r` for a residual of `x`'s shape, or `[N, C, 1, 1]`.
+fn add_residual<B: Backend>(
+    backend: &B,
+    x: &B::Tensor,
+    r: &B::Tensor,
+    what: &str,
+) -> Result<B::Tensor> {
+    // Pooled ControlNets (`global_pool_conditions`) give one value per channel, broadcast.
+    let pooled = matches!((backend.shape(x), backend.shape(r)),
+        (&[n, c, _, _], &[rn, rc, 1, 1]) if (rn, rc) == (n, c));
+    if backend.shape(x) != backend.shape(r) && !pooled {
+        return Err(Error::Shape {
+            op: "UNet2DConditionModel",
+            expected: format!("{what} of shape {:?}", backend.shape(x)),
+            found: format!("{:?}", backend.shape(r)),
+        });
+    }
+    backend.add(x, r)
 }
 
 /// One timestep per batch entry, from one for the batch or one per entry.

@@ -28,11 +28,13 @@
 pub mod blocks;
 pub mod condition;
 pub mod config;
+pub mod encoder;
 pub mod unet2d;
 
-pub use condition::{Unet2DConditionModel, UnetConditioning};
+pub use condition::Unet2DConditionModel;
 pub use config::{
     DownBlockType, MidBlockType, PerBlock, SampleSize, Unet2DConditionConfig, Unet2DConfig,
     UpBlockType,
 };
+pub use encoder::{UnetConditioning, UnetEncoder};
 pub use unet2d::Unet2DModel;

@@ -27,8 +27,9 @@ use crate::unet::blocks::{
     AttentionSpec, DownBlock, DownsampleSpec, MidBlock, ResnetSpec, UpBlock, UpChannels,
     UpsampleSpec,
 };
-use crate::unet::condition::{broadcast_timesteps, check_sample, missing_labels};
+use crate::unet::condition::{broadcast_timesteps, missing_labels};
 use crate::unet::config::{DownBlockType, Unet2DConfig, UpBlockType};
+use crate::unet::encoder::check_sample;
 use crate::weights::{LoadDType, OpenOptions, Variant, WeightStore};
 
 /// diffusers' `UNet2DModel`; see the module documentation.
