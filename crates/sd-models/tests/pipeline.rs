@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use sd_models::CpuBackend;
 use sd_models::Error;
+use sd_models::controlnet::{ControlNetConfig, ControlNetModel};
 use sd_models::pipeline::{
     Control, Generation, Image, LoadOptions, Margins, Mask, Outcome, Params, SamplerChoice,
     StableDiffusion, Task,
@@ -186,6 +187,105 @@ fn inpaint_with_inpainting_unet_matches_diffusers_ddim() {
 // ---------------------------------------------------------------------------------------------
 // Behaviour
 // ---------------------------------------------------------------------------------------------
+
+/// The tiny pipeline with a case's UNet and ControlNets.
+fn controlnet_pipe(c: &PipelineCase) -> StableDiffusion<CpuBackend> {
+    let mut p = pipe();
+    if let Some(dir) = c.unet_dir() {
+        let unet = Unet2DConditionModel::from_dir(p.backend(), dir, &[Variant::Default], true);
+        p = p.with_unet(unet.unwrap()).unwrap();
+    }
+    for dir in c.controlnet_dirs() {
+        let net = ControlNetModel::from_dir(p.backend(), dir, &[Variant::Default], true).unwrap();
+        p = p.with_controlnet(net).unwrap();
+    }
+    p
+}
+
+#[test]
+fn controlnet_pipelines_match_diffusers() {
+    for name in [
+        "controlnet_txt2img",
+        "controlnet_two",
+        "controlnet_guess",
+        "controlnet_window",
+        "controlnet_window_two",
+        "controlnet_pool",
+        "controlnet_img2img",
+        "controlnet_inpaint",
+        "controlnet_inpaint_unet9",
+    ] {
+        println!("{name}");
+        let c = case(name);
+        let p = controlnet_pipe(&c);
+        let (image, mask) = (c.image(), c.mask());
+        let task = match (&image, &mask) {
+            (None, _) => Task::TextToImage,
+            (Some(image), None) => Task::ImageToImage {
+                image,
+                strength: c.strength(),
+            },
+            (Some(image), Some(mask)) => Task::Inpaint {
+                image,
+                mask,
+                strength: c.strength(),
+            },
+        };
+        check(&c, &p, task);
+        // Each control image is embedded once, not at every step.
+        assert!(p.controlnets().iter().all(|n| n.hints_embedded() == 1));
+    }
+}
+
+#[test]
+fn controlnet_bad_inputs_are_typed_errors() {
+    let c = case("controlnet_txt2img");
+    let p = controlnet_pipe(&c);
+    let mut q = c.params();
+    q.steps = 1;
+    // One control image per ControlNet.
+    let mut two = q.clone();
+    two.controls.push(two.controls[0].clone());
+    assert_eq!(config_field(p.txt2img(&two, go).unwrap_err()).0, "controls");
+    // A control image of another size than the output.
+    let mut small = q.clone();
+    small.controls[0].image = Image::filled(32, 64, [0, 0, 0]).unwrap();
+    let e = p.txt2img(&small, go).unwrap_err();
+    assert!(
+        matches!(e, Error::Shape { .. }) && e.to_string().contains("32x64"),
+        "{e}"
+    );
+    // Scales that are not numbers, windows that are empty or outside [0, 1].
+    for (scale, start, end, what) in [
+        (f64::NAN, 0.0, 1.0, "controls[0].scale"),
+        (1e300, 0.0, 1.0, "controls[0].scale"),
+        (1.0, 0.5, 0.5, "controls[0].start"),
+        (1.0, 0.7, 0.2, "controls[0].start"),
+        (1.0, -0.1, 1.0, "controls[0].start"),
+    ] {
+        let mut bad = q.clone();
+        bad.controls[0].scale = scale;
+        bad.controls[0].start = start;
+        bad.controls[0].end = end;
+        assert_eq!(config_field(p.txt2img(&bad, go).unwrap_err()).0, what);
+    }
+    // A ControlNet that does not fit the UNet.
+    let mut config = ControlNetConfig::for_unet(pipe().unet().config());
+    config.block_out_channels = vec![8, 16];
+    let other = ControlNetModel::random(p.backend(), config, 0).unwrap();
+    let e = pipe().with_controlnet(other).unwrap_err();
+    assert!(e.to_string().contains("block_out_channels"), "{e}");
+    let mut config = ControlNetConfig::for_unet(pipe().unet().config());
+    config.cross_attention_dim = sd_models::unet::PerBlock::All(24);
+    let other = ControlNetModel::random(p.backend(), config, 0).unwrap();
+    let e = pipe().with_controlnet(other).unwrap_err();
+    assert!(e.to_string().contains("cross_attention_dim"), "{e}");
+    let mut config = ControlNetConfig::for_unet(pipe().unet().config());
+    config.conditioning_embedding_out_channels = vec![4, 8];
+    let other = ControlNetModel::random(p.backend(), config, 0).unwrap();
+    let e = pipe().with_controlnet(other).unwrap_err();
+    assert!(e.to_string().contains("downsamples by 2"), "{e}");
+}
 
 fn test_image() -> Image {
     let c = case("img2img_ddim");

@@ -13,6 +13,10 @@ use crate::backend::Backend;
 use crate::clip::LongPrompt;
 use crate::error::{Error, Result};
 use crate::pipeline::StableDiffusion;
+use crate::pipeline::denoise::{
+    ActiveControl, Conditioning, ControlledUnet, LoopEnd, NoisePredictor, Run, StepPosition,
+    denoise,
+};
 use crate::pipeline::image::{Image, Margins, Mask, outpaint_canvas};
 use crate::pipeline::load::scheduler_error;
 use crate::vae::DecoderPrecision;
@@ -64,6 +68,41 @@ pub struct Params {
     pub long_prompt: LongPrompt,
     /// Decode with the VAE's tiling (for large images).
     pub vae_tiling: bool,
+    /// One control image per ControlNet of the pipeline
+    /// ([`StableDiffusion::with_controlnet`]), in the same order; empty without
+    /// ControlNets.
+    pub controls: Vec<ControlImage>,
+    /// diffusers' `guess_mode`: the ControlNets see only the prompt's half of a guided
+    /// batch, with their residuals growing from 0.1x at the first skip connection to 1x at
+    /// the mid block, so that they can steer the picture without a prompt.
+    pub guess_mode: bool,
+}
+
+/// A ControlNet's control image and how strongly and when it acts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlImage {
+    /// The control image (edges, depth, pose...), of the output's size.
+    pub image: Image,
+    /// `controlnet_conditioning_scale`: its residuals are multiplied by it (1 by default).
+    pub scale: f64,
+    /// The fraction of the steps before which it does not act (`control_guidance_start`,
+    /// 0 by default).
+    pub start: f64,
+    /// The fraction of the steps after which it stops acting (`control_guidance_end`, 1 by
+    /// default).
+    pub end: f64,
+}
+
+impl ControlImage {
+    /// The image at scale 1 for every step.
+    pub fn new(image: Image) -> Self {
+        ControlImage {
+            image,
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+        }
+    }
 }
 
 impl Default for Params {
@@ -83,6 +122,8 @@ impl Default for Params {
             clip_skip: 0,
             long_prompt: LongPrompt::Truncate,
             vae_tiling: false,
+            controls: Vec::new(),
+            guess_mode: false,
         }
     }
 }
@@ -431,6 +472,26 @@ impl<B: Backend> StableDiffusion<B> {
         b.download(&self.vae.scale_latents(b, &z)?)
     }
 
+    /// The pipeline's ControlNets with their control images embedded (once per generation).
+    fn active_controls(&self, params: &Params) -> Result<Vec<ActiveControl<'_, B>>> {
+        let b = &self.backend;
+        self.controlnets
+            .iter()
+            .zip(&params.controls)
+            .map(|(model, c)| {
+                let (w, h) = (c.image.width(), c.image.height());
+                let image = b.upload(&c.image.to_chw_unit(), &[1, 3, h, w])?;
+                Ok(ActiveControl {
+                    model,
+                    hint: model.embed_hint(b, &image)?,
+                    scale: c.scale as f32,
+                    start: c.start,
+                    end: c.end,
+                })
+            })
+            .collect()
+    }
+
     fn check_params(&self, params: &Params, task: &Task<'_>) -> Result<(usize, usize, f64)> {
         if params.steps == 0 {
             return Err(config_error(
@@ -513,7 +574,48 @@ impl<B: Backend> StableDiffusion<B> {
                 ));
             }
         }
+        self.check_controls(params, w, h)?;
         Ok((w, h, strength))
+    }
+
+    fn check_controls(&self, params: &Params, w: usize, h: usize) -> Result<()> {
+        let nets = self.controlnets.len();
+        if params.controls.len() != nets {
+            return Err(config_error(
+                "controls",
+                format!(
+                    "{} control images for the pipeline's {nets} ControlNets (one each)",
+                    params.controls.len()
+                ),
+            ));
+        }
+        for (k, c) in params.controls.iter().enumerate() {
+            let what = format!("controls[{k}]");
+            if (c.image.width(), c.image.height()) != (w, h) {
+                return Err(Error::Shape {
+                    op: "ControlNet",
+                    expected: format!("control image {k} of the output's size {w}x{h}"),
+                    found: format!("{}x{} (resize it)", c.image.width(), c.image.height()),
+                });
+            }
+            if !c.scale.is_finite() || !(c.scale as f32).is_finite() {
+                return Err(config_error(
+                    &format!("{what}.scale"),
+                    format!("{} is not a finite number", c.scale),
+                ));
+            }
+            if !(0.0..=1.0).contains(&c.start) || !(0.0..=1.0).contains(&c.end) || c.start >= c.end
+            {
+                return Err(config_error(
+                    &format!("{what}.start"),
+                    format!(
+                        "the guidance window [{}, {}] is not within [0, 1] with start < end",
+                        c.start, c.end
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Runs `task` with the noise of `noise` (see the [module documentation](super) for the
@@ -584,7 +686,7 @@ impl<B: Backend> StableDiffusion<B> {
             Task::ImageToImage { .. } => false,
             Task::Inpaint { .. } => strength == 1.0,
         };
-        let mut latents = match &image_latents {
+        let latents = match &image_latents {
             Some(x0) if !pure_noise => {
                 if start < timesteps.len() {
                     let mut out = vec![0.0; x0.len()];
@@ -623,86 +725,99 @@ impl<B: Backend> StableDiffusion<B> {
             timings.image_encoding += t0.elapsed();
         }
 
+        // The ControlNets' hints, embedded once.
+        let controls = self.active_controls(params)?;
+        let controlled = ControlledUnet {
+            unet: &self.unet,
+            controls,
+            guess_mode: params.guess_mode
+                || self
+                    .controlnets
+                    .iter()
+                    .any(|c| c.config().global_pool_conditions),
+        };
+        let predictor: &dyn NoisePredictor<B> = if self.controlnets.is_empty() {
+            &self.unet
+        } else {
+            &controlled
+        };
+        let batch = if guidance { 2 * n } else { n };
+        let concat = match (&mask_latent, &masked_latents) {
+            (Some(m), Some(ml)) => {
+                let mut extra = Vec::with_capacity(batch * (m.len() + ml.len()));
+                for _ in 0..batch {
+                    extra.extend_from_slice(m);
+                    extra.extend_from_slice(ml);
+                }
+                let channels = extra.len() / (batch * lh * lw);
+                Some(b.upload(&extra, &[batch, channels, lh, lw])?)
+            }
+            _ => None,
+        };
+        let cond = Conditioning {
+            context: embeds,
+            concat,
+            guided: guidance,
+        };
+
         // The denoising loop.
         let t0 = Instant::now();
-        let total = timesteps.len() - start;
-        let in_channels = self.unet.config().in_channels;
-        let mut scaled = vec![0.0; latents.len()];
-        let mut steps_run = 0;
-        for (i, &t) in timesteps.iter().enumerate().skip(start) {
-            sampler
-                .scale_model_input(&latents, i, &mut scaled)
-                .map_err(|e| scheduler_error("scale_model_input", e))?;
-            let mut input = Vec::with_capacity(n * in_channels * lh * lw);
-            for img in scaled.chunks_exact(per_image) {
-                input.extend_from_slice(img);
-                if let (Some(m), Some(ml)) = (&mask_latent, &masked_latents) {
-                    input.extend_from_slice(m);
-                    input.extend_from_slice(ml);
-                }
-            }
-            let batch = if guidance {
-                input.extend_from_within(..);
-                2 * n
+        let mut predict = |step: StepPosition, t: f64, scaled: &[f32]| -> Result<Vec<f32>> {
+            let x = if guidance {
+                b.upload(&scaled.repeat(2), &[batch, c, lh, lw])?
             } else {
-                n
+                b.upload(scaled, &[batch, c, lh, lw])?
             };
-            let x = b.upload(&input, &[batch, in_channels, lh, lw])?;
-            let out = b.download(&self.unet.forward(b, &x, &[t], &embeds)?)?;
-            let model_output = if guidance {
-                let (uncond, text) = out.split_at(n * per_image);
-                let g = params.guidance_scale as f32;
-                let mut cfg: Vec<f32> = uncond
-                    .iter()
-                    .zip(text)
-                    .map(|(&u, &t)| u + g * (t - u))
-                    .collect();
-                if params.guidance_rescale > 0.0 {
-                    rescale_noise_cfg(&mut cfg, text, per_image, params.guidance_rescale);
-                }
-                cfg
-            } else {
+            let out = b.download(&predictor.predict(b, &x, t, &cond, step)?)?;
+            if !guidance {
+                return Ok(out);
+            }
+            let (uncond, text) = out.split_at(n * per_image);
+            let g = params.guidance_scale as f32;
+            let mut cfg: Vec<f32> = uncond
+                .iter()
+                .zip(text)
+                .map(|(&u, &t)| u + g * (t - u))
+                .collect();
+            if params.guidance_rescale > 0.0 {
+                rescale_noise_cfg(&mut cfg, text, per_image, params.guidance_rescale);
+            }
+            Ok(cfg)
+        };
+        let blend = !inpainting_unet && mask_latent.is_some();
+        let mut after_step = |sampler: &dyn Sampler, i: usize, latents: &mut [f32]| -> Result<()> {
+            let (Some(m), Some(x0), true) = (&mask_latent, &image_latents, blend) else {
+                return Ok(());
+            };
+            // Blend the known region back, noised to the next step's level.
+            let known = if i + 1 < timesteps.len() {
+                let mut out = vec![0.0; x0.len()];
+                sampler
+                    .add_noise(x0, &init_noise, i + 1, &mut out)
+                    .map_err(|e| scheduler_error("add_noise", e))?;
                 out
+            } else {
+                x0.clone()
             };
-            let step = sampler
-                .step(i, &model_output, &latents, noise)
-                .map_err(|e| scheduler_error("sampler step", e))?;
-            latents = step.prev_sample;
-            if let (Some(m), Some(x0), false) = (&mask_latent, &image_latents, inpainting_unet) {
-                // Blend the known region back, noised to the next step's level.
-                let known = if i + 1 < timesteps.len() {
-                    let mut out = vec![0.0; x0.len()];
-                    sampler
-                        .add_noise(x0, &init_noise, i + 1, &mut out)
-                        .map_err(|e| scheduler_error("add_noise", e))?;
-                    out
-                } else {
-                    x0.clone()
-                };
-                let plane = lh * lw;
-                for (j, v) in latents.iter_mut().enumerate() {
-                    let keep = 1.0 - m[j % plane];
-                    *v = keep * known[j] + (1.0 - keep) * *v;
-                }
+            let plane = lh * lw;
+            for (j, v) in latents.iter_mut().enumerate() {
+                let keep = 1.0 - m[j % plane];
+                *v = keep * known[j] + (1.0 - keep) * *v;
             }
-            steps_run += 1;
-            let control = callback(&Progress {
-                step: steps_run - 1,
-                steps: total,
-                timestep: t,
-                latents: &latents,
-                pred_original: &step.pred_original_sample,
-                latent_shape: shape,
-            });
-            match control {
-                Control::Continue => {}
-                Control::Stop => break,
-                Control::Cancel => {
-                    return Ok(Outcome::Cancelled { steps_run });
-                }
-            }
-        }
+            Ok(())
+        };
+        let run = Run {
+            sampler: sampler.as_mut(),
+            noise,
+            start,
+            shape,
+        };
+        let done = denoise(run, latents, &mut predict, &mut after_step, callback)?;
         timings.denoising = t0.elapsed();
+        let (latents, steps_run) = (done.latents, done.steps_run);
+        if done.end == LoopEnd::Cancelled {
+            return Ok(Outcome::Cancelled { steps_run });
+        }
 
         let t0 = Instant::now();
         let (images, pixels) = self.decode_latents(&latents, shape, params.vae_tiling)?;
@@ -715,7 +830,7 @@ impl<B: Backend> StableDiffusion<B> {
             steps_run,
             timings,
         };
-        Ok(if steps_run == total {
+        Ok(if done.end == LoopEnd::Finished {
             Outcome::Finished(generation)
         } else {
             Outcome::Stopped(generation)

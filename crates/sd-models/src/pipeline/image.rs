@@ -86,6 +86,19 @@ impl Image {
         out
     }
 
+    /// The image as a ControlNet takes it: `[3, H, W]` values in `[0, 1]` (`v / 255`, as
+    /// diffusers' control image processor, which does not normalise).
+    pub fn to_chw_unit(&self) -> Vec<f32> {
+        let plane = self.width * self.height;
+        let mut out = vec![0.0; 3 * plane];
+        for (p, px) in self.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                out[c * plane + p] = f32::from(px[c]) / 255.0;
+            }
+        }
+        out
+    }
+
     /// An image from `[3, H, W]` values in `[0, 1]` (clamped), rounded as diffusers'
     /// `numpy_to_pil` does (`(v * 255).round()`).
     ///

@@ -44,12 +44,16 @@
 //! # Ok::<(), sd_models::Error>(())
 //! ```
 
+mod denoise;
 mod generate;
 pub mod image;
 mod load;
 mod pixel;
 
-pub use generate::{Control, Generation, Outcome, Params, Progress, SamplerChoice, Task, Timings};
+pub use denoise::{ActiveControl, Conditioning, ControlledUnet, NoisePredictor, StepPosition};
+pub use generate::{
+    Control, ControlImage, Generation, Outcome, Params, Progress, SamplerChoice, Task, Timings,
+};
 pub use image::{Image, Margins, Mask, outpaint_canvas};
 pub use load::LoadOptions;
 pub use pixel::{PixelDiffusion, PixelParams, PixelSamples};
@@ -58,6 +62,7 @@ use sd_schedulers::SchedulerConfig;
 
 use crate::backend::Backend;
 use crate::clip::{ClipTextModel, ClipTokenizer};
+use crate::controlnet::ControlNetModel;
 use crate::error::{Error, Result};
 use crate::unet::Unet2DConditionModel;
 use crate::vae::AutoencoderKl;
@@ -72,6 +77,7 @@ pub struct StableDiffusion<B: Backend> {
     unet: Unet2DConditionModel<B>,
     vae: AutoencoderKl<B>,
     scheduler: SchedulerConfig,
+    controlnets: Vec<ControlNetModel<B>>,
 }
 
 impl<B: Backend> StableDiffusion<B> {
@@ -97,6 +103,7 @@ impl<B: Backend> StableDiffusion<B> {
             unet,
             vae,
             scheduler,
+            controlnets: Vec::new(),
         };
         pipe.check_parts()?;
         Ok(pipe)
@@ -143,6 +150,78 @@ impl<B: Backend> StableDiffusion<B> {
         self.unet = unet;
         self.check_parts()?;
         Ok(self)
+    }
+
+    /// The same pipeline with one more ControlNet (diffusers'
+    /// `StableDiffusionControlNetPipeline`, or its multi-ControlNet form): every generation
+    /// then takes one control image per ControlNet ([`Params::controls`](generate::Params)),
+    /// in the order they were added, for every task (text-to-image, image-to-image,
+    /// inpainting).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the ControlNet does not fit the UNet: another cross-attention
+    /// width, block widths or resnets per block (its residuals would not match the skip
+    /// connections), input channels other than the latents', or a hint network that does not
+    /// downsample by the VAE's factor.
+    pub fn with_controlnet(mut self, controlnet: ControlNetModel<B>) -> Result<Self> {
+        let c = controlnet.config();
+        let u = self.unet.config();
+        let k = self.controlnets.len();
+        let fail = |message: String| {
+            Err(Error::Config {
+                what: format!("ControlNet {k}"),
+                message,
+            })
+        };
+        let per_block = |v: &crate::unet::PerBlock<usize>, blocks: usize| -> Vec<Option<usize>> {
+            (0..blocks).map(|i| v.get(i)).collect()
+        };
+        let blocks = u.block_out_channels.len();
+        if c.cross_attention_dim.get(0) != u.cross_attention_dim(0) {
+            return fail(format!(
+                "its cross_attention_dim {:?} is not the UNet's {:?}",
+                c.cross_attention_dim.get(0),
+                u.cross_attention_dim(0)
+            ));
+        }
+        if c.block_out_channels != u.block_out_channels
+            || per_block(&c.layers_per_block, blocks) != per_block(&u.layers_per_block, blocks)
+        {
+            return fail(format!(
+                "its blocks (block_out_channels {:?}, layers_per_block {:?}) are not the \
+                 UNet's ({:?}, {:?}): its residuals would not fit the skip connections",
+                c.block_out_channels, c.layers_per_block, u.block_out_channels, u.layers_per_block
+            ));
+        }
+        let latent = self.vae.config().latent_channels;
+        if c.in_channels != latent {
+            return fail(format!(
+                "its in_channels {} is not the VAE's latent_channels {latent}",
+                c.in_channels
+            ));
+        }
+        if c.hint_downsample_factor() != self.vae_scale_factor() {
+            return fail(format!(
+                "its hint network downsamples by {} (conditioning_embedding_out_channels {:?}), \
+                 the VAE by {}",
+                c.hint_downsample_factor(),
+                c.conditioning_embedding_out_channels,
+                self.vae_scale_factor()
+            ));
+        }
+        if c.conditioning_channels != 3 {
+            return fail(format!(
+                "it takes {} channels: the pipelines give RGB control images",
+                c.conditioning_channels
+            ));
+        }
+        self.controlnets.push(controlnet);
+        Ok(self)
+    }
+
+    /// The ControlNets, in the order of [`with_controlnet`](Self::with_controlnet).
+    pub fn controlnets(&self) -> &[ControlNetModel<B>] {
+        &self.controlnets
     }
 
     /// The backend.

@@ -29,6 +29,7 @@ use sd_schedulers::{NoiseSource, Plan, RngNoise, Sampler, SchedulerConfig, regis
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::nn::ClassLabels;
+use crate::pipeline::denoise::{LoopEnd, Run, StepPosition, denoise};
 use crate::pipeline::generate::{Control, Outcome, Progress, SamplerChoice};
 use crate::pipeline::image::Image;
 use crate::pipeline::load::{read, scheduler_error};
@@ -297,7 +298,6 @@ impl<B: Backend> PixelDiffusion<B> {
         let per_image = c * h * w;
         let shape = [n, c, h, w];
         let mut sampler = self.sampler(params, n)?;
-        let timesteps = sampler.timesteps().to_vec();
 
         let mut samples = vec![0.0_f32; n * per_image];
         noise
@@ -312,13 +312,8 @@ impl<B: Backend> PixelDiffusion<B> {
             params.max_batch.min(n)
         };
         let t0 = Instant::now();
-        let mut scaled = vec![0.0_f32; samples.len()];
-        let mut model_output = vec![0.0_f32; n * out_per_image];
-        let mut steps_run = 0;
-        for (i, &t) in timesteps.iter().enumerate() {
-            sampler
-                .scale_model_input(&samples, i, &mut scaled)
-                .map_err(|e| scheduler_error("scale_model_input", e))?;
+        let mut predict = |_: StepPosition, t: f64, scaled: &[f32]| -> Result<Vec<f32>> {
+            let mut model_output = vec![0.0_f32; n * out_per_image];
             for (start, (x, out)) in scaled
                 .chunks(chunk * per_image)
                 .zip(model_output.chunks_mut(chunk * out_per_image))
@@ -332,32 +327,26 @@ impl<B: Backend> PixelDiffusion<B> {
                 let eps = self.unet.forward(b, &input, &[t], labels)?;
                 out.copy_from_slice(&b.download(&eps)?);
             }
-            let step = sampler
-                .step(i, &model_output, &samples, noise)
-                .map_err(|e| scheduler_error("sampler step", e))?;
-            samples = step.prev_sample;
-            steps_run += 1;
-            let control = callback(&Progress {
-                step: i,
-                steps: timesteps.len(),
-                timestep: t,
-                latents: &samples,
-                pred_original: &step.pred_original_sample,
-                latent_shape: shape,
-            });
-            match control {
-                Control::Continue => {}
-                Control::Stop => break,
-                Control::Cancel => return Ok(Outcome::Cancelled { steps_run }),
-            }
+            Ok(model_output)
+        };
+        let run = Run {
+            sampler: sampler.as_mut(),
+            noise,
+            start: 0,
+            shape,
+        };
+        let done = denoise(run, samples, &mut predict, &mut |_, _, _| Ok(()), callback)?;
+        let steps_run = done.steps_run;
+        if done.end == LoopEnd::Cancelled {
+            return Ok(Outcome::Cancelled { steps_run });
         }
         let result = PixelSamples {
-            values: samples,
+            values: done.latents,
             shape,
             steps_run,
             denoising: t0.elapsed(),
         };
-        Ok(if steps_run == timesteps.len() {
+        Ok(if done.end == LoopEnd::Finished {
             Outcome::Finished(result)
         } else {
             Outcome::Stopped(result)

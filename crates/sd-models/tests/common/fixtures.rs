@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use sd_models::nn::ClassLabels;
-use sd_models::pipeline::{Image, Mask, Params, SamplerChoice};
+use sd_models::pipeline::{ControlImage, Image, Mask, Params, SamplerChoice};
 use sd_schedulers::ReplayNoise;
 
 /// The repository's `fixtures/`: `SD_FIXTURES` if set, else where it was at build time, else
@@ -174,8 +174,52 @@ impl PipelineCase {
             sampler: SamplerChoice::Name(self.meta["sampler"].as_str().unwrap().into()),
             width: Some(64),
             height: Some(64),
+            controls: self.controls(),
+            guess_mode: a["guess_mode"].as_bool().unwrap_or(false),
             ..Params::default()
         }
+    }
+
+    /// A ControlNet case's ControlNet folders, in order (empty for other cases).
+    pub fn controlnet_dirs(&self) -> Vec<PathBuf> {
+        self.meta["controlnets"]
+            .as_array()
+            .map(|a| a.iter().map(|d| root().join(d.as_str().unwrap())).collect())
+            .unwrap_or_default()
+    }
+
+    /// The UNet folder a case names, if it names one.
+    pub fn unet_dir(&self) -> Option<PathBuf> {
+        self.meta["unet"].as_str().map(|d| root().join(d))
+    }
+
+    /// A ControlNet case's control images with their scales and guidance windows (diffusers'
+    /// arguments: one number for every net, or a list with one each).
+    pub fn controls(&self) -> Vec<ControlImage> {
+        let a = &self.meta["args"];
+        let nth = |key: &str, k: usize, default: f64| match &a[key] {
+            serde_json::Value::Array(v) => v[k].as_f64().unwrap(),
+            serde_json::Value::Null => default,
+            v => v.as_f64().unwrap(),
+        };
+        let Some(names) = self.meta["control_images"].as_array() else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .enumerate()
+            .map(|(k, name)| {
+                let (shape, v) = &self.tensors[name.as_str().unwrap()];
+                let image =
+                    Image::new(shape[1], shape[0], v.iter().map(|&x| x as u8).collect()).unwrap();
+                ControlImage {
+                    image,
+                    scale: nth("controlnet_conditioning_scale", k, 1.0),
+                    start: nth("control_guidance_start", k, 0.0),
+                    end: nth("control_guidance_end", k, 1.0),
+                }
+            })
+            .collect()
     }
 
     /// The image-to-image or inpainting strength (a case with an input image must give it).
