@@ -14,8 +14,10 @@ use std::path::PathBuf;
 use sd_models::backend::conformance::rel_l2;
 use sd_models::backend::{BackendBase, DataOps};
 use sd_models::controlnet::{ControlInput, ControlNetConfig, ControlNetModel, ControlScale};
+use sd_models::unet::PerBlock;
 use sd_models::unet::{Unet2DConditionModel, UnetConditioning};
-use sd_models::weights::Variant;
+use sd_models::weights::compvis::open_controlnet;
+use sd_models::weights::{LoadDType, Variant};
 use sd_models::{CpuBackend, CpuTensor, Error};
 
 use common::fixtures::{Tensor, numbers, read_json, read_tensors, root};
@@ -291,4 +293,78 @@ fn bad_configs_are_typed_errors() {
     let mut json: serde_json::Value = serde_json::from_str(&base).unwrap();
     json["controlnet_conditioning_channel_order"] = serde_json::json!("cmyk");
     assert!(ControlNetConfig::from_json(&json.to_string(), "bad.json").is_err());
+}
+
+#[test]
+fn single_files_load_the_same_network_as_the_folder() {
+    let cpu = CpuBackend::new();
+    let case = Case::read("sd1");
+    let folder = ControlNetModel::from_dir(&cpu, &case.dir, &[Variant::Default], true).unwrap();
+    let sample = case.input(&cpu, "sample");
+    let text = case.input(&cpu, "encoder_hidden_states");
+    let image = case.input(&cpu, "controlnet_cond");
+    let run = |c: &ControlNetModel<CpuBackend>| {
+        let hint = c.embed_hint(&cpu, &image).unwrap();
+        let scale = ControlScale {
+            scale: 0.7,
+            guess_mode: false,
+        };
+        let out = c
+            .forward(
+                &cpu,
+                &sample,
+                &[37.5],
+                &text,
+                &ControlInput::new(&hint, scale),
+            )
+            .unwrap();
+        let mut all: Vec<f32> = out
+            .down
+            .iter()
+            .flat_map(|r| cpu.download(r).unwrap())
+            .collect();
+        all.extend(cpu.download(&out.mid).unwrap());
+        all
+    };
+    let want = run(&folder);
+    for name in [
+        "control_sd1.safetensors",
+        "control_sd1_noprefix.safetensors",
+    ] {
+        let path = root().join("controlnet/single_file").join(name);
+        let mut file = open_controlnet(&path, LoadDType::F32, true).unwrap();
+        // The tiny network has 2 heads per block and 8 groups, which no shape shows (SD
+        // 1.x's are 8 and 32).
+        assert_eq!(file.config.attention_head_dim, PerBlock::Each(vec![8, 8]));
+        file.config.attention_head_dim = PerBlock::All(2);
+        file.config.norm_num_groups = Some(8);
+        assert_eq!(&file.config, folder.config(), "{name}: the inferred config");
+        let net = ControlNetModel::from_file(&cpu, file).unwrap();
+        assert_eq!(run(&net), want, "{name}: bit-identical residuals");
+    }
+}
+
+#[test]
+fn a_file_that_is_not_a_controlnet_is_a_typed_error() {
+    let cpu = CpuBackend::new();
+    let sd = std::fs::read_dir(root().join("single_file/sd1"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
+    match ControlNetModel::from_single_file(&cpu, &sd, LoadDType::F32) {
+        Err(e @ Error::CannotInfer { .. }) => {
+            assert!(e.to_string().contains("Stable Diffusion checkpoint"), "{e}");
+        }
+        other => panic!("expected CannotInfer, got {other:?}"),
+    }
+    // A truncated ControlNet file.
+    let bytes =
+        std::fs::read(root().join("controlnet/single_file/control_sd1.safetensors")).unwrap();
+    let dir = common::fixtures::scratch_dir("sd-models-controlnet");
+    common::fixtures::write_whole(&dir, "truncated.safetensors", &bytes[..bytes.len() / 2]);
+    assert!(
+        ControlNetModel::from_single_file(&cpu, dir.join("truncated.safetensors"), LoadDType::F32)
+            .is_err()
+    );
 }

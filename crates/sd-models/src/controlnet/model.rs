@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::nn::source::WeightSource;
 use crate::nn::{ClassLabels, Conv2d, RandomWeights, rename_legacy_attention};
 use crate::unet::{UnetConditioning, UnetEncoder};
+use crate::weights::compvis::{ControlNetFile, open_controlnet};
 use crate::weights::{LoadDType, OpenOptions, Variant, WeightStore};
 
 /// The hint network (`controlnet_cond_embedding`): the control image to a feature map at the
@@ -262,6 +263,28 @@ impl<B: Backend> ControlNetModel<B> {
             .load_folder(dir, variants, |store| {
                 Self::load(backend, store, config, dtype)
             })
+    }
+
+    /// Loads a ControlNet single file of the original releases (lllyasviel's ControlNet 1.0
+    /// and 1.1 `.safetensors`, keys with or without `control_model.`), its config inferred
+    /// from the shapes ([`open_controlnet`]); every key must be used.
+    ///
+    /// # Errors
+    /// As [`open_controlnet`] (a file that is not a ControlNet is [`Error::CannotInfer`]) and
+    /// [`from_file`](Self::from_file).
+    pub fn from_single_file(backend: &B, path: impl AsRef<Path>, dtype: LoadDType) -> Result<Self> {
+        Self::from_file(backend, open_controlnet(path, dtype, true)?)
+    }
+
+    /// Loads an opened ControlNet single file with its (possibly changed) config, then ends
+    /// loading ([`WeightStore::finish`]).
+    ///
+    /// # Errors
+    /// As [`from_source`](Self::from_source); unused keys in strict mode.
+    pub fn from_file(backend: &B, file: ControlNetFile) -> Result<Self> {
+        let net = Self::from_source(backend, &file.store.root(), file.config)?;
+        file.store.finish()?;
+        Ok(net)
     }
 
     /// The network with seeded random weights ([`RandomWeights`]), for benchmarks and tests.

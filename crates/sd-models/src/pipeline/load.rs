@@ -10,11 +10,12 @@ use serde_json::Value;
 
 use crate::backend::Backend;
 use crate::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use crate::controlnet::ControlNetModel;
 use crate::error::{Error, Result};
 use crate::pipeline::StableDiffusion;
 use crate::unet::{Unet2DConditionConfig, Unet2DConditionModel};
 use crate::vae::{AutoencoderKl, AutoencoderKlConfig};
-use crate::weights::compvis::{Component, SingleFileOptions};
+use crate::weights::compvis::{Component, SingleFileOptions, open_controlnet};
 use crate::weights::{LoadDType, Variant};
 
 /// How to load a pipeline.
@@ -203,5 +204,42 @@ impl<B: Backend> StableDiffusion<B> {
         } else {
             Self::from_single_file(backend, path, options)
         }
+    }
+
+    /// Loads a ControlNet from `path`, a diffusers folder (preferring its `fp16` variant with
+    /// [`LoadOptions::fp16_variant`]) or a single file of the original releases, and adds it
+    /// to the pipeline ([`with_controlnet`](Self::with_controlnet)).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if `path` does not exist; those of
+    /// [`ControlNetModel::from_dir_as`], [`ControlNetModel::from_single_file`] (a file that is
+    /// not a ControlNet is [`Error::CannotInfer`]) and [`with_controlnet`](Self::with_controlnet).
+    pub fn load_controlnet(self, path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let b = &self.backend;
+        let net = if meta.is_dir() {
+            ControlNetModel::from_dir_as(
+                b,
+                path,
+                &options.variants(),
+                options.strict,
+                options.weights,
+            )?
+        } else {
+            let mut file = open_controlnet(path, options.weights, options.strict)?;
+            // Groups, heads and epsilons follow the UNet's where the file cannot show them.
+            let u = self.unet.config();
+            if file.config.block_out_channels == u.block_out_channels {
+                file.config.norm_num_groups = u.norm_num_groups;
+                file.config.attention_head_dim = u.attention_head_dim.clone();
+                file.config.norm_eps = u.norm_eps;
+            }
+            ControlNetModel::from_file(b, file)?
+        };
+        self.with_controlnet(net)
     }
 }

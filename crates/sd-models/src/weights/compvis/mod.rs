@@ -20,6 +20,9 @@
 //! | `model_ema.*` | ignored, or the UNet with [`SingleFileOptions::ema`] | | ldm's `LitEma` names: `model_ema.` + the UNet key without `model.` and without dots |
 //! | `betas`, `alphas_cumprod`, ... | ignored | | the noise schedule, which the scheduler recomputes |
 //!
+//! ControlNets come in files of their own, opened by [`open_controlnet`] (the `controlnet`
+//! module maps their keys, sharing the UNet's encoder map).
+//!
 //! # What is inferred, and how
 //!
 //! The kind ([`ModelKind`]) follows `infer_diffusers_model_type`: the text encoder's layout
@@ -76,6 +79,7 @@
 //! # Ok::<(), sd_models::Error>(())
 //! ```
 
+mod controlnet;
 mod kind;
 mod table;
 mod text;
@@ -93,6 +97,7 @@ use crate::error::{Error, Result};
 use crate::weights::{Derived, LoadDType, OpenOptions, WeightFile, WeightStore};
 use sd_core::PredictionType;
 
+pub use controlnet::{CONTROLNET_PREFIX, ControlNetFile, open_controlnet};
 pub use kind::{Component, ModelKind};
 pub use table::{MappedKey, View};
 

@@ -47,6 +47,10 @@ fn key(path: &WeightPath) -> String {
     format!("{PREFIX}{path}")
 }
 
+fn key_at(prefix: &str, path: &WeightPath) -> String {
+    format!("{prefix}{path}")
+}
+
 fn input(i: usize) -> WeightPath {
     WeightPath::new("input_blocks").index(i)
 }
@@ -61,6 +65,25 @@ fn output(i: usize) -> WeightPath {
 /// [`MissingWeight`](crate::Error::MissingWeight) naming a key the structure needs;
 /// [`CannotInfer`](crate::Error::CannotInfer) for a block layout that is not a UNet's.
 pub(crate) fn infer(shapes: &Shapes<'_>) -> Result<UnetShape> {
+    let mut shape = infer_encoder(shapes, PREFIX)?;
+    let levels = shape.block_out_channels.len();
+    let per = shape.layers_per_block + 1;
+    shape.out_channels =
+        shapes.dim(&key(&WeightPath::new("out.2.weight")), 4, 0, "out_channels")?;
+    shape.up_attention = (0..levels)
+        .map(|u| shapes.has(&key(&output(u * per).push("1"))))
+        .collect();
+    Ok(shape)
+}
+
+/// Reads the structure of the encoder half (`time_embed`, `input_blocks`, `middle_block`)
+/// under `prefix`, as the UNet and a ControlNet share it; the output channels are the input
+/// channels and the up blocks mirror the down blocks.
+///
+/// # Errors
+/// As [`infer`].
+pub(crate) fn infer_encoder(shapes: &Shapes<'_>, prefix: &str) -> Result<UnetShape> {
+    let key = |path: &WeightPath| key_at(prefix, path);
     let inputs = shapes.indices(&key(&WeightPath::new("input_blocks")));
     let count = inputs.last().map_or(0, |&i| i + 1);
     let downsamplers: Vec<usize> = inputs
@@ -95,13 +118,10 @@ pub(crate) fn infer(shapes: &Shapes<'_>) -> Result<UnetShape> {
         .collect::<Result<Vec<_>>>()?;
     let conv_in = key(&input(0).push("0.weight"));
     let in_channels = shapes.dim(&conv_in, 4, 1, "in_channels")?;
-    let out_channels = shapes.dim(&key(&WeightPath::new("out.2.weight")), 4, 0, "out_channels")?;
     let down_attention: Vec<bool> = (0..levels)
         .map(|l| shapes.has(&key(&first(l).push("1"))))
         .collect();
-    let up_attention: Vec<bool> = (0..levels)
-        .map(|u| shapes.has(&key(&output(u * per).push("1"))))
-        .collect();
+    let up_attention: Vec<bool> = down_attention.iter().rev().copied().collect();
     // The first transformer: of the first attention level, else of the middle block.
     let transformer = down_attention
         .iter()
@@ -130,7 +150,7 @@ pub(crate) fn infer(shapes: &Shapes<'_>) -> Result<UnetShape> {
         .len();
     Ok(UnetShape {
         in_channels,
-        out_channels,
+        out_channels: in_channels,
         block_out_channels,
         layers_per_block: per - 1,
         down_attention,
@@ -311,64 +331,14 @@ pub(crate) fn keys(config: &ConfigReader<'_>) -> Result<Table> {
     };
     let down = attention("down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")?;
     let up = attention("up_block_types", "CrossAttnUpBlock2D", "UpBlock2D")?;
-    let (Some(&first), levels) = (channels.first(), channels.len()) else {
+    if channels.is_empty() {
         return Err(config.unsupported("block_out_channels", "is empty"));
-    };
+    }
+    let levels = channels.len();
     let per = layers + 1;
     let mut table = Table::new(PREFIX);
+    encoder_keys(&mut table, &channels, &down, layers, depth);
     let d = WeightPath::new;
-    table.module(&d("time_embed.0"), &d("time_embedding.linear_1"), WB);
-    table.module(&d("time_embed.2"), &d("time_embedding.linear_2"), WB);
-    table.module(&input(0).index(0), &d("conv_in"), WB);
-    let mut out = first;
-    for (level, (&ch, &attn)) in channels.iter().zip(&down).enumerate() {
-        let (block_in, to) = (out, d("down_blocks").index(level));
-        out = ch;
-        for j in 0..layers {
-            let file = input(1 + level * per + j);
-            let resnet_in = if j == 0 { block_in } else { ch };
-            resnet(
-                &mut table,
-                &file.index(0),
-                &to.push("resnets").index(j),
-                resnet_in != ch,
-            );
-            if attn {
-                transformer(
-                    &mut table,
-                    &file.index(1),
-                    &to.push("attentions").index(j),
-                    depth,
-                );
-            }
-        }
-        if level + 1 < levels {
-            table.module(
-                &input(1 + level * per + layers).push("0.op"),
-                &to.push("downsamplers.0.conv"),
-                WB,
-            );
-        }
-    }
-    let mid = d("mid_block");
-    resnet(
-        &mut table,
-        &d("middle_block.0"),
-        &mid.push("resnets.0"),
-        false,
-    );
-    transformer(
-        &mut table,
-        &d("middle_block.1"),
-        &mid.push("attentions.0"),
-        depth,
-    );
-    resnet(
-        &mut table,
-        &d("middle_block.2"),
-        &mid.push("resnets.1"),
-        false,
-    );
     for (u, &attn) in up.iter().enumerate() {
         let to = d("up_blocks").index(u);
         for j in 0..per {
@@ -402,4 +372,61 @@ pub(crate) fn keys(config: &ConfigReader<'_>) -> Result<Table> {
     table.module(&d("out.0"), &d("conv_norm_out"), WB);
     table.module(&d("out.2"), &d("conv_out"), WB);
     Ok(table)
+}
+
+/// The key map of the encoder half (`time_embed`, `input_blocks`, `middle_block`) of a
+/// network with `channels` per level, `down` attention levels, `layers` resnets per level and
+/// transformers `depth` deep: the UNet's and a ControlNet's.
+pub(crate) fn encoder_keys(
+    table: &mut Table,
+    channels: &[usize],
+    down: &[bool],
+    layers: usize,
+    depth: usize,
+) {
+    let (levels, per) = (channels.len(), layers + 1);
+    let first = channels.first().copied().unwrap_or(0);
+    let d = WeightPath::new;
+    table.module(&d("time_embed.0"), &d("time_embedding.linear_1"), WB);
+    table.module(&d("time_embed.2"), &d("time_embedding.linear_2"), WB);
+    table.module(&input(0).index(0), &d("conv_in"), WB);
+    let mut out = first;
+    for (level, (&ch, &attn)) in channels.iter().zip(down).enumerate() {
+        let (block_in, to) = (out, d("down_blocks").index(level));
+        out = ch;
+        for j in 0..layers {
+            let file = input(1 + level * per + j);
+            let resnet_in = if j == 0 { block_in } else { ch };
+            resnet(
+                table,
+                &file.index(0),
+                &to.push("resnets").index(j),
+                resnet_in != ch,
+            );
+            if attn {
+                transformer(
+                    table,
+                    &file.index(1),
+                    &to.push("attentions").index(j),
+                    depth,
+                );
+            }
+        }
+        if level + 1 < levels {
+            table.module(
+                &input(1 + level * per + layers).push("0.op"),
+                &to.push("downsamplers.0.conv"),
+                WB,
+            );
+        }
+    }
+    let mid = d("mid_block");
+    resnet(table, &d("middle_block.0"), &mid.push("resnets.0"), false);
+    transformer(
+        table,
+        &d("middle_block.1"),
+        &mid.push("attentions.0"),
+        depth,
+    );
+    resnet(table, &d("middle_block.2"), &mid.push("resnets.1"), false);
 }
