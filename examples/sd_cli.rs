@@ -1,6 +1,6 @@
-//! What the image programs (`txt2img`, `img2img`, `inpaint`, `outpaint`) share: the common
-//! arguments, loading, the progress bar, PNG in and out, and the timing report. Each program
-//! uses part of it.
+//! What the image programs (`txt2img`, `img2img`, `inpaint`, `outpaint`, `controlnet`) share:
+//! the common arguments, loading, ControlNets and their control images, the progress bar, PNG
+//! in and out, and the timing report. Each program uses part of it.
 #![allow(dead_code)]
 
 use std::error::Error;
@@ -14,8 +14,8 @@ use sd_cuda::{CudaBackend, CudaOptions};
 use sd_models::backend::DType;
 use sd_models::cpu::CpuPrecision;
 use sd_models::pipeline::{
-    Control, Generation, Image, LoadOptions, Margins, Mask, Outcome, Params, Progress,
-    SamplerChoice, StableDiffusion,
+    Control, ControlImage, Generation, Image, LoadOptions, Margins, Mask, Outcome, Params,
+    Progress, SamplerChoice, StableDiffusion,
 };
 use sd_models::weights::LoadDType;
 use sd_models::weights::compvis::SingleFileOptions;
@@ -101,6 +101,139 @@ impl Work {
             None => Ok(()),
         }
     }
+}
+
+/// ControlNets and their control images (the `controlnet` program's arguments).
+#[derive(Debug, Args, Default)]
+pub struct ControlArgs {
+    /// A ControlNet: a diffusers folder or an original single file (lllyasviel's
+    /// `control_*.safetensors`). Repeat it for several ControlNets.
+    #[arg(long = "control", required = true)]
+    pub nets: Vec<PathBuf>,
+    /// The control image of each ControlNet, in the same order (resized to the output size).
+    #[arg(long = "control-image", required = true)]
+    pub images: Vec<PathBuf>,
+    /// The conditioning scale: one for every ControlNet, or one each.
+    #[arg(long = "control-scale")]
+    pub scales: Vec<f64>,
+    /// The fraction of the steps before which the ControlNets do not act: one, or one each.
+    #[arg(long = "control-start")]
+    pub starts: Vec<f64>,
+    /// The fraction of the steps after which they stop acting: one, or one each.
+    #[arg(long = "control-end")]
+    pub ends: Vec<f64>,
+    /// Guess mode: the ControlNets act on the prompt's half of the guidance only, strongly
+    /// enough to steer the picture with an empty prompt.
+    #[arg(long)]
+    pub guess_mode: bool,
+    /// Make each control image a Canny edge map of it first (for a Canny ControlNet and a
+    /// photo).
+    #[arg(long)]
+    pub canny: bool,
+    /// The Canny detector's low threshold (gradient magnitude).
+    #[arg(long, default_value_t = 100.0)]
+    pub canny_low: f32,
+    /// The Canny detector's high threshold.
+    #[arg(long, default_value_t = 200.0)]
+    pub canny_high: f32,
+    /// Also write the control images as the ControlNets see them (NAME-control-K.png beside
+    /// the output).
+    #[arg(long)]
+    pub save_control: bool,
+}
+
+impl ControlArgs {
+    /// Fails, naming it, on a missing file or a count that does not fit the ControlNets.
+    fn check(&self) -> Result<(), Box<dyn Error>> {
+        let n = self.nets.len();
+        if self.images.len() != n {
+            return Err(format!(
+                "{} --control-image for {n} --control: give one control image per ControlNet",
+                self.images.len()
+            )
+            .into());
+        }
+        for (what, v) in [
+            ("--control-scale", &self.scales),
+            ("--control-start", &self.starts),
+            ("--control-end", &self.ends),
+        ] {
+            if v.len() > 1 && v.len() != n {
+                return Err(format!(
+                    "{} {what} for {n} ControlNets: give one, or one each",
+                    v.len()
+                )
+                .into());
+            }
+        }
+        if !(self.canny_low.is_finite() && self.canny_high.is_finite())
+            || self.canny_low < 0.0
+            || self.canny_low > self.canny_high
+        {
+            return Err(format!(
+                "--canny-low {} and --canny-high {}: need 0 <= low <= high",
+                self.canny_low, self.canny_high
+            )
+            .into());
+        }
+        match self.nets.iter().chain(&self.images).find(|p| !p.exists()) {
+            Some(p) => Err(format!("{}: no such file", p.display()).into()),
+            None => Ok(()),
+        }
+    }
+
+    /// The `k`th value of a per-ControlNet option, or its default.
+    fn nth(values: &[f64], k: usize, default: f64) -> f64 {
+        match values {
+            [] => default,
+            [one] => *one,
+            each => each[k],
+        }
+    }
+
+    /// The control images at `width x height`, made edge maps with `--canny`.
+    fn control_images(
+        &self,
+        width: usize,
+        height: usize,
+    ) -> Result<Vec<ControlImage>, Box<dyn Error>> {
+        self.images
+            .iter()
+            .enumerate()
+            .map(|(k, path)| {
+                let rgb = open_rgb(path)?;
+                let rgb = if (rgb.width() as usize, rgb.height() as usize) == (width, height) {
+                    rgb
+                } else {
+                    image::imageops::resize(
+                        &rgb,
+                        width as u32,
+                        height as u32,
+                        image::imageops::FilterType::Lanczos3,
+                    )
+                };
+                let rgb = if self.canny {
+                    canny(&rgb, self.canny_low, self.canny_high)
+                } else {
+                    rgb
+                };
+                Ok(ControlImage {
+                    image: Image::new(width, height, rgb.into_raw())?,
+                    scale: Self::nth(&self.scales, k, 1.0),
+                    start: Self::nth(&self.starts, k, 0.0),
+                    end: Self::nth(&self.ends, k, 1.0),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The Canny edge map of an image (its luma, edges white on black, in all three channels),
+/// with `low` and `high` hysteresis thresholds on the gradient magnitude.
+pub fn canny(rgb: &image::RgbImage, low: f32, high: f32) -> image::RgbImage {
+    let grey = image::DynamicImage::ImageRgb8(rgb.clone()).to_luma8();
+    let edges = imageproc::edges::canny(&grey, low, high);
+    image::DynamicImage::ImageLuma8(edges).to_rgb8()
 }
 
 /// The arguments every image program takes.
@@ -225,8 +358,23 @@ impl Common {
     /// An existing output without `--overwrite`, a device, model or input that cannot be
     /// loaded, and the pipeline's errors.
     pub fn run(&self, work: &Work) -> Result<(), Box<dyn Error>> {
+        self.run_controlled(work, None)
+    }
+
+    /// [`run`](Self::run) with ControlNets.
+    ///
+    /// # Errors
+    /// As [`run`](Self::run); missing control files or counts that do not fit.
+    pub fn run_controlled(
+        &self,
+        work: &Work,
+        controls: Option<&ControlArgs>,
+    ) -> Result<(), Box<dyn Error>> {
         let outputs = self.outputs()?;
         work.check_inputs()?;
+        if let Some(c) = controls {
+            c.check()?;
+        }
         if let Some(n) = self.threads {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
@@ -245,7 +393,7 @@ impl Common {
                     LoadDType::F32
                 };
                 let backend = CpuBackend::new().with_precision(precision)?;
-                self.run_on(self.load(backend, weights)?, work)?
+                self.run_on(self.load(backend, weights, controls)?, work, controls)?
             }
             Device::Cuda => {
                 let (dtype, weights) = match (self.bf16, self.fp16) {
@@ -256,7 +404,7 @@ impl Common {
                 let options = CudaOptions::new(self.gpu).with_upload_dtype(dtype);
                 let backend = CudaBackend::with_options(options)?;
                 eprintln!("device:        {} ({dtype})", backend.device_name());
-                self.run_on(self.load(backend, weights)?, work)?
+                self.run_on(self.load(backend, weights, controls)?, work, controls)?
             }
         };
         finish(outcome, &outputs, self.overwrite)
@@ -267,17 +415,58 @@ impl Common {
         &self,
         pipe: StableDiffusion<B>,
         work: &Work,
+        controls: Option<&ControlArgs>,
     ) -> Result<Outcome, Box<dyn Error>> {
         let mut params = self.params();
+        let multiple = pipe.size_multiple();
+        // The output size: the input image's, else the one asked for, else the first
+        // control image's (as diffusers' ControlNet pipeline), else the model's.
+        let size = match work {
+            Work::TextToImage { width, height } => {
+                let control = match controls.and_then(|c| c.images.first()) {
+                    Some(path) => {
+                        let rgb = open_rgb(path)?;
+                        let round = |v: u32| (v as usize / multiple * multiple).max(multiple);
+                        Some((round(rgb.width()), round(rgb.height())))
+                    }
+                    None => None,
+                };
+                let (dw, dh) = control.unwrap_or_else(|| pipe.default_size());
+                (width.unwrap_or(dw), height.unwrap_or(dh))
+            }
+            Work::ImageToImage { image, .. } | Work::Inpaint { image, .. } => {
+                let image = load_image(image, multiple)?;
+                (image.width(), image.height())
+            }
+            Work::Outpaint { .. } => (0, 0),
+        };
+        if let Some(c) = controls {
+            params.controls = c.control_images(size.0, size.1)?;
+            params.guess_mode = c.guess_mode;
+            if c.save_control {
+                for (k, control) in params.controls.iter().enumerate() {
+                    let stem = self
+                        .output
+                        .file_stem()
+                        .unwrap_or_default()
+                        .to_string_lossy();
+                    let path = self
+                        .output
+                        .with_file_name(format!("{stem}-control-{}.png", k + 1));
+                    save(&control.image, &path, self.overwrite)?;
+                    eprintln!("wrote {}", path.display());
+                }
+            }
+        }
         let (bar, progress) = progress_bar();
         let outcome = match work {
-            Work::TextToImage { width, height } => {
-                params.width = *width;
-                params.height = *height;
+            Work::TextToImage { .. } => {
+                params.width = Some(size.0);
+                params.height = Some(size.1);
                 pipe.txt2img(&params, progress)?
             }
             Work::ImageToImage { image, strength } => {
-                let image = load_image(image, pipe.size_multiple())?;
+                let image = load_image(image, multiple)?;
                 pipe.img2img(&params, &image, *strength, progress)?
             }
             Work::Inpaint {
@@ -285,7 +474,7 @@ impl Common {
                 mask,
                 strength,
             } => {
-                let image = load_image(image, pipe.size_multiple())?;
+                let image = load_image(image, multiple)?;
                 let mask = load_mask(mask, image.width(), image.height())?;
                 pipe.inpaint(&params, &image, &mask, *strength, progress)?
             }
@@ -304,6 +493,7 @@ impl Common {
         &self,
         backend: B,
         weights: LoadDType,
+        controls: Option<&ControlArgs>,
     ) -> Result<StableDiffusion<B>, Box<dyn Error>> {
         let t0 = Instant::now();
         let mut single_file = SingleFileOptions::new().ema(self.ema);
@@ -317,7 +507,10 @@ impl Common {
             tokenizer: self.tokenizer.clone(),
             weights,
         };
-        let pipe = StableDiffusion::load(backend, &self.model, &options)?;
+        let mut pipe = StableDiffusion::load(backend, &self.model, &options)?;
+        for net in controls.map(|c| c.nets.as_slice()).unwrap_or_default() {
+            pipe = pipe.load_controlnet(net, &options)?;
+        }
         eprintln!("load:          {}", secs(t0.elapsed()));
         Ok(pipe)
     }

@@ -241,11 +241,15 @@ fn controlnet_pipelines_match_diffusers() {
 fn a_controlnet_single_file_gives_the_folders_images() {
     let c = case("controlnet_txt2img");
     let file = common::fixtures::root().join("controlnet/single_file/control_sd1.safetensors");
-    let p = pipe().load_controlnet(&file, &LoadOptions::default()).unwrap();
+    let p = pipe()
+        .load_controlnet(&file, &LoadOptions::default())
+        .unwrap();
     check(&c, &p, Task::TextToImage);
     // A Stable Diffusion checkpoint is not a ControlNet.
     let sd = common::fixtures::root().join("single_file/sd1/model.safetensors");
-    let e = pipe().load_controlnet(&sd, &LoadOptions::default()).unwrap_err();
+    let e = pipe()
+        .load_controlnet(&sd, &LoadOptions::default())
+        .unwrap_err();
     assert!(matches!(e, Error::CannotInfer { .. }), "{e}");
 }
 
