@@ -1,14 +1,16 @@
 //! End-to-end forward passes of Stable Diffusion 1.5's networks on the CPU backend, with
 //! seeded random weights: the UNet at a 32x32 latent (batch 2, as classifier-free guidance
 //! runs it) and at 64x64 (batch 1), the VAE decoder at a 32x32 latent, and the CLIP text
-//! encoder on 77 tokens.
+//! encoder on 77 tokens; and the ControlNet step at 64x64 (batch 2): the plain UNet, the
+//! ControlNet alone (its hint embedded once, outside the timing, as a generation does) and
+//! the UNet with the ControlNet's residuals, each with its share of the step's work.
 //!
 //! ```text
 //! cargo bench -p sd-benches --bench networks                 # everything
 //! cargo bench -p sd-benches --bench networks -- unet32 --runs 5 --profile
 //! ```
 //!
-//! Names: `peak`, `unet32`, `unet64`, `vae32`, `clip`. For each network it prints the median
+//! Names: `peak`, `unet32`, `unet64`, `vae32`, `clip`, `control64`. For each network it prints the median
 //! wall time of `--runs` forward passes (after one warm-up pass), the work (counted by
 //! [`sd_benches::Profiled`] from the shapes of every product), the rate, its fraction of this
 //! machine's measured f32 GEMM peak (a 2048^3 product through the backend, measured in the
@@ -25,11 +27,12 @@ use sd_benches::{Profiled, cpu_time, median, minor_faults, peak_rss};
 use sd_models::CpuBackend;
 use sd_models::backend::{DType, DataOps, MatmulOps};
 use sd_models::clip::{ClipTextConfig, ClipTextModel};
+use sd_models::controlnet::{ControlInput, ControlNetConfig, ControlNetModel, ControlScale};
 use sd_models::nn::RandomWeights;
-use sd_models::unet::{Unet2DConditionConfig, Unet2DConditionModel};
+use sd_models::unet::{Unet2DConditionConfig, Unet2DConditionModel, UnetConditioning};
 use sd_models::vae::{AutoencoderKl, AutoencoderKlConfig};
 
-const NAMES: [&str; 5] = ["peak", "unet32", "unet64", "vae32", "clip"];
+const NAMES: [&str; 6] = ["peak", "unet32", "unet64", "vae32", "clip", "control64"];
 
 struct Options {
     names: Vec<String>,
@@ -192,6 +195,57 @@ fn run_one(name: &str, o: &Options) {
                     std::hint::black_box(unet.forward(&backend, &x, &[500.0], &text).unwrap());
                 },
             );
+        }
+        "control64" => {
+            let (hw, batch) = (64, 2);
+            let config = Unet2DConditionConfig::stable_diffusion_1_5().unwrap();
+            let control_config = ControlNetConfig::for_unet(&config);
+            let unet = Unet2DConditionModel::from_source(&backend, &weights, config).unwrap();
+            let controlnet = ControlNetModel::from_source(
+                &backend,
+                &RandomWeights::new(1).with_dtype(o.dtype),
+                control_config,
+            )
+            .unwrap();
+            let x = backend
+                .upload(&data(batch * 4 * hw * hw, 0.3), &[batch, 4, hw, hw])
+                .unwrap();
+            let text = backend
+                .upload(&data(batch * 77 * 768, 0.4), &[batch, 77, 768])
+                .unwrap();
+            let side = 8 * hw;
+            let image = backend
+                .upload(&data(3 * side * side, 0.6), &[1, 3, side, side])
+                .unwrap();
+            let hint = controlnet.embed_hint(&backend, &image).unwrap();
+            let control = ControlInput::new(&hint, ControlScale::default());
+            let what = |part: &str| {
+                format!("SD 1.5 {part} {hw}x{hw} batch {batch} ({dt} weights, {products})")
+            };
+            measure("unet64b2", &what("UNet"), o, &backend, || {
+                std::hint::black_box(unet.forward(&backend, &x, &[500.0], &text).unwrap());
+            });
+            measure("cnet64", &what("ControlNet"), o, &backend, || {
+                std::hint::black_box(
+                    controlnet
+                        .forward(&backend, &x, &[500.0], &text, &control)
+                        .unwrap(),
+                );
+            });
+            measure(name, &what("UNet + ControlNet"), o, &backend, || {
+                let r = controlnet
+                    .forward(&backend, &x, &[500.0], &text, &control)
+                    .unwrap();
+                let extra = UnetConditioning {
+                    down_residuals: Some(&r.down),
+                    mid_residual: Some(&r.mid),
+                    ..UnetConditioning::default()
+                };
+                std::hint::black_box(
+                    unet.forward_with(&backend, &x, &[500.0], &text, &extra)
+                        .unwrap(),
+                );
+            });
         }
         "vae32" => {
             let config = AutoencoderKlConfig::stable_diffusion_1_5().unwrap();
