@@ -134,6 +134,33 @@ fn conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
     }
 }
 
+/// The conditional UNets at latent sizes their downsampling does not divide (upsampling to
+/// odd skip connections).
+fn odd_size_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
+    let b = out.backend;
+    let dir = root().join("unet/odd_size");
+    let meta = read_json(&dir.join("case.json"));
+    let inputs = read_tensors(&dir.join("inputs.safetensors"));
+    let expected = read_tensors(&dir.join("expected.safetensors"));
+    let timesteps = numbers(&meta["timesteps"]);
+    for case in meta["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let model = root().join("unet").join(case["model"].as_str().unwrap());
+        let unet =
+            Unet2DConditionModel::from_dir_as(b, model, &[Variant::Default], true, dtype).unwrap();
+        let sample = input(b, &inputs, &format!("{name}.sample")).unwrap();
+        let text = input(b, &inputs, &format!("{name}.encoder_hidden_states")).unwrap();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let y = unet.forward(b, &sample, &[t], &text).unwrap();
+            out.push(
+                format!("unet odd size {name} t={t}"),
+                &y,
+                reference(&expected, &format!("{name}.t{i}")),
+            );
+        }
+    }
+}
+
 fn class_conditional_unets<B: Backend>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
     let b = out.backend;
     for name in ["class_cond", "ddpm"] {
@@ -230,12 +257,32 @@ fn pipelines<B: Backend + Clone>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
         .unwrap()
         .with_unet(inpaint_unet)
         .unwrap();
-    for name in ["txt2img_euler_a", "img2img_ddim", "inpaint_unet9_ddim"] {
+    let controlled = |case: &PipelineCase| {
+        let mut p = StableDiffusion::from_dir(b.clone(), dir.join("sd1"), &options).unwrap();
+        for net in case.controlnet_dirs() {
+            p = p.load_controlnet(net, &options).unwrap();
+        }
+        p
+    };
+    for name in [
+        "txt2img_euler_a",
+        "img2img_ddim",
+        "inpaint_unet9_ddim",
+        "controlnet_two",
+        "controlnet_guess",
+        "controlnet_img2img",
+    ] {
         let case = PipelineCase::read(name);
         let params = case.params();
         let mut noise = case.noise();
         let (image, mask) = (case.image(), case.mask());
         let strength = case.strength();
+        let with_controlnets = controlled(&case);
+        let plain = if case.controlnet_dirs().is_empty() {
+            &pipe
+        } else {
+            &with_controlnets
+        };
         let (task, pipe) = match (&image, &mask) {
             (Some(image), Some(mask)) => (
                 Task::Inpaint {
@@ -245,8 +292,8 @@ fn pipelines<B: Backend + Clone>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
                 },
                 &inpaint,
             ),
-            (Some(image), None) => (Task::ImageToImage { image, strength }, &pipe),
-            _ => (Task::TextToImage, &pipe),
+            (Some(image), None) => (Task::ImageToImage { image, strength }, plain),
+            _ => (Task::TextToImage, plain),
         };
         let mut go = |_: &Progress<'_>| Control::Continue;
         let g = match pipe.generate(&params, task, &mut noise, &mut go).unwrap() {
@@ -271,6 +318,7 @@ fn outputs<B: Backend + Clone>(backend: &B, dtype: LoadDType) -> Vec<Output> {
         list: Vec::new(),
     };
     conditional_unets(&mut out, dtype);
+    odd_size_unets(&mut out, dtype);
     class_conditional_unets(&mut out, dtype);
     vae(&mut out, dtype);
     text_encoders(&mut out, dtype);
@@ -297,7 +345,7 @@ fn the_harness_holds_on_the_cpu_backend() {
     let outputs = outputs(&cpu, LoadDType::F32);
     assert_eq!(
         outputs.len(),
-        4 * 2 + 2 * 2 + 2 + 3 * 2 + 3,
+        4 * 2 + 4 * 2 + 2 * 2 + 2 + 3 * 2 + 6,
         "every case ran"
     );
     let (worst, name) = against_diffusers(&outputs);

@@ -25,8 +25,10 @@ use crate::pipeline::generate::{Control, Progress};
 use crate::pipeline::load::scheduler_error;
 use crate::unet::{Unet2DConditionModel, UnetConditioning};
 
-/// What the prompt (and the task) give the noise predictor at every step.
+/// What the prompt (and the task) give the noise predictor at every step. New models add
+/// fields here (SDXL's pooled text embeddings and size ids), not new loops.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Conditioning<T> {
     /// The text embeddings `[B, L, D]`; with guidance, `B = 2N`: the negative prompt's `N`
     /// entries, then the prompt's.
@@ -37,6 +39,24 @@ pub struct Conditioning<T> {
     /// Whether the batch is the unconditional half followed by the conditional half
     /// (classifier-free guidance).
     pub guided: bool,
+}
+
+impl<T> Conditioning<T> {
+    /// Text embeddings alone, with or without guidance halves.
+    pub fn new(context: T, guided: bool) -> Self {
+        Conditioning {
+            context,
+            concat: None,
+            guided,
+        }
+    }
+
+    /// With channels joined to the latents before the UNet (an inpainting UNet's).
+    #[must_use]
+    pub fn with_concat(mut self, concat: T) -> Self {
+        self.concat = Some(concat);
+        self
+    }
 }
 
 /// Where in the run a step is.

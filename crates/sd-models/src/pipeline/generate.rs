@@ -754,11 +754,10 @@ impl<B: Backend> StableDiffusion<B> {
             }
             _ => None,
         };
-        let cond = Conditioning {
-            context: embeds,
-            concat,
-            guided: guidance,
-        };
+        let mut cond = Conditioning::new(embeds, guidance);
+        if let Some(extra) = concat {
+            cond = cond.with_concat(extra);
+        }
 
         // The denoising loop.
         let t0 = Instant::now();
