@@ -29,7 +29,8 @@ struct Cli {
     /// of 8).
     #[arg(long)]
     width: Option<usize>,
-    /// The height in pixels (default: as the width).
+    /// The height in pixels (default: the first control image's, rounded down to a
+    /// multiple of 8).
     #[arg(long)]
     height: Option<usize>,
     /// An input image: image-to-image, or inpainting with `--mask`.

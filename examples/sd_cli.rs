@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sd_core::PredictionType;
 use sd_cuda::{CudaBackend, CudaOptions};
 use sd_models::backend::DType;
+use sd_models::clip::LongPrompt;
 use sd_models::cpu::CpuPrecision;
 use sd_models::pipeline::{
     Control, ControlImage, Generation, Image, LoadOptions, Margins, Mask, Outcome, Params,
@@ -96,10 +97,16 @@ impl Work {
             Work::ImageToImage { image, .. } | Work::Outpaint { image, .. } => vec![image],
             Work::Inpaint { image, mask, .. } => vec![image, mask],
         };
-        match paths.into_iter().find(|p| !p.is_file()) {
-            Some(p) => Err(format!("{}: no such file", p.display()).into()),
-            None => Ok(()),
+        for p in paths {
+            match std::fs::metadata(p) {
+                Err(e) => return Err(format!("{}: {e}", p.display()).into()),
+                Ok(m) if !m.is_file() => {
+                    return Err(format!("{}: not a regular file", p.display()).into());
+                }
+                Ok(_) => {}
+            }
         }
+        Ok(())
     }
 }
 
@@ -236,6 +243,15 @@ pub fn canny(rgb: &image::RgbImage, low: f32, high: f32) -> image::RgbImage {
     image::DynamicImage::ImageLuma8(edges).to_rgb8()
 }
 
+/// What to do with a prompt longer than the text encoder's 75 tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LongPromptArg {
+    /// Keep the first 75 tokens (diffusers), with a warning.
+    Truncate,
+    /// Encode every token, in chunks of 75 joined along the sequence.
+    Chunks,
+}
+
 /// The arguments every image program takes.
 #[derive(Debug, Args)]
 pub struct Common {
@@ -270,6 +286,10 @@ pub struct Common {
     /// CLIP layers to skip from the end.
     #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
+    /// Prompts longer than the text encoder's 75 tokens: cut them (with a warning), or
+    /// encode them in chunks.
+    #[arg(long, value_enum, default_value_t = LongPromptArg::Truncate)]
+    pub long_prompt: LongPromptArg,
     /// The output PNG (several images: NAME-1.png, NAME-2.png, ...).
     #[arg(long, short, default_value = "out.png")]
     pub output: PathBuf,
@@ -322,6 +342,10 @@ impl Common {
             seed: self.seed,
             num_images: self.num_images,
             clip_skip: self.clip_skip,
+            long_prompt: match self.long_prompt {
+                LongPromptArg::Truncate => LongPrompt::Truncate,
+                LongPromptArg::Chunks => LongPrompt::Chunks,
+            },
             ..Params::default()
         }
     }
@@ -345,8 +369,14 @@ impl Common {
                 .map(|i| self.output.with_file_name(format!("{stem}-{i}.{ext}")))
                 .collect()
         };
-        if let Some(p) = paths.iter().find(|p| !self.overwrite && p.exists()) {
-            return Err(format!("{} exists; pass --overwrite to replace it", p.display()).into());
+        for p in &paths {
+            if !self.overwrite && std::fs::symlink_metadata(p).is_ok() {
+                return Err(
+                    format!("{} exists; pass --overwrite to replace it", p.display()).into(),
+                );
+            }
+            // Before the model takes its time to load: the folder exists and can be written.
+            sd_models::files::check_writable(p, self.overwrite)?;
         }
         Ok(paths)
     }
@@ -418,6 +448,20 @@ impl Common {
         controls: Option<&ControlArgs>,
     ) -> Result<Outcome, Box<dyn Error>> {
         let mut params = self.params();
+        let tokenizer = pipe.tokenizer();
+        let window = tokenizer.max_length() - 2;
+        for (what, text) in [
+            ("prompt", &params.prompt),
+            ("negative prompt", &params.negative_prompt),
+        ] {
+            let n = tokenizer.token_count(text)?;
+            if n > window && params.long_prompt == LongPrompt::Truncate {
+                eprintln!(
+                    "warning: the {what} is {n} tokens; the text encoder sees the first {window} \
+                     (--long-prompt chunks encodes all of them)"
+                );
+            }
+        }
         let multiple = pipe.size_multiple();
         // The output size: the input image's, else the one asked for, else the first
         // control image's (as diffusers' ControlNet pipeline), else the model's.
@@ -437,6 +481,9 @@ impl Common {
             Work::ImageToImage { image, .. } | Work::Inpaint { image, .. } => {
                 let image = load_image(image, multiple)?;
                 (image.width(), image.height())
+            }
+            Work::Outpaint { .. } if controls.is_some() => {
+                return Err("ControlNets with outpainting are not supported".into());
             }
             Work::Outpaint { .. } => (0, 0),
         };
@@ -561,32 +608,26 @@ pub fn finish(
     Ok(())
 }
 
-/// Writes `image` to `path` as PNG; an existing file is replaced only with `overwrite`.
+/// Writes `image` to `path` as PNG, atomically (a failure leaves no partial file and an
+/// existing one whole); an existing file is replaced only with `overwrite`.
 pub fn save(image: &Image, path: &Path, overwrite: bool) -> Result<(), Box<dyn Error>> {
-    let buffer = image::RgbImage::from_raw(
-        image.width() as u32,
-        image.height() as u32,
-        image.as_raw().to_vec(),
-    )
-    .ok_or("image buffer of the wrong size")?;
-    // Created only if absent (unless --overwrite), so nothing that appeared meanwhile is lost.
-    let file = if overwrite {
-        std::fs::File::create(path)?
+    if overwrite {
+        image.save(path)?;
     } else {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)?
-    };
-    let mut writer = std::io::BufWriter::new(file);
-    buffer.write_to(&mut writer, image::ImageFormat::Png)?;
+        image.save_new(path)?;
+    }
     Ok(())
 }
 
 /// Reads an image file as RGB; the error names the file.
 fn open_rgb(path: &Path) -> Result<image::RgbImage, Box<dyn Error>> {
-    let image = image::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(image.to_rgb8())
+    // Only regular files, within the library's decoding limits; errors name the file.
+    let image = Image::open(path)?;
+    let (w, h) = (image.width() as u32, image.height() as u32);
+    Ok(
+        image::RgbImage::from_raw(w, h, image.into_raw())
+            .ok_or("image buffer of the wrong size")?,
+    )
 }
 
 /// Reads an RGB image, resized down (Lanczos, as diffusers' default resampling) to the

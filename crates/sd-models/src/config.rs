@@ -105,9 +105,6 @@ pub(crate) fn parse<T: DeserializeOwned>(json: &str, what: &str, known: &[&str])
 /// # Errors
 /// [`Error::Io`] if the file cannot be read; as [`parse`].
 pub(crate) fn read<T: DeserializeOwned>(path: &Path, known: &[&str]) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = crate::files::read_regular_string(path)?;
     parse(&text, &path.display().to_string(), known)
 }

@@ -124,6 +124,16 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A generation's numbers stopped being finite (NaN or infinite): weights that are not
+    /// finite, a half-precision overflow, a guidance scale too large for `f32`.
+    #[error("non-finite values (NaN or infinity) {stage}{}", step.map_or(String::new(), |s| format!(" at step {s}")))]
+    NonFinite {
+        /// Where they first appeared: `"after text encoding"`, `"after the denoising step"`,
+        /// `"after decoding"`.
+        stage: &'static str,
+        /// The step, counted from 0 among the steps run, for the denoising loop.
+        step: Option<usize>,
+    },
     /// The schedule mathematics rejected an input.
     #[error(transparent)]
     Core(#[from] sd_core::Error),

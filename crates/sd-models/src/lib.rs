@@ -21,6 +21,7 @@ mod config;
 pub mod controlnet;
 pub mod cpu;
 pub mod error;
+pub mod files;
 pub mod nn;
 pub mod pipeline;
 pub mod unet;

@@ -368,3 +368,25 @@ fn a_file_that_is_not_a_controlnet_is_a_typed_error() {
             .is_err()
     );
 }
+
+#[test]
+fn a_controlnet_file_holding_its_stable_diffusion_model_loads_only_the_controlnet() {
+    // ControlNet 1.0's full checkpoints hold the SD model beside `control_model.*`.
+    let read = |p: PathBuf| std::fs::read(p).unwrap();
+    let control = read(root().join("controlnet/single_file/control_sd1.safetensors"));
+    let sd = read(root().join("single_file/sd1/model.safetensors"));
+    let (control, sd) = (
+        safetensors::SafeTensors::deserialize(&control).unwrap(),
+        safetensors::SafeTensors::deserialize(&sd).unwrap(),
+    );
+    let tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        control.tensors().into_iter().chain(sd.tensors()).collect();
+    let bytes = safetensors::serialize(tensors, None).unwrap();
+    let dir = common::fixtures::scratch_dir("sd-models-controlnet");
+    common::fixtures::write_whole(&dir, "full.safetensors", &bytes);
+    let mut file = open_controlnet(dir.join("full.safetensors"), LoadDType::F32, true).unwrap();
+    file.config.attention_head_dim = PerBlock::All(2);
+    file.config.norm_num_groups = Some(8);
+    let cpu = CpuBackend::new();
+    ControlNetModel::from_file(&cpu, file).unwrap();
+}

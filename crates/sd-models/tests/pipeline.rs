@@ -681,3 +681,87 @@ fn fp16_variant_files_are_preferred() {
     assert_eq!(a.latents, c.latents);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Random weights with a NaN in the UNet's output bias.
+#[derive(Clone)]
+struct NanBias {
+    inner: sd_models::nn::RandomWeights,
+    path: String,
+}
+
+impl sd_models::nn::WeightSource for NanBias {
+    fn push(&self, name: &str) -> Self {
+        NanBias {
+            inner: self.inner.push(name),
+            path: format!("{}.{name}", self.path),
+        }
+    }
+
+    fn index(&self, i: usize) -> Self {
+        NanBias {
+            inner: self.inner.index(i),
+            path: format!("{}.{i}", self.path),
+        }
+    }
+
+    fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> sd_models::Result<sd_models::weights::HostTensor> {
+        if self.path == ".conv_out" && name == "bias" {
+            let values = vec![f32::NAN; shape.iter().product()];
+            return sd_models::weights::HostTensor::from_f32(shape.to_vec(), values);
+        }
+        self.inner.get(name, shape)
+    }
+
+    fn describe(&self) -> String {
+        self.path.clone()
+    }
+}
+
+#[test]
+fn non_finite_values_stop_the_generation_naming_the_step() {
+    let p = pipe();
+    let source = NanBias {
+        inner: sd_models::nn::RandomWeights::new(3),
+        path: String::new(),
+    };
+    let unet =
+        Unet2DConditionModel::from_source(p.backend(), &source, p.unet().config().clone()).unwrap();
+    let p = p.with_unet(unet).unwrap();
+    let mut q = params("a fox");
+    q.steps = 2;
+    match p.txt2img(&q, go) {
+        Err(e @ Error::NonFinite { .. }) => {
+            assert!(matches!(e, Error::NonFinite { step: Some(0), .. }), "{e}");
+            assert!(e.to_string().contains("at step 0"), "{e}");
+        }
+        other => panic!("expected NonFinite, got {other:?}"),
+    }
+    // Asked to, it goes on to the end (and to the black image diffusers would give).
+    q.keep_non_finite = true;
+    let g = finished(p.txt2img(&q, go).unwrap());
+    assert_eq!(g.steps_run, 2);
+    // A guidance scale finite in f64 but not in f32.
+    let mut q = params("a fox");
+    q.guidance_scale = 1e300;
+    assert_eq!(
+        config_field(pipe().txt2img(&q, go).unwrap_err()).0,
+        "guidance_scale"
+    );
+}
+
+#[test]
+fn an_inpainting_model_asked_for_text_to_image_says_so() {
+    let p = inpaint_pipe();
+    let e = p.txt2img(&params("a fox"), go).unwrap_err();
+    let (what, message) = config_field(e);
+    assert_eq!(what, "task");
+    assert!(message.contains("inpainting model"), "{message}");
+    let e = p
+        .img2img(&params("a fox"), &test_image(), 0.5, go)
+        .unwrap_err();
+    assert_eq!(config_field(e).0, "task");
+}

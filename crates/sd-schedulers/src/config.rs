@@ -391,6 +391,16 @@ impl SchedulerConfig {
     /// (the message names the path).
     pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
+        // Only a regular file: reading a FIFO or a device would block or never end.
+        match std::fs::metadata(path) {
+            Ok(meta) if !meta.is_file() => {
+                return Err(Error::Json(serde::de::Error::custom(format!(
+                    "cannot read {}: not a regular file",
+                    path.display()
+                ))));
+            }
+            _ => {}
+        }
         let text = std::fs::read_to_string(path).map_err(|e| {
             Error::Json(serde::de::Error::custom(format!(
                 "cannot read {}: {e}",

@@ -462,7 +462,7 @@ pub trait ResampleOps: BackendBase {
     /// output row `i` reading input row [`nearest_index`]`(i, H, H')` (PyTorch's
     /// `F.interpolate(x, size=size, mode="nearest")`). The UNet uses it to upsample to a
     /// skip connection of odd size. The default gathers rows and columns with
-    /// [`DataOps::slice`] and [`DataOps::concat`]; backends override it with a kernel.
+    /// [`DataOps::slice`] and [`DataOps::concat`]; backends may override it with a kernel (the CPU backend does).
     ///
     /// # Errors
     /// [`Error::Shape`](crate::Error::Shape) for a tensor that is not 4-D, an empty input or

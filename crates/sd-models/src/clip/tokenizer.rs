@@ -359,6 +359,15 @@ impl ClipTokenizer {
         Ok(self.row(&content[..kept]))
     }
 
+    /// The number of tokens of a prompt, without start and end tokens: more than
+    /// `max_length - 2` (75) are cut by [`encode`](Self::encode) and [`LongPrompt::Truncate`].
+    ///
+    /// # Errors
+    /// As [`ClipTokenizer::encode`].
+    pub fn token_count(&self, prompt: &str) -> Result<usize> {
+        Ok(self.content_ids(prompt)?.len())
+    }
+
     /// The ids of a prompt with start and end tokens, neither truncated nor padded.
     ///
     /// # Errors
@@ -777,10 +786,7 @@ fn parse_added_token(
 }
 
 fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = crate::files::read_regular(path)?;
     String::from_utf8(bytes).map_err(|e| config_error(path, format!("not UTF-8 text: {e}")))
 }
 

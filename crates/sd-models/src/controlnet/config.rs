@@ -284,13 +284,22 @@ impl ControlNetConfig {
             .saturating_sub(1)
     }
 
-    /// The number of residuals for the skip connections (one per down-block resnet and
-    /// downsampler, plus `conv_in`'s).
+    /// The channels of each residual for the skip connections, in the UNet's order:
+    /// `conv_in`'s, then one per down-block resnet and downsampler.
+    pub fn down_residual_widths(&self) -> Vec<usize> {
+        let channels = &self.block_out_channels;
+        let mut widths: Vec<usize> = channels.first().copied().into_iter().collect();
+        for (i, &c) in channels.iter().enumerate() {
+            let layers = self.layers_per_block.get(i).unwrap_or(0);
+            let downsampler = usize::from(i + 1 < channels.len());
+            widths.extend(std::iter::repeat_n(c, layers + downsampler));
+        }
+        widths
+    }
+
+    /// The number of residuals for the skip connections (12 for Stable Diffusion).
     pub fn down_residual_count(&self) -> usize {
-        let blocks = self.block_out_channels.len();
-        1 + (0..blocks)
-            .map(|i| self.layers_per_block.get(i).unwrap_or(0) + usize::from(i + 1 < blocks))
-            .sum::<usize>()
+        self.down_residual_widths().len()
     }
 
     /// Rejects unsupported and impossible configurations.
@@ -303,6 +312,18 @@ impl ControlNetConfig {
             message,
         };
         self.unet_config().validate(what)?;
+        // diffusers' ControlNetModel has no build without a mid block, nor a
+        // "simple_projection" class embedding.
+        if self.mid_block_type.is_none() {
+            return Err(error(
+                "mid_block_type null: a ControlNet has a mid block".into(),
+            ));
+        }
+        if self.class_embed_type == Some(ClassEmbedType::SimpleProjection) {
+            return Err(error(
+                "class_embed_type \"simple_projection\" is not one a ControlNet takes".into(),
+            ));
+        }
         if self.conditioning_channels == 0 {
             return Err(error("conditioning_channels must be positive".into()));
         }

@@ -22,6 +22,7 @@ use crate::controlnet::config::{ChannelOrder, ControlNetConfig};
 use crate::error::{Error, Result};
 use crate::nn::source::WeightSource;
 use crate::nn::{ClassLabels, Conv2d, RandomWeights, rename_legacy_attention};
+use crate::unet::encoder::check_sample;
 use crate::unet::{UnetConditioning, UnetEncoder};
 use crate::weights::compvis::{ControlNetFile, open_controlnet};
 use crate::weights::{LoadDType, OpenOptions, Variant, WeightStore};
@@ -94,8 +95,9 @@ pub struct ControlScale {
     /// `controlnet_conditioning_scale`: every residual is multiplied by it.
     pub scale: f32,
     /// diffusers' `guess_mode`: the residuals grow from `0.1 * scale` at the first skip
-    /// connection to `scale` at the mid block (logarithmically), for a ControlNet run on
-    /// the prompt's half of the batch only. Ignored with `global_pool_conditions`.
+    /// connection to `scale` at the mid block (logarithmically); with guidance the pipelines
+    /// run the ControlNet on the prompt's half of the batch only. Ignored with
+    /// `global_pool_conditions`.
     pub guess_mode: bool,
 }
 
@@ -190,14 +192,9 @@ impl<B: Backend> ControlNetModel<B> {
             channels[0],
         )?;
         let zero_conv = |w: &S, c: usize| Conv2d::load(backend, w, c, c, 1, 1, 0, true);
-        let mut widths = vec![channels[0]];
-        for (i, &c) in channels.iter().enumerate() {
-            let layers = config.layers_per_block.get(i).unwrap_or(0);
-            let downsampler = usize::from(i + 1 < channels.len());
-            widths.extend(std::iter::repeat_n(c, layers + downsampler));
-        }
         let blocks = w.push("controlnet_down_blocks");
-        let controlnet_down_blocks = widths
+        let controlnet_down_blocks = config
+            .down_residual_widths()
             .iter()
             .enumerate()
             .map(|(i, &c)| zero_conv(&blocks.index(i), c))
@@ -265,9 +262,10 @@ impl<B: Backend> ControlNetModel<B> {
             })
     }
 
-    /// Loads a ControlNet single file of the original releases (lllyasviel's ControlNet 1.0
-    /// and 1.1 `.safetensors`, keys with or without `control_model.`), its config inferred
-    /// from the shapes ([`open_controlnet`]); every key must be used.
+    /// Loads a ControlNet single file in the original layout (the `.safetensors` conversions
+    /// of lllyasviel's ControlNet 1.0 and 1.1 `.pth` releases, keys with or without
+    /// `control_model.`), its config inferred from the shapes ([`open_controlnet`]); every
+    /// ControlNet key must be used.
     ///
     /// # Errors
     /// As [`open_controlnet`] (a file that is not a ControlNet is [`Error::CannotInfer`]) and
@@ -314,26 +312,13 @@ impl<B: Backend> ControlNetModel<B> {
     /// downsample exactly.
     pub fn embed_hint(&self, backend: &B, image: &B::Tensor) -> Result<ControlHint<B::Tensor>> {
         let c = &self.config;
-        let f = c.hint_downsample_factor();
-        match *backend.shape(image) {
-            [n, ch, h, w]
-                if n > 0
-                    && ch == c.conditioning_channels
-                    && h > 0
-                    && w > 0
-                    && h.is_multiple_of(f)
-                    && w.is_multiple_of(f) => {}
-            ref other => {
-                return Err(Error::Shape {
-                    op: "ControlNetModel",
-                    expected: format!(
-                        "a control image [N, {}, H, W] with H and W positive multiples of {f}",
-                        c.conditioning_channels
-                    ),
-                    found: format!("{other:?}"),
-                });
-            }
-        }
+        check_sample(
+            backend,
+            image,
+            c.conditioning_channels,
+            c.hint_downsample_factor(),
+            "ControlNetModel control image",
+        )?;
         let image = match c.controlnet_conditioning_channel_order {
             ChannelOrder::Rgb => image.clone(),
             ChannelOrder::Bgr => {
@@ -385,19 +370,16 @@ impl<B: Backend> ControlNetModel<B> {
         let h = enc.conv_in(backend, sample)?;
         let hint = match (backend.shape(&hint.embedding), backend.shape(&h)) {
             (&[hn, hc, hh, hw], &[_, c, lh, lw]) if hc == c && hh == lh && hw == lw => {
-                if hn == n {
-                    hint.embedding.clone()
-                } else if hn == 1 {
-                    let copies = vec![&hint.embedding; n];
-                    backend.concat(&copies, 0)?
-                } else {
+                // A hint of batch 1 is broadcast by the addition.
+                if hn != n && hn != 1 {
                     return Err(hint_error(backend.shape(&hint.embedding), n, c, lh, lw));
                 }
+                &hint.embedding
             }
             (found, &[_, c, lh, lw]) => return Err(hint_error(found, n, c, lh, lw)),
             _ => unreachable_shape()?,
         };
-        let h = backend.add(&h, &hint)?;
+        let h = backend.add(&h, hint)?;
         let (h, skips) = enc.down(backend, &h, &emb, encoder_hidden_states)?;
         let mid = enc.mid(backend, &h, &emb, encoder_hidden_states)?;
 

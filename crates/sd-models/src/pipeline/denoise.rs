@@ -144,7 +144,8 @@ pub struct ControlledUnet<'a, B: Backend> {
     pub unet: &'a Unet2DConditionModel<B>,
     /// The ControlNets.
     pub controls: Vec<ActiveControl<'a, B>>,
-    /// diffusers' `guess_mode` (forced on by a ControlNet with `global_pool_conditions`).
+    /// diffusers' `guess_mode` (the pipelines force it on when their first ControlNet has
+    /// `global_pool_conditions`, as diffusers does).
     pub guess_mode: bool,
 }
 
@@ -160,7 +161,14 @@ impl<B: Backend> ControlledUnet<'_, B> {
     ) -> Result<Option<ControlNetOutput<B::Tensor>>> {
         let half = self.guess_mode && cond.guided;
         let (x, context) = if half {
-            let b = backend.shape(latents)[0];
+            let b = backend.shape(latents).first().copied().unwrap_or(0);
+            if b == 0 || b % 2 != 0 {
+                return Err(Error::Shape {
+                    op: "ControlledUnet",
+                    expected: "a guided batch of unconditional and conditional halves".into(),
+                    found: format!("{:?}", backend.shape(latents)),
+                });
+            }
             (
                 backend.slice(latents, 0, b / 2, b / 2)?,
                 backend.slice(&cond.context, 0, b / 2, b / 2)?,
@@ -267,6 +275,8 @@ pub(crate) struct Run<'a> {
     pub start: usize,
     /// `[N, C, h, w]`.
     pub shape: [usize; 4],
+    /// Stop with [`Error::NonFinite`] when a step's latents are not all finite.
+    pub check_finite: bool,
 }
 
 /// Runs the steps from `run.start` on `latents`; `predict(step, t, x)` gives the model output
@@ -284,6 +294,7 @@ pub(crate) fn denoise(
         noise,
         start,
         shape,
+        check_finite,
     } = run;
     let timesteps = sampler.timesteps().to_vec();
     let total = timesteps.len().saturating_sub(start);
@@ -310,6 +321,12 @@ pub(crate) fn denoise(
             .map_err(|e| scheduler_error("sampler step", e))?;
         latents = step.prev_sample;
         after_step(&*sampler, i, &mut latents)?;
+        if check_finite && !crate::pipeline::generate::all_finite(&latents) {
+            return Err(Error::NonFinite {
+                stage: "after the denoising step",
+                step: Some(i - start),
+            });
+        }
         steps_run += 1;
         let control = callback(&Progress {
             step: steps_run - 1,

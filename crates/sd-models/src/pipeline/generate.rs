@@ -1,4 +1,6 @@
-//! The denoising loop shared by every task, and its parameters, progress and outcome.
+//! Stable Diffusion's generation: its parameters, the checks, prompt and image encoding, the
+//! set-up of the one denoising loop (`denoise.rs`) for each task, decoding, progress and
+//! outcome.
 //!
 //! Follows `__call__` of diffusers' `StableDiffusionPipeline`, `...Img2ImgPipeline` and
 //! `...InpaintPipeline` (diffusers 0.42); the order of random draws is in the
@@ -68,6 +70,10 @@ pub struct Params {
     pub long_prompt: LongPrompt,
     /// Decode with the VAE's tiling (for large images).
     pub vae_tiling: bool,
+    /// Go on when values stop being finite (NaN or infinite). By default a generation stops
+    /// with [`Error::NonFinite`] naming the stage (text encoding, a step, decoding) where
+    /// they first appear, instead of returning a black image.
+    pub keep_non_finite: bool,
     /// One control image per ControlNet of the pipeline
     /// ([`StableDiffusion::with_controlnet`]), in the same order; empty without
     /// ControlNets.
@@ -122,6 +128,7 @@ impl Default for Params {
             clip_skip: 0,
             long_prompt: LongPrompt::Truncate,
             vae_tiling: false,
+            keep_non_finite: false,
             controls: Vec::new(),
             guess_mode: false,
         }
@@ -282,6 +289,11 @@ fn rescale_noise_cfg(cfg: &mut [f32], text: &[f32], per_image: usize, rescale: f
             *v = (rescale * rescaled + (1.0 - rescale) * f64::from(*v)) as f32;
         }
     }
+}
+
+/// Whether every value is finite.
+pub(crate) fn all_finite(values: &[f32]) -> bool {
+    values.iter().all(|v| v.is_finite())
 }
 
 /// Repeats `one` (one image's values) `n` times.
@@ -502,7 +514,8 @@ impl<B: Backend> StableDiffusion<B> {
         if params.num_images == 0 {
             return Err(config_error("num_images", "0 images asked for".into()));
         }
-        if !params.guidance_scale.is_finite() {
+        // Finite in f64 is not enough: the guidance is applied in f32.
+        if !(params.guidance_scale as f32).is_finite() {
             return Err(config_error(
                 "guidance_scale",
                 format!("{} is not a finite number", params.guidance_scale),
@@ -512,6 +525,17 @@ impl<B: Backend> StableDiffusion<B> {
             return Err(config_error(
                 "guidance_rescale",
                 format!("{} is outside [0, 1]", params.guidance_rescale),
+            ));
+        }
+        if self.is_inpainting() && !matches!(task, Task::Inpaint { .. }) {
+            return Err(config_error(
+                "task",
+                format!(
+                    "this is an inpainting model (its UNet takes {} channels: latents, mask and \
+                     masked image): it only inpaints and outpaints; use an ordinary model for \
+                     text-to-image and image-to-image",
+                    self.unet.config().in_channels
+                ),
             ));
         }
         let (image, strength) = match *task {
@@ -623,10 +647,14 @@ impl<B: Backend> StableDiffusion<B> {
     ///
     /// # Errors
     /// [`Error::Config`] naming the parameter for 0 steps or images, a width or height that
-    /// is not a multiple of 8 (or of what the UNet needs) or differs from the input
-    /// image's, a strength or guidance rescale outside [0, 1], an unknown sampler, or a
-    /// noise source that fails; [`Error::Shape`] for a mask of another size than the image;
-    /// [`Error::Prompt`] and the networks' errors.
+    /// is not a multiple of 8 or differs from the input image's, a strength or guidance
+    /// rescale outside [0, 1], a guidance scale that is not finite in `f32`, a task an
+    /// inpainting model cannot do, an unknown sampler, a noise source that fails, a control
+    /// image count other than the ControlNets', a control scale that is not finite or a
+    /// guidance window outside [0, 1] or empty; [`Error::Shape`] for a mask or a control
+    /// image of another size than the output; [`Error::NonFinite`] when values stop being
+    /// finite (unless [`Params::keep_non_finite`]); [`Error::Prompt`] and the networks'
+    /// errors.
     pub fn generate(
         &self,
         params: &Params,
@@ -649,6 +677,12 @@ impl<B: Backend> StableDiffusion<B> {
         let guidance = params.guidance_scale > 1.0;
         let t0 = Instant::now();
         let embeds = self.encode_prompts(params, guidance)?;
+        if !params.keep_non_finite && !all_finite(&b.download(&embeds)?) {
+            return Err(Error::NonFinite {
+                stage: "after text encoding",
+                step: None,
+            });
+        }
         timings.text_encoding = t0.elapsed();
 
         let n = params.num_images;
@@ -730,11 +764,12 @@ impl<B: Backend> StableDiffusion<B> {
         let controlled = ControlledUnet {
             unet: &self.unet,
             controls,
+            // As diffusers: the first ControlNet's pooling decides.
             guess_mode: params.guess_mode
                 || self
                     .controlnets
-                    .iter()
-                    .any(|c| c.config().global_pool_conditions),
+                    .first()
+                    .is_some_and(|c| c.config().global_pool_conditions),
         };
         let predictor: &dyn NoisePredictor<B> = if self.controlnets.is_empty() {
             &self.unet
@@ -810,6 +845,7 @@ impl<B: Backend> StableDiffusion<B> {
             noise,
             start,
             shape,
+            check_finite: !params.keep_non_finite,
         };
         let done = denoise(run, latents, &mut predict, &mut after_step, callback)?;
         timings.denoising = t0.elapsed();
@@ -820,6 +856,12 @@ impl<B: Backend> StableDiffusion<B> {
 
         let t0 = Instant::now();
         let (images, pixels) = self.decode_latents(&latents, shape, params.vae_tiling)?;
+        if !params.keep_non_finite && !all_finite(&pixels) {
+            return Err(Error::NonFinite {
+                stage: "after decoding",
+                step: None,
+            });
+        }
         timings.decoding = t0.elapsed();
         let generation = Generation {
             images,

@@ -4,7 +4,11 @@
 //! `binarize`), and the canvas of outpainting.
 //!
 //! Nothing here resizes: the pipelines need sizes that are multiples of 8 and say so; callers
-//! resize (the examples do, with Lanczos as diffusers' default `resample`).
+//! resize (the examples do, with Lanczos as diffusers' default `resample`). Images are read
+//! from PNG and JPEG files within [`ImageLimits`], and written as PNG atomically
+//! ([`Image::save`]): an existing file is never left half-written.
+
+use std::path::Path;
 
 use crate::error::{Error, Result};
 
@@ -120,6 +124,149 @@ impl Image {
             }
         }
         Self::new(width, height, data)
+    }
+}
+
+/// How large an image file may decode to, checked before its pixels are read (a small file
+/// can claim to be gigapixels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// The largest width or height in pixels (default 16384).
+    pub max_side: u32,
+    /// The most memory decoding may take, in bytes (default 1 GiB).
+    pub max_bytes: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        ImageLimits {
+            max_side: 16384,
+            max_bytes: 1 << 30,
+        }
+    }
+}
+
+fn image_error(path: &Path, e: image::ImageError) -> Error {
+    let kind = match &e {
+        image::ImageError::Limits(_) => std::io::ErrorKind::OutOfMemory,
+        image::ImageError::IoError(io) => io.kind(),
+        _ => std::io::ErrorKind::InvalidData,
+    };
+    Error::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(kind, e.to_string()),
+    }
+}
+
+impl Image {
+    /// Reads a PNG or JPEG file (only a regular file; the format from its contents) as 8-bit
+    /// RGB, within the default [`ImageLimits`].
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the file: missing, not a regular file, not a PNG or JPEG, corrupt,
+    /// or larger than the limits.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, ImageLimits::default())
+    }
+
+    /// As [`open`](Self::open), within `limits`.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub fn open_with(path: impl AsRef<Path>, limits: ImageLimits) -> Result<Self> {
+        let path = path.as_ref();
+        let file = crate::files::open_regular(path)?;
+        let reader = image::ImageReader::new(std::io::BufReader::new(file))
+            .with_guessed_format()
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Self::decode_reader(reader, limits).map_err(|e| image_error(path, e))
+    }
+
+    /// Decodes a PNG or JPEG file's bytes, within `limits`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] (naming `"<memory>"`) for bytes that are not a PNG or JPEG within the
+    /// limits.
+    pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<Self> {
+        let what = Path::new("<memory>");
+        let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|source| Error::Io {
+                path: what.to_path_buf(),
+                source,
+            })?;
+        Self::decode_reader(reader, limits).map_err(|e| image_error(what, e))
+    }
+
+    fn decode_reader<R: std::io::BufRead + std::io::Seek>(
+        mut reader: image::ImageReader<R>,
+        limits: ImageLimits,
+    ) -> std::result::Result<Self, image::ImageError> {
+        let mut l = image::Limits::default();
+        l.max_image_width = Some(limits.max_side);
+        l.max_image_height = Some(limits.max_side);
+        l.max_alloc = Some(limits.max_bytes);
+        reader.limits(l);
+        let rgb = reader.decode()?.to_rgb8();
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        Image::new(w, h, rgb.into_raw()).map_err(|e| {
+            image::ImageError::Parameter(image::error::ParameterError::from_kind(
+                image::error::ParameterErrorKind::Generic(e.to_string()),
+            ))
+        })
+    }
+
+    /// The image as PNG bytes.
+    ///
+    /// # Errors
+    /// [`Error::Io`] (naming `"<memory>"`) if encoding fails.
+    pub fn to_png(&self) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        self.write_png(&mut std::io::Cursor::new(&mut bytes))
+            .map_err(|source| Error::Io {
+                path: "<memory>".into(),
+                source,
+            })?;
+        Ok(bytes)
+    }
+
+    fn write_png<W: std::io::Write + std::io::Seek>(&self, out: &mut W) -> std::io::Result<()> {
+        let buffer = image::RgbImage::from_raw(
+            u32::try_from(self.width).map_err(std::io::Error::other)?,
+            u32::try_from(self.height).map_err(std::io::Error::other)?,
+            self.data.clone(),
+        )
+        .ok_or_else(|| std::io::Error::other("image buffer of the wrong size"))?;
+        buffer
+            .write_to(out, image::ImageFormat::Png)
+            .map_err(std::io::Error::other)
+    }
+
+    /// Writes the image as a PNG file, replacing an existing one atomically: the new file is
+    /// written and flushed to the disk beside it first, so a failure (a full disk) leaves the
+    /// old file whole and no partial file behind.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the file.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.save_png(path.as_ref(), true)
+    }
+
+    /// As [`save`](Self::save), but never replaces a file: an existing one (even one that
+    /// appears while writing) is an error and stays as it is.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the file (`AlreadyExists` if it exists).
+    pub fn save_new(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.save_png(path.as_ref(), false)
+    }
+
+    fn save_png(&self, path: &Path, replace: bool) -> Result<()> {
+        let png = self.to_png()?;
+        crate::files::write_atomic(path, replace, |w| w.write_all(&png))
     }
 }
 

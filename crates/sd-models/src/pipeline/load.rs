@@ -12,6 +12,7 @@ use crate::backend::Backend;
 use crate::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use crate::controlnet::ControlNetModel;
 use crate::error::{Error, Result};
+use crate::files::read_regular_string;
 use crate::pipeline::StableDiffusion;
 use crate::unet::{Unet2DConditionConfig, Unet2DConditionModel};
 use crate::vae::{AutoencoderKl, AutoencoderKlConfig};
@@ -51,13 +52,6 @@ impl LoadOptions {
     }
 }
 
-pub(crate) fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 /// A `sd_schedulers` error as an sd-models one (sd-models' error type has no variant for
 /// them yet), naming what was being done.
 pub(crate) fn scheduler_error(what: &str, e: sd_schedulers::Error) -> Error {
@@ -84,9 +78,11 @@ impl<B: Backend> StableDiffusion<B> {
         let dir = dir.as_ref();
         let index_path = dir.join("model_index.json");
         let index: Value =
-            serde_json::from_str(&read(&index_path)?).map_err(|e| Error::Config {
-                what: index_path.display().to_string(),
-                message: e.to_string(),
+            serde_json::from_str(&read_regular_string(&index_path)?).map_err(|e| {
+                Error::Config {
+                    what: index_path.display().to_string(),
+                    message: e.to_string(),
+                }
             })?;
         if !index.is_object() {
             return Err(Error::Config {
@@ -118,7 +114,7 @@ impl<B: Backend> StableDiffusion<B> {
         let vae = AutoencoderKl::from_dir_as(&backend, dir.join("vae"), &variants, strict, dtype)?;
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         let scheduler = scheduler_config(
-            &read(&scheduler_path)?,
+            &read_regular_string(&scheduler_path)?,
             &scheduler_path.display().to_string(),
         )?;
         Self::from_parts(backend, tokenizer, text_encoder, unet, vae, scheduler)

@@ -54,7 +54,7 @@ pub use denoise::{ActiveControl, Conditioning, ControlledUnet, NoisePredictor, S
 pub use generate::{
     Control, ControlImage, Generation, Outcome, Params, Progress, SamplerChoice, Task, Timings,
 };
-pub use image::{Image, Margins, Mask, outpaint_canvas};
+pub use image::{Image, ImageLimits, Margins, Mask, outpaint_canvas};
 pub use load::LoadOptions;
 pub use pixel::{PixelDiffusion, PixelParams, PixelSamples};
 

@@ -28,11 +28,12 @@ use sd_schedulers::{NoiseSource, Plan, RngNoise, Sampler, SchedulerConfig, regis
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::files::read_regular_string;
 use crate::nn::ClassLabels;
 use crate::pipeline::denoise::{LoopEnd, Run, StepPosition, denoise};
 use crate::pipeline::generate::{Control, Outcome, Progress, SamplerChoice};
 use crate::pipeline::image::Image;
-use crate::pipeline::load::{read, scheduler_error};
+use crate::pipeline::load::scheduler_error;
 use crate::unet::Unet2DModel;
 use crate::weights::Variant;
 
@@ -64,6 +65,9 @@ pub struct PixelParams {
     /// The most samples the network evaluates at once (0: the whole batch). Bounds the
     /// memory of a large batch; the result depends on it only by float rounding.
     pub max_batch: usize,
+    /// Go on when values stop being finite (by default a step that makes NaN or infinity
+    /// stops with [`Error::NonFinite`]).
+    pub keep_non_finite: bool,
 }
 
 impl Default for PixelParams {
@@ -78,6 +82,7 @@ impl Default for PixelParams {
             seed: 0,
             size: None,
             max_batch: 0,
+            keep_non_finite: false,
         }
     }
 }
@@ -152,7 +157,7 @@ impl<B: Backend> PixelDiffusion<B> {
         let dir = dir.as_ref();
         let unet = Unet2DModel::from_dir(&backend, dir.join("unet"), &[Variant::Default], true)?;
         let path = dir.join("scheduler").join("scheduler_config.json");
-        let scheduler = SchedulerConfig::from_json(&read(&path)?)
+        let scheduler = SchedulerConfig::from_json(&read_regular_string(&path)?)
             .map_err(|e| scheduler_error(&path.display().to_string(), e))?;
         Ok(Self::from_parts(backend, unet, scheduler))
     }
@@ -334,6 +339,7 @@ impl<B: Backend> PixelDiffusion<B> {
             noise,
             start: 0,
             shape,
+            check_finite: !params.keep_non_finite,
         };
         let done = denoise(run, samples, &mut predict, &mut |_, _, _| Ok(()), callback)?;
         let steps_run = done.steps_run;

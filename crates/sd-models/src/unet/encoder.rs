@@ -414,15 +414,6 @@ impl<B: Backend> UnetEncoder<B> {
             None => Ok(h.clone()),
         }
     }
-
-    /// The number of skip connections [`down`](Self::down) returns.
-    pub fn skip_count(&self) -> usize {
-        1 + self
-            .down_blocks
-            .iter()
-            .map(|b| b.resnets.len() + usize::from(b.downsamplers.is_some()))
-            .sum::<usize>()
-    }
 }
 
 /// Checks `sample [N, channels, H, W]` with `H` and `W` positive multiples of `factor`;

@@ -8,7 +8,6 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -78,14 +77,7 @@ impl WeightFile {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
-        let kind = file.metadata().map_err(io)?;
-        if !kind.is_file() {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a regular file",
-            )));
-        }
+        let file = crate::files::open_regular(path)?;
         // SAFETY: the map is read-only and private to this value; its contents are only read
         // through bounds-checked slices. As with every file map, a concurrent truncation or
         // rewrite of the file by another process is outside this program's control; the

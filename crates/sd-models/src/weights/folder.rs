@@ -173,10 +173,7 @@ pub(crate) fn read_index(path: &Path) -> Result<ShardIndex> {
         what: path.display().to_string(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = crate::files::read_regular_string(path)?;
     let index: IndexFile = serde_json::from_str(&text)
         .map_err(|e| config(format!("not a safetensors shard index: {e}")))?;
     if index.weight_map.is_empty() {

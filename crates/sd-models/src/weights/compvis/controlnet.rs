@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::unet::{DownBlockType, PerBlock};
 use crate::weights::compvis::cannot_infer;
 use crate::weights::compvis::table::{Shapes, Table, WB};
-use crate::weights::compvis::unet::{encoder_keys, infer_encoder};
+use crate::weights::compvis::unet::{encoder_keys, infer_encoder, sd2_heads};
 use crate::weights::{LoadDType, OpenOptions, WeightFile, WeightPath, WeightStore};
 
 /// The prefix of ControlNet 1.0's keys (1.1 files have none).
@@ -74,14 +74,22 @@ pub fn open_controlnet(
             .map(|(k, s)| (k.as_str(), s.as_slice()))
             .collect(),
     );
-    let (config, table) = plan(&shapes)?;
+    let (config, table, prefix) = plan(&shapes)?;
     let rename: HashMap<String, String> = table
         .keys
         .into_iter()
         .map(|m| (m.file_key, m.key))
         .collect();
+    // A ControlNet 1.0 file may also hold the Stable Diffusion model it was trained with
+    // (`model.diffusion_model.*`, `first_stage_model.*`, ...): only `control_model.*` is the
+    // ControlNet, as diffusers' converter takes it. Other keys of a ControlNet's own are kept
+    // (and reported unused in strict mode).
     let store = OpenOptions::new()
-        .rename_map(rename)
+        .rename(move |key| match rename.get(key) {
+            Some(mapped) => Some(mapped.clone()),
+            None if !prefix.is_empty() && !key.starts_with(prefix) => None,
+            None => Some(key.to_owned()),
+        })
         .dtype(dtype)
         .strict(strict)
         .from_files(vec![file])?;
@@ -89,7 +97,7 @@ pub fn open_controlnet(
 }
 
 /// The config and key map of a ControlNet whose keys and shapes are `shapes`.
-pub(crate) fn plan(shapes: &Shapes<'_>) -> Result<(ControlNetConfig, Table)> {
+pub(crate) fn plan(shapes: &Shapes<'_>) -> Result<(ControlNetConfig, Table, &'static str)> {
     let what = shapes.what;
     let prefix = if shapes.has(&format!("{CONTROLNET_PREFIX}input_hint_block")) {
         CONTROLNET_PREFIX
@@ -98,6 +106,8 @@ pub(crate) fn plan(shapes: &Shapes<'_>) -> Result<(ControlNetConfig, Table)> {
     } else {
         let kind = if shapes.has("model.diffusion_model") {
             "a Stable Diffusion checkpoint"
+        } else if shapes.has("controlnet_cond_embedding") {
+            "a ControlNet in diffusers' names: load the folder with its config.json instead"
         } else {
             "no ControlNet"
         };
@@ -147,10 +157,11 @@ pub(crate) fn plan(shapes: &Shapes<'_>) -> Result<(ControlNetConfig, Table)> {
 
     let sd2 = unet.cross_attention_dim == SD2_CROSS_ATTENTION;
     let channels = &unet.block_out_channels;
-    let heads: Vec<usize> = if sd2 {
-        channels.iter().map(|c| (c / 64).max(1)).collect()
-    } else {
-        vec![8; channels.len()]
+    // SD 2.x's 64-wide heads where the widths allow, else SD 1.x's 8 heads (the caller can
+    // change what the shapes cannot show).
+    let heads: Vec<usize> = match sd2_heads(channels) {
+        Some(heads) if sd2 => heads,
+        _ => vec![8; channels.len()],
     };
     let config = ControlNetConfig {
         in_channels: unet.in_channels,
@@ -218,5 +229,5 @@ pub(crate) fn plan(shapes: &Shapes<'_>) -> Result<(ControlNetConfig, Table)> {
         );
     }
     table.module(&d("middle_block_out.0"), &d("controlnet_mid_block"), WB);
-    Ok((config, table))
+    Ok((config, table, prefix))
 }

@@ -210,8 +210,7 @@ pub(crate) fn apply(
     let channels = &shape.block_out_channels;
     if sd2 {
         // SD 2.x: 64-wide heads, so `attention_head_dim` (a head count) is channels / 64.
-        if channels.iter().all(|c| c.is_multiple_of(SD2_HEAD_WIDTH)) {
-            let heads: Vec<usize> = channels.iter().map(|c| c / SD2_HEAD_WIDTH).collect();
+        if let Some(heads) = sd2_heads(channels) {
             config.insert("attention_head_dim".into(), json!(heads));
         } else {
             unresolved.push((
@@ -252,6 +251,15 @@ pub(crate) fn apply(
             ),
         ));
     }
+}
+
+/// SD 2.x's head counts for blocks of `channels` (64-wide heads), if every width splits into
+/// them.
+pub(crate) fn sd2_heads(channels: &[usize]) -> Option<Vec<usize>> {
+    channels
+        .iter()
+        .map(|&c| (c > 0 && c.is_multiple_of(SD2_HEAD_WIDTH)).then_some(c / SD2_HEAD_WIDTH))
+        .collect()
 }
 
 /// The ResBlock sub-modules: (ldm name, diffusers name).
