@@ -15,7 +15,7 @@ use sd_models::backend::DType;
 use sd_models::clip::LongPrompt;
 use sd_models::cpu::CpuPrecision;
 use sd_models::pipeline::{
-    Control, ControlImage, Generation, Image, LoadOptions, Margins, Mask, Outcome, Params,
+    Control, ControlImage, Generation, Image, Limits, LoadOptions, Margins, Mask, Outcome, Params,
     Progress, SamplerChoice, StableDiffusion,
 };
 use sd_models::weights::LoadDType;
@@ -314,9 +314,23 @@ pub struct Common {
     /// Load a single-file checkpoint's EMA copy of the UNet (`model_ema.*`).
     #[arg(long)]
     pub ema: bool,
-    /// Worker threads (default: one per core).
+    /// Worker threads (default: one per core; at most the machine's logical CPUs unless
+    /// --oversubscribe).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Allow more --threads than the machine has logical CPUs.
+    #[arg(long)]
+    pub oversubscribe: bool,
+    /// The largest width or height accepted, in pixels (a guard against typos; raise it for
+    /// larger images).
+    #[arg(long, default_value_t = Limits::default().max_side)]
+    pub max_side: usize,
+    /// The most images one run may make.
+    #[arg(long, default_value_t = Limits::default().max_images)]
+    pub max_images: usize,
+    /// The most inference steps.
+    #[arg(long, default_value_t = Limits::default().max_steps)]
+    pub max_steps: usize,
     /// Where the networks run. On `cuda`, `--fp16` or `--bf16` keeps weights and
     /// activations in that type on the GPU (f32 otherwise).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
@@ -342,6 +356,7 @@ impl Common {
             seed: self.seed,
             num_images: self.num_images,
             clip_skip: self.clip_skip,
+            limits: self.limits(),
             long_prompt: match self.long_prompt {
                 LongPromptArg::Truncate => LongPrompt::Truncate,
                 LongPromptArg::Chunks => LongPrompt::Chunks,
@@ -350,8 +365,20 @@ impl Common {
         }
     }
 
+    /// The limits of `--max-side`, `--max-images` and `--max-steps`.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_side: self.max_side,
+            max_pixels: self.max_side.saturating_mul(self.max_side),
+            max_images: self.max_images,
+            max_steps: self.max_steps,
+        }
+    }
+
     /// The output files, refused if one exists and `--overwrite` is not given.
     pub fn outputs(&self) -> Result<Vec<PathBuf>, Box<dyn Error>> {
+        // Before anything is allocated per image.
+        self.limits().check_counts(self.num_images, self.steps)?;
         let paths: Vec<PathBuf> = if self.num_images == 1 {
             vec![self.output.clone()]
         } else {
@@ -406,6 +433,14 @@ impl Common {
             c.check()?;
         }
         if let Some(n) = self.threads {
+            let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+            if n == 0 || (n > cpus && !self.oversubscribe) {
+                return Err(format!(
+                    "--threads {n}: this machine has {cpus} logical CPUs (pass --oversubscribe \
+                     for more threads than that)"
+                )
+                .into());
+            }
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
                 .build_global()?;

@@ -83,12 +83,20 @@ impl BetaSchedule {
     /// [`Error::Zero`] if there are no timesteps, [`Error::BetaOutOfRange`] if a beta falls
     /// outside (0, 1), [`Error::InvalidParameter`] for a `max_beta` outside (0, 1).
     pub fn betas(&self, num_train_timesteps: usize) -> Result<Vec<f64>> {
+        const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
         let n = num_train_timesteps;
         let betas = match self {
             BetaSchedule::Trained(betas) => betas.clone(),
             _ if n == 0 => {
                 return Err(Error::Zero {
                     what: "num_train_timesteps",
+                });
+            }
+            _ if n > MAX_TRAIN_TIMESTEPS => {
+                return Err(Error::InvalidParameter {
+                    name: "num_train_timesteps",
+                    value: n as f64,
+                    reason: "more than the 1,000,000 steps any schedule is trained with",
                 });
             }
             BetaSchedule::Linear {

@@ -100,6 +100,49 @@ pub(crate) fn parse<T: DeserializeOwned>(json: &str, what: &str, known: &[&str])
     serde_json::from_value(value).map_err(|e| config_error(e.to_string()))
 }
 
+/// The largest sizes a network config may ask for: far past every released model, and small
+/// enough that building the network cannot overflow or exhaust memory before loading its
+/// weights fails.
+pub(crate) const MAX_BLOCKS: usize = 16;
+/// See [`MAX_BLOCKS`].
+pub(crate) const MAX_CHANNELS: usize = 1 << 16;
+/// See [`MAX_BLOCKS`].
+pub(crate) const MAX_LAYERS: usize = 64;
+/// See [`MAX_BLOCKS`].
+pub(crate) const MAX_SAMPLE_SIZE: usize = 1 << 16;
+
+/// Checks a network's block count, widths, layers per block and sample size against the
+/// bounds above; `layers` and `sample` may be empty.
+///
+/// # Errors
+/// [`Error::Config`] naming the key, its value and the bound.
+pub(crate) fn check_network_bounds(
+    what: &str,
+    channels: &[usize],
+    layers: &[usize],
+    sample: &[usize],
+) -> Result<()> {
+    let error = |key: &str, value: usize, max: usize| {
+        Err(Error::Config {
+            what: what.to_string(),
+            message: format!("{key} = {value} is more than the supported {max}"),
+        })
+    };
+    if channels.len() > MAX_BLOCKS {
+        return error("the number of blocks", channels.len(), MAX_BLOCKS);
+    }
+    if let Some(&c) = channels.iter().find(|&&c| c > MAX_CHANNELS) {
+        return error("block_out_channels", c, MAX_CHANNELS);
+    }
+    if let Some(&l) = layers.iter().find(|&&l| l > MAX_LAYERS) {
+        return error("layers_per_block", l, MAX_LAYERS);
+    }
+    if let Some(&s) = sample.iter().find(|&&s| s > MAX_SAMPLE_SIZE) {
+        return error("sample_size", s, MAX_SAMPLE_SIZE);
+    }
+    Ok(())
+}
+
 /// Reads and parses a config file; see [`parse`].
 ///
 /// # Errors

@@ -765,3 +765,72 @@ fn an_inpainting_model_asked_for_text_to_image_says_so() {
         .unwrap_err();
     assert_eq!(config_field(e).0, "task");
 }
+
+#[test]
+fn sizes_counts_and_margins_past_the_limits_are_errors_before_any_work() {
+    let p = pipe();
+    let mut q = params("x");
+    // Sizes that used to reach a chunks(0) or wrap: the limit names the value.
+    for (w, h, what) in [
+        (1usize << 62, 64, "width"),
+        (64, usize::MAX - 7, "height"),
+        (4096, 8192, "height"),
+    ] {
+        q.width = Some(w);
+        q.height = Some(h);
+        let (field, message) = config_field(p.txt2img(&q, go).unwrap_err());
+        assert_eq!(field, what, "{message}");
+        assert!(message.contains("max_side limit"), "{message}");
+    }
+    q.width = None;
+    q.height = None;
+    q.num_images = usize::MAX;
+    assert_eq!(config_field(p.txt2img(&q, go).unwrap_err()).0, "num_images");
+    q.num_images = 1;
+    q.steps = 1 << 40;
+    assert_eq!(config_field(p.txt2img(&q, go).unwrap_err()).0, "steps");
+    // Outpainting margins near usize::MAX neither wrap nor allocate.
+    let q = params("x");
+    let e = p
+        .outpaint(&q, &test_image(), Margins::uniform(usize::MAX / 2), go)
+        .unwrap_err();
+    assert_eq!(config_field(e).0, "outpaint margins");
+    let e = p
+        .outpaint(&q, &test_image(), Margins::uniform(4096), go)
+        .unwrap_err();
+    assert_eq!(config_field(e).0, "width");
+    // The limits are the caller's to lower (or raise).
+    let mut q = params("x");
+    q.limits.max_side = 32;
+    assert_eq!(config_field(p.txt2img(&q, go).unwrap_err()).0, "width");
+    q.limits.max_side = 64;
+    q.limits.max_pixels = 64 * 32;
+    assert_eq!(config_field(p.txt2img(&q, go).unwrap_err()).0, "pixels");
+}
+
+#[test]
+fn config_values_past_any_real_model_are_errors_not_aborts() {
+    use sd_models::unet::Unet2DConditionConfig;
+    let base = std::fs::read_to_string(root().join("sd1/unet/config.json")).unwrap();
+    for (key, value) in [
+        ("layers_per_block", serde_json::json!(1_000_000_000_000_u64)),
+        ("block_out_channels", serde_json::json!([16, 1_u64 << 40])),
+        ("sample_size", serde_json::json!(1_u64 << 62)),
+    ] {
+        let mut json: serde_json::Value = serde_json::from_str(&base).unwrap();
+        json[key] = value;
+        let e = Unet2DConditionConfig::from_json(&json.to_string(), "config.json").unwrap_err();
+        assert!(
+            e.to_string().contains("more than the supported"),
+            "{key}: {e}"
+        );
+    }
+    let e = sd_schedulers::SchedulerConfig::from_json(
+        r#"{"_class_name": "DDIMScheduler", "num_train_timesteps": 1000000000000}"#,
+    )
+    .and_then(|c| {
+        sd_schedulers::registry::from_config(&c, sd_schedulers::Plan::steps(10)).map(|_| ())
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("num_train_timesteps"), "{e}");
+}

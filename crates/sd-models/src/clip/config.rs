@@ -166,6 +166,25 @@ impl ClipTextConfig {
                 return Err(error(format!("{name} must be positive")));
             }
         }
+        // Far past every CLIP (ViT-bigG: 1280 wide, 32 layers, 49408 tokens, 77 positions),
+        // and small enough that building the network cannot overflow before its weights load.
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 20),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("num_hidden_layers", self.num_hidden_layers, 256),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 14,
+            ),
+        ] {
+            if v > max {
+                return Err(error(format!(
+                    "{name} = {v} is more than the supported {max}"
+                )));
+            }
+        }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(error(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",

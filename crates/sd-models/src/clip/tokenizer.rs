@@ -139,6 +139,9 @@ impl PadToken {
     }
 }
 
+/// The longest `model_max_length` accepted (CLIP's is 77; a longer window is another model).
+const MAX_MODEL_LENGTH: usize = 4096;
+
 /// What [`ClipTokenizer::encode_long`] does with a prompt longer than the context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LongPrompt {
@@ -568,12 +571,12 @@ impl SpecialTokens {
                 special.max_length = value
                     .as_u64()
                     .and_then(|n| usize::try_from(n).ok())
-                    .filter(|&n| n >= 3)
+                    .filter(|&n| (3..=MAX_MODEL_LENGTH).contains(&n))
                     .ok_or_else(|| {
                         config_error(
                             &config_path,
                             format!(
-                                "model_max_length must be an integer of at least 3, found {value}"
+                                "model_max_length must be an integer from 3 to {MAX_MODEL_LENGTH}, found {value}"
                             ),
                         )
                     })?;

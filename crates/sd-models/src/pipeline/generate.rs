@@ -70,6 +70,8 @@ pub struct Params {
     pub long_prompt: LongPrompt,
     /// Decode with the VAE's tiling (for large images).
     pub vae_tiling: bool,
+    /// Bounds on the size, image count and steps, checked before any work.
+    pub limits: Limits,
     /// Go on when values stop being finite (NaN or infinite). By default a generation stops
     /// with [`Error::NonFinite`] naming the stage (text encoding, a step, decoding) where
     /// they first appear, instead of returning a black image.
@@ -82,6 +84,92 @@ pub struct Params {
     /// batch, with their residuals growing from 0.1x at the first skip connection to 1x at
     /// the mid block, so that they can steer the picture without a prompt.
     pub guess_mode: bool,
+}
+
+/// Bounds on what one generation may ask for, checked before any work is done or memory
+/// taken: a mistyped size or count is an error naming it and the bound, not an allocation
+/// failure minutes later. Raise them for machines and jobs that need more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest width or height in pixels (default 4096).
+    pub max_side: usize,
+    /// The most pixels per image (default 4096 x 4096).
+    pub max_pixels: usize,
+    /// The most images per call (default 1000).
+    pub max_images: usize,
+    /// The most inference steps (default 1000, the training schedule's length).
+    pub max_steps: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_side: 4096,
+            max_pixels: 4096 * 4096,
+            max_images: 1000,
+            max_steps: 1000,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks an image size against the bounds.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `width`, `height` or `pixels` and the bound.
+    pub fn check_size(&self, width: usize, height: usize) -> Result<()> {
+        for (what, v) in [("width", width), ("height", height)] {
+            if v > self.max_side {
+                return Err(config_error(
+                    what,
+                    format!(
+                        "{v} pixels is more than the limit of {} (the max_side limit: --max-side \
+                         in the programs)",
+                        self.max_side
+                    ),
+                ));
+            }
+        }
+        match width.checked_mul(height) {
+            Some(p) if p <= self.max_pixels => Ok(()),
+            _ => Err(config_error(
+                "pixels",
+                format!(
+                    "{width}x{height} is more than the limit of {} pixels (the max_pixels \
+                     limit: --max-side in the programs)",
+                    self.max_pixels
+                ),
+            )),
+        }
+    }
+
+    /// Checks an image count and a step count against the bounds.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `num_images` or `steps` and the bound.
+    pub fn check_counts(&self, images: usize, steps: usize) -> Result<()> {
+        if images > self.max_images {
+            return Err(config_error(
+                "num_images",
+                format!(
+                    "{images} images is more than the limit of {} per call (the max_images \
+                     limit: --max-images in the programs)",
+                    self.max_images
+                ),
+            ));
+        }
+        if steps > self.max_steps {
+            return Err(config_error(
+                "steps",
+                format!(
+                    "{steps} steps is more than the limit of {} (the max_steps limit: \
+                     --max-steps in the programs)",
+                    self.max_steps
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A ControlNet's control image and how strongly and when it acts.
@@ -128,6 +216,7 @@ impl Default for Params {
             clip_skip: 0,
             long_prompt: LongPrompt::Truncate,
             vae_tiling: false,
+            limits: Limits::default(),
             keep_non_finite: false,
             controls: Vec::new(),
             guess_mode: false,
@@ -367,6 +456,21 @@ impl<B: Backend> StableDiffusion<B> {
         margins: Margins,
         callback: impl FnMut(&Progress<'_>) -> Control,
     ) -> Result<Outcome> {
+        let side = |a: usize, b: usize, c: usize| a.checked_add(b).and_then(|s| s.checked_add(c));
+        let size = side(image.width(), margins.left, margins.right).zip(side(
+            image.height(),
+            margins.top,
+            margins.bottom,
+        ));
+        match size {
+            Some((w, h)) => params.limits.check_size(w, h)?,
+            None => {
+                return Err(config_error(
+                    "outpaint margins",
+                    format!("{margins:?} overflow the canvas size"),
+                ));
+            }
+        }
         let (canvas, mask) = outpaint_canvas(image, margins)?;
         self.inpaint(params, &canvas, &mask, 1.0, callback)
     }
@@ -514,6 +618,9 @@ impl<B: Backend> StableDiffusion<B> {
         if params.num_images == 0 {
             return Err(config_error("num_images", "0 images asked for".into()));
         }
+        params
+            .limits
+            .check_counts(params.num_images, params.steps)?;
         // Finite in f64 is not enough: the guidance is applied in f32.
         if !(params.guidance_scale as f32).is_finite() {
             return Err(config_error(
@@ -586,6 +693,7 @@ impl<B: Backend> StableDiffusion<B> {
                 (img.width(), img.height())
             }
         };
+        params.limits.check_size(w, h)?;
         let multiple = self.size_multiple();
         for (what, v) in [("width", w), ("height", h)] {
             if v == 0 || v % multiple != 0 {

@@ -403,8 +403,24 @@ pub fn outpaint_canvas(image: &Image, margins: Margins) -> Result<(Image, Mask)>
             message: "every margin is 0: there is nothing to fill".into(),
         });
     }
-    let width = image.width() + margins.left + margins.right;
-    let height = image.height() + margins.top + margins.bottom;
+    let overflow = || Error::Config {
+        what: "outpaint margins".into(),
+        message: format!("{margins:?} overflow the canvas size"),
+    };
+    let width = image
+        .width()
+        .checked_add(margins.left)
+        .and_then(|w| w.checked_add(margins.right))
+        .ok_or_else(overflow)?;
+    let height = image
+        .height()
+        .checked_add(margins.top)
+        .and_then(|h| h.checked_add(margins.bottom))
+        .ok_or_else(overflow)?;
+    width
+        .checked_mul(height)
+        .and_then(|p| p.checked_mul(3))
+        .ok_or_else(overflow)?;
     let mut data = Vec::with_capacity(width * height * 3);
     let mut mask = Vec::with_capacity(width * height);
     for y in 0..height {

@@ -52,7 +52,8 @@ mod pixel;
 
 pub use denoise::{ActiveControl, Conditioning, ControlledUnet, NoisePredictor, StepPosition};
 pub use generate::{
-    Control, ControlImage, Generation, Outcome, Params, Progress, SamplerChoice, Task, Timings,
+    Control, ControlImage, Generation, Limits, Outcome, Params, Progress, SamplerChoice, Task,
+    Timings,
 };
 pub use image::{Image, ImageLimits, Margins, Mask, outpaint_canvas};
 pub use load::LoadOptions;

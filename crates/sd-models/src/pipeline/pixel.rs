@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::files::read_regular_string;
 use crate::nn::ClassLabels;
 use crate::pipeline::denoise::{LoopEnd, Run, StepPosition, denoise};
-use crate::pipeline::generate::{Control, Outcome, Progress, SamplerChoice};
+use crate::pipeline::generate::{Control, Limits, Outcome, Progress, SamplerChoice};
 use crate::pipeline::image::Image;
 use crate::pipeline::load::scheduler_error;
 use crate::unet::Unet2DModel;
@@ -68,6 +68,8 @@ pub struct PixelParams {
     /// Go on when values stop being finite (by default a step that makes NaN or infinity
     /// stops with [`Error::NonFinite`]).
     pub keep_non_finite: bool,
+    /// Bounds on the size, sample count and steps, checked before any work.
+    pub limits: Limits,
 }
 
 impl Default for PixelParams {
@@ -83,6 +85,7 @@ impl Default for PixelParams {
             size: None,
             max_batch: 0,
             keep_non_finite: false,
+            limits: Limits::default(),
         }
     }
 }
@@ -253,6 +256,8 @@ impl<B: Backend> PixelDiffusion<B> {
                 ));
             }
         };
+        params.limits.check_counts(n, params.steps)?;
+        params.limits.check_size(w, h)?;
         let factor = self.unet.config().downsample_factor();
         for (what, v) in [("height", h), ("width", w)] {
             if v == 0 || v % factor != 0 {

@@ -489,6 +489,13 @@ impl Unet2DConditionConfig {
         if blocks == 0 {
             return Err(error("block_out_channels is empty".into()));
         }
+        let sample = self.sample_size.as_ref().map(SampleSize::height_width);
+        crate::config::check_network_bounds(
+            what,
+            &self.block_out_channels,
+            &self.layers_per_block.values(),
+            &sample.map(|(h, w)| vec![h, w]).unwrap_or_default(),
+        )?;
         if self.down_block_types.len() != blocks || self.up_block_types.len() != blocks {
             return Err(error(format!(
                 "{} down_block_types and {} up_block_types for {blocks} block_out_channels",
@@ -824,6 +831,13 @@ impl Unet2DConfig {
         if blocks == 0 {
             return Err(error("block_out_channels is empty".into()));
         }
+        let sample = self.sample_size.as_ref().map(SampleSize::height_width);
+        crate::config::check_network_bounds(
+            what,
+            &self.block_out_channels,
+            &[self.layers_per_block],
+            &sample.map(|(h, w)| vec![h, w]).unwrap_or_default(),
+        )?;
         if self.down_block_types.len() != blocks || self.up_block_types.len() != blocks {
             return Err(error(format!(
                 "{} down_block_types and {} up_block_types for {blocks} block_out_channels",

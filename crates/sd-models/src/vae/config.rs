@@ -164,6 +164,12 @@ impl AutoencoderKlConfig {
         if blocks == 0 {
             return Err(error("block_out_channels is empty".into()));
         }
+        crate::config::check_network_bounds(
+            what,
+            &self.block_out_channels,
+            &[self.layers_per_block],
+            &[],
+        )?;
         if self.down_block_types.len() != blocks || self.up_block_types.len() != blocks {
             return Err(error(format!(
                 "{} down_block_types and {} up_block_types for {blocks} block_out_channels",
