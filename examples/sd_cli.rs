@@ -19,7 +19,7 @@ use sd_models::pipeline::{
     Progress, SamplerChoice, StableDiffusion,
 };
 use sd_models::weights::LoadDType;
-use sd_models::weights::compvis::SingleFileOptions;
+use sd_models::weights::compvis::{Component, ModelKind, SingleFileOptions};
 use sd_models::{Backend, CpuBackend};
 
 /// What a single-file checkpoint's UNet predicts, by diffusers' names.
@@ -42,6 +42,37 @@ impl From<Predicts> for PredictionType {
             Predicts::Sample => PredictionType::Sample,
         }
     }
+}
+
+/// A single file's Stable Diffusion version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    /// Stable Diffusion 1.x.
+    Sd1,
+    /// Stable Diffusion 2.x.
+    Sd2,
+}
+
+/// `COMPONENT.KEY=VALUE` as a component and a one-field JSON object.
+fn config_override(text: &str) -> Result<(Component, serde_json::Value), Box<dyn Error>> {
+    let bad = || {
+        format!(
+            "--config-override {text:?}: expected COMPONENT.KEY=VALUE with COMPONENT unet, vae \
+             or text_encoder"
+        )
+    };
+    let (target, value) = text.split_once('=').ok_or_else(bad)?;
+    let (component, key) = target.split_once('.').ok_or_else(bad)?;
+    let component = match component {
+        "unet" => Component::Unet,
+        "vae" => Component::Vae,
+        "text_encoder" => Component::TextEncoder,
+        _ => return Err(bad().into()),
+    };
+    // A bare word is a string; anything else is read as JSON.
+    let value =
+        serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+    Ok((component, serde_json::json!({ key: value })))
 }
 
 /// Where the networks run.
@@ -311,6 +342,14 @@ pub struct Common {
     /// (diffusers' rule: v_prediction for SD 2.x text-to-image files, else epsilon).
     #[arg(long, value_enum)]
     pub prediction_type: Option<Predicts>,
+    /// A single-file checkpoint's Stable Diffusion version, where its weights do not show it.
+    #[arg(long, value_enum)]
+    pub kind: Option<KindArg>,
+    /// A single-file checkpoint's config field that its weights cannot show, as
+    /// COMPONENT.KEY=VALUE (unet, vae or text_encoder; VALUE in JSON), e.g.
+    /// `unet.norm_num_groups=32`. Repeatable.
+    #[arg(long = "config-override")]
+    pub config_overrides: Vec<String>,
     /// Load a single-file checkpoint's EMA copy of the UNet (`model_ema.*`).
     #[arg(long)]
     pub ema: bool,
@@ -579,6 +618,14 @@ impl Common {
     ) -> Result<StableDiffusion<B>, Box<dyn Error>> {
         let t0 = Instant::now();
         let mut single_file = SingleFileOptions::new().ema(self.ema);
+        if let Some(kind) = self.kind {
+            let inpainting = false;
+            single_file = single_file.kind(ModelKind::new(kind == KindArg::Sd2, inpainting));
+        }
+        for text in &self.config_overrides {
+            let (component, fields) = config_override(text)?;
+            single_file = single_file.override_config(component, fields);
+        }
         if let Some(p) = self.prediction_type {
             single_file = single_file.prediction_type(p.into());
         }

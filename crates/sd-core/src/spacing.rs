@@ -43,6 +43,19 @@ pub enum TimestepSpacing {
     Trailing,
 }
 
+/// `steps_offset` is 0 or 1 in every released config; past `T` it only makes timesteps
+/// outside the schedule (and, far enough, overflows).
+fn check_offset(num_train_timesteps: usize, steps_offset: usize) -> Result<()> {
+    if steps_offset > num_train_timesteps {
+        return Err(Error::InvalidParameter {
+            name: "steps_offset",
+            value: steps_offset as f64,
+            reason: "must not exceed num_train_timesteps",
+        });
+    }
+    Ok(())
+}
+
 fn check_steps(num_train_timesteps: usize, num_inference_steps: usize) -> Result<()> {
     check_nonzero("num_train_timesteps", num_train_timesteps)?;
     check_nonzero("num_inference_steps", num_inference_steps)?;
@@ -94,7 +107,8 @@ impl TimestepSpacing {
     /// as in diffusers, it is the sampler that looks the timestep up that reports it.
     ///
     /// # Errors
-    /// [`Error::Zero`] for zero steps, [`Error::TooManyInferenceSteps`] for `n > T`.
+    /// [`Error::Zero`] for zero steps, [`Error::TooManyInferenceSteps`] for `n > T`,
+    /// [`Error::InvalidParameter`] for a `steps_offset` above `T`.
     pub fn timesteps(
         self,
         num_train_timesteps: usize,
@@ -102,6 +116,7 @@ impl TimestepSpacing {
         steps_offset: usize,
     ) -> Result<Vec<usize>> {
         check_steps(num_train_timesteps, num_inference_steps)?;
+        check_offset(num_train_timesteps, steps_offset)?;
         let (t, n) = (num_train_timesteps, num_inference_steps);
         Ok(match self {
             TimestepSpacing::Linspace => linspace_rounded((t - 1) as f64, n),
@@ -159,6 +174,7 @@ impl TimestepSpacing {
         last_timestep: usize,
     ) -> Result<Vec<usize>> {
         check_steps(num_train_timesteps, num_inference_steps)?;
+        check_offset(num_train_timesteps, steps_offset)?;
         if last_timestep == 0 || last_timestep > num_train_timesteps {
             return Err(Error::InvalidParameter {
                 name: "last_timestep",

@@ -651,7 +651,8 @@ fn check_resolved(
     Err(cannot_infer(
         what,
         format!(
-            "{} from the weights: {}; set them with SingleFileOptions::override_config",
+            "{} from the weights: {}; set them with SingleFileOptions::override_config (the \
+             programs' --config-override COMPONENT.KEY=VALUE, e.g. unet.norm_num_groups=32)",
             if open.len() == 1 {
                 "a config field"
             } else {
@@ -748,7 +749,7 @@ fn infer_kind(what: &str, unet: &unet::UnetShape, layout: Option<TextLayout>) ->
             return Err(cannot_infer(
                 what,
                 format!(
-                    "the Stable Diffusion version: the file has no text encoder (cond_stage_model.*) and the cross-attention width is {width} (1.x has 768, 2.x 1024); pass the kind with SingleFileOptions::kind"
+                    "the Stable Diffusion version: the file has no text encoder (cond_stage_model.*) and the cross-attention width is {width} (1.x has 768, 2.x 1024); pass the kind with SingleFileOptions::kind (the programs' --kind sd1|sd2)"
                 ),
             ));
         }
