@@ -314,6 +314,10 @@ pub struct Common {
     /// Images to generate.
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
+    /// The most images the networks see at once (0: as many as fit 8 images of 512x512);
+    /// many images then take one batch's memory.
+    #[arg(long, default_value_t = 0)]
+    pub batch_size: usize,
     /// CLIP layers to skip from the end.
     #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
@@ -396,6 +400,7 @@ impl Common {
             num_images: self.num_images,
             clip_skip: self.clip_skip,
             limits: self.limits(),
+            max_batch: self.batch_size,
             long_prompt: match self.long_prompt {
                 LongPromptArg::Truncate => LongPrompt::Truncate,
                 LongPromptArg::Chunks => LongPrompt::Chunks,

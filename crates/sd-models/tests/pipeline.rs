@@ -141,6 +141,34 @@ fn txt2img_matches_diffusers_euler_ancestral_with_rescale_and_two_images() {
 }
 
 #[test]
+fn images_in_batches_of_one_match_diffusers_too() {
+    // Two images with guidance, the UNet and VAE seeing one image (two UNet entries) a call.
+    for name in ["txt2img_euler_a", "controlnet_txt2img"] {
+        let c = case(name);
+        let p = if c.controlnet_dirs().is_empty() {
+            pipe()
+        } else {
+            controlnet_pipe(&c)
+        };
+        let mut params = c.params();
+        assert_eq!(params.num_images, 2, "{name}");
+        params.max_batch = 1;
+        let mut noise = c.noise();
+        let g = finished(
+            p.generate(&params, Task::TextToImage, &mut noise, &mut go)
+                .unwrap(),
+        );
+        let expected = c.expected();
+        let (max, mean) = (
+            max_diff(&g.pixels, &expected),
+            mean_diff(&g.pixels, &expected),
+        );
+        println!("{name} in batches of 1: max {max:.2e} mean {mean:.2e}");
+        assert!(max < 1e-4 && mean < 1e-5, "{name}: max {max}, mean {mean}");
+    }
+}
+
+#[test]
 fn img2img_matches_diffusers_ddim() {
     let c = case("img2img_ddim");
     let image = c.image().unwrap();

@@ -72,6 +72,11 @@ pub struct Params {
     pub vae_tiling: bool,
     /// Bounds on the size, image count and steps, checked before any work.
     pub limits: Limits,
+    /// The most images the UNet and the VAE see in one call (0: as many as keep a call
+    /// within 8 images of 512x512). Many images then take many images' time but only one
+    /// batch's activations; the noise and the sampler still cover every image, so the
+    /// result depends on it only by float rounding.
+    pub max_batch: usize,
     /// Go on when values stop being finite (NaN or infinite). By default a generation stops
     /// with [`Error::NonFinite`] naming the stage (text encoding, a step, decoding) where
     /// they first appear, instead of returning a black image.
@@ -217,6 +222,7 @@ impl Default for Params {
             long_prompt: LongPrompt::Truncate,
             vae_tiling: false,
             limits: Limits::default(),
+            max_batch: 0,
             keep_non_finite: false,
             controls: Vec::new(),
             guess_mode: false,
@@ -486,6 +492,45 @@ impl<B: Backend> StableDiffusion<B> {
         shape: [usize; 4],
         tiling: bool,
     ) -> Result<(Vec<Image>, Vec<f32>)> {
+        // In batches of at most 8 images of 512x512, as a generation decodes.
+        let [_, _, h, w] = shape;
+        let chunk = (8 * 64 * 64 / h.saturating_mul(w).max(1)).max(1);
+        self.decode_in(latents, shape, tiling, chunk)
+    }
+
+    /// [`decode_latents`](Self::decode_latents) in batches of `chunk` images.
+    fn decode_in(
+        &self,
+        latents: &[f32],
+        shape: [usize; 4],
+        tiling: bool,
+        chunk: usize,
+    ) -> Result<(Vec<Image>, Vec<f32>)> {
+        let [n, c, h, w] = shape;
+        let per_image = c.checked_mul(h).and_then(|v| v.checked_mul(w)).unwrap_or(0);
+        if per_image == 0 || Some(latents.len()) != per_image.checked_mul(n) {
+            return Err(Error::Shape {
+                op: "decode_latents",
+                expected: format!("latents of shape {shape:?}"),
+                found: format!("{} values", latents.len()),
+            });
+        }
+        let mut images = Vec::with_capacity(n);
+        let mut pixels = Vec::new();
+        for part in latents.chunks(chunk.max(1) * per_image) {
+            let (i, p) = self.decode_batch(part, [part.len() / per_image, c, h, w], tiling)?;
+            images.extend(i);
+            pixels.extend(p);
+        }
+        Ok((images, pixels))
+    }
+
+    fn decode_batch(
+        &self,
+        latents: &[f32],
+        shape: [usize; 4],
+        tiling: bool,
+    ) -> Result<(Vec<Image>, Vec<f32>)> {
         let b = &self.backend;
         let z = b.upload(latents, &shape)?;
         let z = self.vae.unscale_latents(b, &z)?;
@@ -528,9 +573,9 @@ impl<B: Backend> StableDiffusion<B> {
         .map_err(|e| scheduler_error("sampler", e))
     }
 
-    /// The text embeddings the UNet sees: `[2N, L, D]` (negative prompt first, then the
-    /// prompt, each repeated `N` times) with guidance, else `[N, L, D]`.
-    fn encode_prompts(&self, params: &Params, guidance: bool) -> Result<B::Tensor> {
+    /// The text embeddings of the prompts, `[1, L, D]` each: the negative prompt's first with
+    /// guidance, then the prompt's.
+    fn encode_prompts(&self, params: &Params, guidance: bool) -> Result<Vec<B::Tensor>> {
         let b = &self.backend;
         let mut rows = vec![
             self.tokenizer
@@ -562,12 +607,44 @@ impl<B: Backend> StableDiffusion<B> {
                     });
                 }
             };
-            let e = b.reshape(&e, &[1, k * l, d])?;
-            let copies: Vec<&B::Tensor> = std::iter::repeat_n(&e, params.num_images).collect();
-            embeds.push(b.concat(&copies, 0)?);
+            embeds.push(b.reshape(&e, &[1, k * l, d])?);
         }
-        let refs: Vec<&B::Tensor> = embeds.iter().collect();
-        b.concat(&refs, 0)
+        Ok(embeds)
+    }
+
+    /// The conditioning of a UNet call on `k` images: each prompt's embeddings repeated `k`
+    /// times (the negative prompt's first with guidance) and the inpainting UNet's extra
+    /// channels for each entry.
+    fn conditioning(
+        &self,
+        prompts: &[B::Tensor],
+        extra: Option<&[f32]>,
+        k: usize,
+        guidance: bool,
+        (lh, lw): (usize, usize),
+    ) -> Result<Conditioning<B::Tensor>> {
+        let b = &self.backend;
+        let mut rows = Vec::with_capacity(prompts.len() * k);
+        for p in prompts {
+            rows.extend(std::iter::repeat_n(p, k));
+        }
+        let mut cond = Conditioning::new(b.concat(&rows, 0)?, guidance);
+        if let Some(one) = extra {
+            let batch = prompts.len() * k;
+            let channels = one.len() / (lh * lw);
+            cond = cond.with_concat(b.upload(&one.repeat(batch), &[batch, channels, lh, lw])?);
+        }
+        Ok(cond)
+    }
+
+    /// Images per network call: [`Params::max_batch`], or with 0 as many as keep a call
+    /// within 8 images of 512x512 (64x64 latents; 2 at 1024x1024), at least one.
+    fn batch_size(params: &Params, (lh, lw): (usize, usize)) -> usize {
+        let chosen = match params.max_batch {
+            0 => (8 * 64 * 64) / (lh * lw).max(1),
+            k => k,
+        };
+        chosen.clamp(1, params.num_images.max(1))
     }
 
     /// The image task's image encoded to scaled latents `[1, C, h, w]` with the posterior
@@ -784,12 +861,14 @@ impl<B: Backend> StableDiffusion<B> {
 
         let guidance = params.guidance_scale > 1.0;
         let t0 = Instant::now();
-        let embeds = self.encode_prompts(params, guidance)?;
-        if !params.keep_non_finite && !all_finite(&b.download(&embeds)?) {
-            return Err(Error::NonFinite {
-                stage: "after text encoding",
-                step: None,
-            });
+        let prompts = self.encode_prompts(params, guidance)?;
+        for p in &prompts {
+            if !params.keep_non_finite && !all_finite(&b.download(p)?) {
+                return Err(Error::NonFinite {
+                    stage: "after text encoding",
+                    step: None,
+                });
+            }
         }
         timings.text_encoding = t0.elapsed();
 
@@ -884,47 +963,55 @@ impl<B: Backend> StableDiffusion<B> {
         } else {
             &controlled
         };
-        let batch = if guidance { 2 * n } else { n };
-        let concat = match (&mask_latent, &masked_latents) {
-            (Some(m), Some(ml)) => {
-                let mut extra = Vec::with_capacity(batch * (m.len() + ml.len()));
-                for _ in 0..batch {
-                    extra.extend_from_slice(m);
-                    extra.extend_from_slice(ml);
-                }
-                let channels = extra.len() / (batch * lh * lw);
-                Some(b.upload(&extra, &[batch, channels, lh, lw])?)
-            }
+        // The mask and masked-image latents an inpainting UNet takes beside each latent.
+        let extra: Option<Vec<f32>> = match (&mask_latent, &masked_latents) {
+            (Some(m), Some(ml)) => Some([m.as_slice(), ml.as_slice()].concat()),
             _ => None,
         };
-        let mut cond = Conditioning::new(embeds, guidance);
-        if let Some(extra) = concat {
-            cond = cond.with_concat(extra);
-        }
+        let chunk = Self::batch_size(params, (lh, lw));
+        let mut conds: Vec<(usize, Conditioning<B::Tensor>)> = Vec::new();
 
         // The denoising loop.
         let t0 = Instant::now();
         let mut predict = |step: StepPosition, t: f64, scaled: &[f32]| -> Result<Vec<f32>> {
-            let x = if guidance {
-                b.upload(&scaled.repeat(2), &[batch, c, lh, lw])?
-            } else {
-                b.upload(scaled, &[batch, c, lh, lw])?
-            };
-            let out = b.download(&predictor.predict(b, &x, t, &cond, step)?)?;
-            if !guidance {
-                return Ok(out);
+            let mut model_output = Vec::with_capacity(scaled.len());
+            // The images in batches of `chunk`; with guidance each batch is its images'
+            // unconditional halves, then their conditional halves.
+            for images in scaled.chunks(chunk * per_image) {
+                let k = images.len() / per_image;
+                let cond = match conds.iter().position(|(size, _)| *size == k) {
+                    Some(i) => &conds[i].1,
+                    None => {
+                        let made =
+                            self.conditioning(&prompts, extra.as_deref(), k, guidance, (lh, lw))?;
+                        conds.push((k, made));
+                        &conds[conds.len() - 1].1
+                    }
+                };
+                let batch = if guidance { 2 * k } else { k };
+                let x = if guidance {
+                    b.upload(&images.repeat(2), &[batch, c, lh, lw])?
+                } else {
+                    b.upload(images, &[batch, c, lh, lw])?
+                };
+                let out = b.download(&predictor.predict(b, &x, t, cond, step)?)?;
+                if !guidance {
+                    model_output.extend(out);
+                    continue;
+                }
+                let (uncond, text) = out.split_at(k * per_image);
+                let g = params.guidance_scale as f32;
+                let mut cfg: Vec<f32> = uncond
+                    .iter()
+                    .zip(text)
+                    .map(|(&u, &t)| u + g * (t - u))
+                    .collect();
+                if params.guidance_rescale > 0.0 {
+                    rescale_noise_cfg(&mut cfg, text, per_image, params.guidance_rescale);
+                }
+                model_output.extend(cfg);
             }
-            let (uncond, text) = out.split_at(n * per_image);
-            let g = params.guidance_scale as f32;
-            let mut cfg: Vec<f32> = uncond
-                .iter()
-                .zip(text)
-                .map(|(&u, &t)| u + g * (t - u))
-                .collect();
-            if params.guidance_rescale > 0.0 {
-                rescale_noise_cfg(&mut cfg, text, per_image, params.guidance_rescale);
-            }
-            Ok(cfg)
+            Ok(model_output)
         };
         let blend = !inpainting_unet && mask_latent.is_some();
         let mut after_step = |sampler: &dyn Sampler, i: usize, latents: &mut [f32]| -> Result<()> {
@@ -963,7 +1050,7 @@ impl<B: Backend> StableDiffusion<B> {
         }
 
         let t0 = Instant::now();
-        let (images, pixels) = self.decode_latents(&latents, shape, params.vae_tiling)?;
+        let (images, pixels) = self.decode_in(&latents, shape, params.vae_tiling, chunk)?;
         if !params.keep_non_finite && !all_finite(&pixels) {
             return Err(Error::NonFinite {
                 stage: "after decoding",

@@ -188,7 +188,7 @@ impl PipelineCase {
             .unwrap_or_default()
     }
 
-    /// The UNet folder a case names, if it names one.
+    /// The UNet folder a ControlNet case names (relative to `fixtures/`).
     pub fn unet_dir(&self) -> Option<PathBuf> {
         self.meta["unet"].as_str().map(|d| root().join(d))
     }
