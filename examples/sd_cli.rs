@@ -354,6 +354,9 @@ pub struct Common {
     /// `unet.norm_num_groups=32`. Repeatable.
     #[arg(long = "config-override")]
     pub config_overrides: Vec<String>,
+    /// Check that every weight is finite before loading (a second pass over the files).
+    #[arg(long)]
+    pub check_weights: bool,
     /// Load a single-file checkpoint's EMA copy of the UNet (`model_ema.*`).
     #[arg(long)]
     pub ema: bool,
@@ -638,6 +641,7 @@ impl Common {
             single_file,
             fp16_variant: self.fp16,
             strict: false,
+            check_weights: self.check_weights,
             tokenizer: self.tokenizer.clone(),
             weights,
         };

@@ -134,6 +134,16 @@ pub enum Error {
         /// The step, counted from 0 among the steps run, for the denoising loop.
         step: Option<usize>,
     },
+    /// A weight file holds NaN or infinity (found by
+    /// [`WeightFile::check_finite`](crate::weights::WeightFile::check_finite), the programs'
+    /// `--check-weights`).
+    #[error("{}: tensor {key} holds non-finite values (NaN or infinity)", file.display())]
+    NonFiniteWeight {
+        /// The tensor.
+        key: String,
+        /// The file.
+        file: std::path::PathBuf,
+    },
     /// The schedule mathematics rejected an input.
     #[error(transparent)]
     Core(#[from] sd_core::Error),

@@ -862,3 +862,73 @@ fn config_values_past_any_real_model_are_errors_not_aborts() {
     .unwrap_err();
     assert!(e.to_string().contains("num_train_timesteps"), "{e}");
 }
+
+/// Copies `from` into `to`, folders included.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn non_finite_weights_are_found_by_check_weights_or_at_the_first_stage_they_reach() {
+    // The tiny pipeline with one NaN in the VAE decoder's output bias.
+    let dir = common::fixtures::scratch_dir("sd-models-nan-weights").join("sd1");
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&root().join("sd1"), &dir);
+    let vae = dir.join("vae/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&vae).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
+        .collect();
+    let key = "decoder.conv_out.bias";
+    let t = tensors.iter_mut().find(|t| t.0 == key).unwrap();
+    match t.3 {
+        safetensors::Dtype::F32 => t.1[..4].copy_from_slice(&f32::NAN.to_le_bytes()),
+        safetensors::Dtype::F16 => t.1[..2].copy_from_slice(&[0x00, 0x7e]),
+        safetensors::Dtype::BF16 => t.1[..2].copy_from_slice(&[0xc0, 0x7f]),
+        other => panic!("{key} is {other:?}"),
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, d, s, dt)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(*dt, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&vae, safetensors::serialize(views, None).unwrap()).unwrap();
+
+    let checked = LoadOptions {
+        check_weights: true,
+        ..LoadOptions::default()
+    };
+    match StableDiffusion::from_dir(CpuBackend::new(), &dir, &checked) {
+        Err(Error::NonFiniteWeight { key: k, file }) => {
+            assert_eq!(k, key);
+            assert_eq!(file, vae);
+        }
+        other => panic!("expected NonFiniteWeight, got {:?}", other.err()),
+    }
+    // Unchecked, it loads, and the generation stops where the NaN first shows.
+    let p = StableDiffusion::from_dir(CpuBackend::new(), &dir, &LoadOptions::default()).unwrap();
+    let mut q = params("a fox");
+    q.steps = 1;
+    match p.txt2img(&q, go) {
+        Err(Error::NonFinite { stage, step }) => {
+            assert_eq!((stage, step), ("after decoding", None));
+        }
+        other => panic!("expected NonFinite, got {other:?}"),
+    }
+}

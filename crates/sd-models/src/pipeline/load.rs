@@ -17,7 +17,7 @@ use crate::pipeline::StableDiffusion;
 use crate::unet::{Unet2DConditionConfig, Unet2DConditionModel};
 use crate::vae::{AutoencoderKl, AutoencoderKlConfig};
 use crate::weights::compvis::{Component, SingleFileOptions, open_controlnet};
-use crate::weights::{LoadDType, Variant};
+use crate::weights::{LoadDType, Variant, WeightFile, WeightStore, find_weights};
 
 /// How to load a pipeline.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,6 +31,10 @@ pub struct LoadOptions {
     pub weights: LoadDType,
     /// Unused weights are an error (otherwise ignored).
     pub strict: bool,
+    /// Check before loading that every weight is finite (no NaN or infinity), naming the
+    /// first tensor that is not: a second pass over the files, off by default for speed. A
+    /// generation finds non-finite numbers anyway, at the step where they appear.
+    pub check_weights: bool,
     /// The tokenizer folder (`vocab.json`, `merges.txt`, optionally the tokenizer configs).
     /// Required for a single-file checkpoint, which carries no tokenizer; for a diffusers
     /// folder it replaces the folder's `tokenizer/`.
@@ -54,6 +58,15 @@ impl LoadOptions {
 
 /// A `sd_schedulers` error as an sd-models one (sd-models' error type has no variant for
 /// them yet), naming what was being done.
+/// [`WeightFile::check_finite`] on a weight file or on every shard of a sharded index.
+fn check_finite(path: &Path) -> Result<()> {
+    let store = WeightStore::open(&[path])?;
+    store
+        .weight_files()
+        .iter()
+        .try_for_each(WeightFile::check_finite)
+}
+
 pub(crate) fn scheduler_error(what: &str, e: sd_schedulers::Error) -> Error {
     Error::Config {
         what: what.to_string(),
@@ -91,6 +104,11 @@ impl<B: Backend> StableDiffusion<B> {
             });
         }
         let variants = options.variants();
+        if options.check_weights {
+            for component in ["text_encoder", "unet", "vae"] {
+                check_finite(&find_weights(dir.join(component), &variants)?)?;
+            }
+        }
         let tokenizer_dir = options
             .tokenizer
             .clone()
@@ -142,6 +160,9 @@ impl<B: Backend> StableDiffusion<B> {
             });
         };
         let tokenizer = ClipTokenizer::from_dir(tokenizer_dir)?;
+        if options.check_weights {
+            check_finite(path)?;
+        }
         let file = options
             .single_file
             .clone()
@@ -216,6 +237,14 @@ impl<B: Backend> StableDiffusion<B> {
             path: path.to_path_buf(),
             source,
         })?;
+        if options.check_weights {
+            let file = if meta.is_dir() {
+                find_weights(path, &options.variants())?
+            } else {
+                path.to_path_buf()
+            };
+            check_finite(&file)?;
+        }
         let b = &self.backend;
         let net = if meta.is_dir() {
             ControlNetModel::from_dir_as(

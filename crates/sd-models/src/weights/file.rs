@@ -187,6 +187,34 @@ impl WeightFile {
         })
     }
 
+    /// Checks that every floating-point tensor of the file holds only finite values (no NaN
+    /// or infinity), reading one tensor at a time.
+    ///
+    /// # Errors
+    /// [`Error::NonFiniteWeight`] naming the first tensor that does not, and the file.
+    pub fn check_finite(&self) -> Result<()> {
+        let mut keys: Vec<&str> = self.keys().collect();
+        keys.sort_unstable();
+        for key in keys {
+            let Some(info) = self.info(key) else { continue };
+            if info.dtype.is_none() {
+                continue;
+            }
+            let shape = info.shape.to_vec();
+            let tensor = self.load(key, &shape, LoadDType::F32)?;
+            if !tensor
+                .as_f32()
+                .is_some_and(|v| v.iter().all(|x| x.is_finite()))
+            {
+                return Err(Error::NonFiniteWeight {
+                    key: key.to_owned(),
+                    file: self.path.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Reads `key`, checks that its shape is `expected`, and converts it to `dtype`.
     ///
     /// # Errors
