@@ -25,9 +25,9 @@ use std::path::Path;
 use crate::controlnet::ControlNetConfig;
 use crate::error::{Error, Result};
 use crate::unet::{DownBlockType, PerBlock};
-use crate::weights::compvis::cannot_infer;
 use crate::weights::compvis::table::{Shapes, Table, WB};
 use crate::weights::compvis::unet::{encoder_keys, infer_encoder, sd2_heads};
+use crate::weights::compvis::{cannot_infer, key_shapes};
 use crate::weights::{LoadDType, OpenOptions, WeightFile, WeightPath, WeightStore};
 
 /// The prefix of ControlNet 1.0's keys (1.1 files have none).
@@ -63,10 +63,7 @@ pub fn open_controlnet(
     let path = path.as_ref();
     let file = WeightFile::open(path)?;
     let what = path.display().to_string();
-    let shapes: Vec<(String, Vec<usize>)> = file
-        .keys()
-        .filter_map(|k| file.info(k).map(|i| (k.to_owned(), i.shape.to_vec())))
-        .collect();
+    let shapes = key_shapes(&file);
     let shapes = Shapes::new(
         &what,
         shapes

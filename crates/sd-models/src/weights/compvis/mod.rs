@@ -265,10 +265,7 @@ impl SingleFileOptions {
         let path = path.as_ref();
         let file = WeightFile::open(path)?;
         let what = path.display().to_string();
-        let shapes: Vec<(String, Vec<usize>)> = file
-            .keys()
-            .filter_map(|k| file.info(k).map(|i| (k.to_owned(), i.shape.to_vec())))
-            .collect();
+        let shapes = key_shapes(&file);
         let plan = self.plan(
             &what,
             shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())),
@@ -398,6 +395,13 @@ impl SingleFilePlan {
 }
 
 /// The "cannot infer" error: `message` says what, and from what.
+/// Every key of a file with its shape, for inference.
+pub(crate) fn key_shapes(file: &WeightFile) -> Vec<(String, Vec<usize>)> {
+    file.keys()
+        .filter_map(|k| file.info(k).map(|i| (k.to_owned(), i.shape.to_vec())))
+        .collect()
+}
+
 pub(crate) fn cannot_infer(what: &str, message: String) -> Error {
     Error::CannotInfer {
         file: what.to_string(),
