@@ -649,6 +649,10 @@ impl Common {
         for net in controls.map(|c| c.nets.as_slice()).unwrap_or_default() {
             pipe = pipe.load_controlnet(net, &options)?;
         }
+        let unknown = pipe.scheduler_config().unknown_keys();
+        if !unknown.is_empty() {
+            eprintln!("warning: the scheduler config has keys no sampler here knows: {unknown:?}");
+        }
         eprintln!("load:          {}", secs(t0.elapsed()));
         Ok(pipe)
     }

@@ -173,7 +173,7 @@ pub(crate) fn write_atomic(
 /// file, and without `replace` no file is there yet.
 ///
 /// # Errors
-/// [`Error::Io`] naming `path`, as [`write_atomic`] would fail.
+/// [`Error::Io`] naming `path`, as writing it would fail.
 pub fn check_writable(path: &Path, replace: bool) -> Result<()> {
     if !replace && std::fs::symlink_metadata(path).is_ok() {
         return Err(io_error(

@@ -932,3 +932,23 @@ fn non_finite_weights_are_found_by_check_weights_or_at_the_first_stage_they_reac
         other => panic!("expected NonFinite, got {other:?}"),
     }
 }
+
+#[test]
+fn unknown_scheduler_keys_are_kept_and_listed_or_rejected_in_strict_mode() {
+    let dir = common::fixtures::scratch_dir("sd-models-unknown-scheduler-key").join("sd1");
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&root().join("sd1"), &dir);
+    let path = dir.join("scheduler/scheduler_config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["not_a_scheduler_key"] = serde_json::json!(3);
+    std::fs::write(&path, json.to_string()).unwrap();
+    let p = StableDiffusion::from_dir(CpuBackend::new(), &dir, &LoadOptions::default()).unwrap();
+    assert_eq!(p.scheduler_config().unknown_keys(), ["not_a_scheduler_key"]);
+    let strict = LoadOptions {
+        strict: true,
+        ..LoadOptions::default()
+    };
+    let e = StableDiffusion::from_dir(CpuBackend::new(), &dir, &strict).unwrap_err();
+    assert!(e.to_string().contains("not_a_scheduler_key"), "{e}");
+}

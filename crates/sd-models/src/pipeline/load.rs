@@ -29,7 +29,9 @@ pub struct LoadOptions {
     /// half-precision files; [`LoadDType::Stored`] keeps them as stored, which halves the
     /// weights' memory on the CPU backend (its f32 products widen them as they read them).
     pub weights: LoadDType,
-    /// Unused weights are an error (otherwise ignored).
+    /// Unused weights, and scheduler config keys no sampler knows, are an error (otherwise
+    /// unused weights are ignored and unknown scheduler keys are kept, listed by
+    /// [`SchedulerConfig::unknown_keys`] of [`StableDiffusion::scheduler_config`]).
     pub strict: bool,
     /// Check before loading that every weight is finite (no NaN or infinity), naming the
     /// first tensor that is not: a second pass over the files, off by default for speed. A
@@ -56,8 +58,6 @@ impl LoadOptions {
     }
 }
 
-/// A `sd_schedulers` error as an sd-models one (sd-models' error type has no variant for
-/// them yet), naming what was being done.
 /// [`WeightFile::check_finite`] on a weight file or on every shard of a sharded index.
 fn check_finite(path: &Path) -> Result<()> {
     let store = WeightStore::open(&[path])?;
@@ -67,6 +67,8 @@ fn check_finite(path: &Path) -> Result<()> {
         .try_for_each(WeightFile::check_finite)
 }
 
+/// A `sd_schedulers` error as an sd-models one (sd-models' error type has no variant for
+/// them yet), naming what was being done.
 pub(crate) fn scheduler_error(what: &str, e: sd_schedulers::Error) -> Error {
     Error::Config {
         what: what.to_string(),
@@ -135,6 +137,13 @@ impl<B: Backend> StableDiffusion<B> {
             &read_regular_string(&scheduler_path)?,
             &scheduler_path.display().to_string(),
         )?;
+        let unknown = scheduler.unknown_keys();
+        if strict && !unknown.is_empty() {
+            return Err(Error::Config {
+                what: scheduler_path.display().to_string(),
+                message: format!("unknown key(s) {unknown:?}"),
+            });
+        }
         Self::from_parts(backend, tokenizer, text_encoder, unet, vae, scheduler)
     }
 
