@@ -314,8 +314,9 @@ pub struct Common {
     /// Images to generate.
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
-    /// The most images the networks see at once (0: as many as fit 8 images of 512x512);
-    /// many images then take one batch's memory.
+    /// Images per generation (0: as many as fit 8 images of 512x512). More --num-images
+    /// than that run as several generations seeded --seed, --seed + 1, ..., each written as
+    /// it finishes, so that many images take one batch's memory.
     #[arg(long, default_value_t = 0)]
     pub batch_size: usize,
     /// CLIP layers to skip from the end.
@@ -492,7 +493,7 @@ impl Common {
                 .num_threads(n)
                 .build_global()?;
         }
-        let outcome = match self.device {
+        match self.device {
             Device::Cpu => {
                 let precision = if self.bf16 {
                     CpuPrecision::Bf16
@@ -505,7 +506,12 @@ impl Common {
                     LoadDType::F32
                 };
                 let backend = CpuBackend::new().with_precision(precision)?;
-                self.run_on(self.load(backend, weights, controls)?, work, controls)?
+                self.run_on(
+                    self.load(backend, weights, controls)?,
+                    work,
+                    controls,
+                    &outputs,
+                )
             }
             Device::Cuda => {
                 let (dtype, weights) = match (self.bf16, self.fp16) {
@@ -516,19 +522,27 @@ impl Common {
                 let options = CudaOptions::new(self.gpu).with_upload_dtype(dtype);
                 let backend = CudaBackend::with_options(options)?;
                 eprintln!("device:        {} ({dtype})", backend.device_name());
-                self.run_on(self.load(backend, weights, controls)?, work, controls)?
+                self.run_on(
+                    self.load(backend, weights, controls)?,
+                    work,
+                    controls,
+                    &outputs,
+                )
             }
-        };
-        finish(outcome, &outputs, self.overwrite)
+        }
     }
 
-    /// Does `work` on `pipe`, with a progress bar.
+    /// Does `work` on `pipe`, with a progress bar, writing the images to `outputs` as each
+    /// generation finishes. More images than `--batch-size` (or than fit 8 images of
+    /// 512x512) run as several generations, seeded `--seed`, `--seed + 1`, ..., so that
+    /// memory stays one batch's.
     fn run_on<B: Backend>(
         &self,
         pipe: StableDiffusion<B>,
         work: &Work,
         controls: Option<&ControlArgs>,
-    ) -> Result<Outcome, Box<dyn Error>> {
+        outputs: &[PathBuf],
+    ) -> Result<(), Box<dyn Error>> {
         let mut params = self.params();
         let tokenizer = pipe.tokenizer();
         let window = tokenizer.max_length() - 2;
@@ -545,6 +559,18 @@ impl Common {
             }
         }
         let multiple = pipe.size_multiple();
+        // The inputs, read once for every generation.
+        let (image, mask) = match work {
+            Work::TextToImage { .. } => (None, None),
+            Work::ImageToImage { image, .. } | Work::Outpaint { image, .. } => {
+                (Some(load_image(image, multiple)?), None)
+            }
+            Work::Inpaint { image, mask, .. } => {
+                let image = load_image(image, multiple)?;
+                let mask = load_mask(mask, image.width(), image.height())?;
+                (Some(image), Some(mask))
+            }
+        };
         // The output size: the input image's, else the one asked for, else the first
         // control image's (as diffusers' ControlNet pipeline), else the model's.
         let size = match work {
@@ -560,10 +586,9 @@ impl Common {
                 let (dw, dh) = control.unwrap_or_else(|| pipe.default_size());
                 (width.unwrap_or(dw), height.unwrap_or(dh))
             }
-            Work::ImageToImage { image, .. } | Work::Inpaint { image, .. } => {
-                let image = load_image(image, multiple)?;
-                (image.width(), image.height())
-            }
+            Work::ImageToImage { .. } | Work::Inpaint { .. } => image
+                .as_ref()
+                .map_or((0, 0), |image| (image.width(), image.height())),
             Work::Outpaint { .. } if controls.is_some() => {
                 return Err("ControlNets with outpainting are not supported".into());
             }
@@ -587,33 +612,36 @@ impl Common {
                 }
             }
         }
-        let (bar, progress) = progress_bar();
-        let outcome = match work {
-            Work::TextToImage { .. } => {
-                params.width = Some(size.0);
-                params.height = Some(size.1);
-                pipe.txt2img(&params, progress)?
-            }
-            Work::ImageToImage { image, strength } => {
-                let image = load_image(image, multiple)?;
-                pipe.img2img(&params, &image, *strength, progress)?
-            }
-            Work::Inpaint {
-                image,
-                mask,
-                strength,
-            } => {
-                let image = load_image(image, multiple)?;
-                let mask = load_mask(mask, image.width(), image.height())?;
-                pipe.inpaint(&params, &image, &mask, *strength, progress)?
-            }
-            Work::Outpaint { image, margins } => {
-                let image = load_image(image, pipe.size_multiple())?;
-                pipe.outpaint(&params, &image, *margins, progress)?
-            }
+        if matches!(work, Work::TextToImage { .. }) {
+            params.width = Some(size.0);
+            params.height = Some(size.1);
+        }
+        let latent_pixels = (size.0 / 8).max(1) * (size.1 / 8).max(1);
+        let per_run = match self.batch_size {
+            0 => (8 * 64 * 64 / latent_pixels).max(1),
+            b => b,
         };
-        bar.finish();
-        Ok(outcome)
+        for (k, paths) in outputs.chunks(per_run).enumerate() {
+            params.num_images = paths.len();
+            params.seed = self.seed.wrapping_add(k as u64);
+            let (bar, progress) = progress_bar();
+            let outcome = match (work, &image, &mask) {
+                (Work::TextToImage { .. }, _, _) => pipe.txt2img(&params, progress)?,
+                (Work::ImageToImage { strength, .. }, Some(image), _) => {
+                    pipe.img2img(&params, image, *strength, progress)?
+                }
+                (Work::Inpaint { strength, .. }, Some(image), Some(mask)) => {
+                    pipe.inpaint(&params, image, mask, *strength, progress)?
+                }
+                (Work::Outpaint { margins, .. }, Some(image), _) => {
+                    pipe.outpaint(&params, image, *margins, progress)?
+                }
+                _ => return Err("an input image is missing".into()),
+            };
+            bar.finish();
+            finish(outcome, paths, self.overwrite)?;
+        }
+        Ok(())
     }
 
     /// Loads the model on `backend` with the weights in `weights`, and reports how long it
@@ -649,9 +677,8 @@ impl Common {
         for net in controls.map(|c| c.nets.as_slice()).unwrap_or_default() {
             pipe = pipe.load_controlnet(net, &options)?;
         }
-        let unknown = pipe.scheduler_config().unknown_keys();
-        if !unknown.is_empty() {
-            eprintln!("warning: the scheduler config has keys no sampler here knows: {unknown:?}");
+        for key in pipe.unknown_keys() {
+            eprintln!("warning: unknown config key {key}");
         }
         eprintln!("load:          {}", secs(t0.elapsed()));
         Ok(pipe)

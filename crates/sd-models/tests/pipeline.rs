@@ -934,7 +934,7 @@ fn non_finite_weights_are_found_by_check_weights_or_at_the_first_stage_they_reac
 }
 
 #[test]
-fn unknown_scheduler_keys_are_kept_and_listed_or_rejected_in_strict_mode() {
+fn unknown_config_keys_are_listed_or_rejected_in_strict_mode() {
     let dir = common::fixtures::scratch_dir("sd-models-unknown-scheduler-key").join("sd1");
     let _ = std::fs::remove_dir_all(&dir);
     copy_dir(&root().join("sd1"), &dir);
@@ -943,8 +943,19 @@ fn unknown_scheduler_keys_are_kept_and_listed_or_rejected_in_strict_mode() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     json["not_a_scheduler_key"] = serde_json::json!(3);
     std::fs::write(&path, json.to_string()).unwrap();
+    let index = dir.join("model_index.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    json["not_a_component"] = serde_json::json!(["x", "Y"]);
+    std::fs::write(&index, json.to_string()).unwrap();
     let p = StableDiffusion::from_dir(CpuBackend::new(), &dir, &LoadOptions::default()).unwrap();
     assert_eq!(p.scheduler_config().unknown_keys(), ["not_a_scheduler_key"]);
+    let unknown = p.unknown_keys().join(" ");
+    assert!(
+        unknown.contains("model_index.json: not_a_component")
+            && unknown.contains("scheduler_config.json: not_a_scheduler_key"),
+        "{unknown}"
+    );
     let strict = LoadOptions {
         strict: true,
         ..LoadOptions::default()

@@ -29,9 +29,9 @@ pub struct LoadOptions {
     /// half-precision files; [`LoadDType::Stored`] keeps them as stored, which halves the
     /// weights' memory on the CPU backend (its f32 products widen them as they read them).
     pub weights: LoadDType,
-    /// Unused weights, and scheduler config keys no sampler knows, are an error (otherwise
-    /// unused weights are ignored and unknown scheduler keys are kept, listed by
-    /// [`SchedulerConfig::unknown_keys`] of [`StableDiffusion::scheduler_config`]).
+    /// Unused weights, and keys of `model_index.json` or the scheduler config that nothing
+    /// here knows, are an error (otherwise unused weights are ignored and unknown keys are
+    /// listed by [`StableDiffusion::unknown_keys`]).
     pub strict: bool,
     /// Check before loading that every weight is finite (no NaN or infinity), naming the
     /// first tensor that is not: a second pass over the files, off by default for speed. A
@@ -99,12 +99,34 @@ impl<B: Backend> StableDiffusion<B> {
                     message: e.to_string(),
                 }
             })?;
-        if !index.is_object() {
+        let Some(index) = index.as_object() else {
             return Err(Error::Config {
                 what: index_path.display().to_string(),
                 message: "not a JSON object".into(),
             });
-        }
+        };
+        // What a Stable Diffusion (or ControlNet) pipeline's model_index.json holds; the
+        // safety checker and feature extractor are not used here.
+        const KNOWN: [&str; 13] = [
+            "_class_name",
+            "_diffusers_version",
+            "_name_or_path",
+            "text_encoder",
+            "tokenizer",
+            "unet",
+            "vae",
+            "scheduler",
+            "safety_checker",
+            "feature_extractor",
+            "requires_safety_checker",
+            "image_encoder",
+            "controlnet",
+        ];
+        let mut unknown: Vec<String> = index
+            .keys()
+            .filter(|k| !KNOWN.contains(&k.as_str()))
+            .map(|k| format!("{}: {k}", index_path.display()))
+            .collect();
         let variants = options.variants();
         if options.check_weights {
             for component in ["text_encoder", "unet", "vae"] {
@@ -137,14 +159,21 @@ impl<B: Backend> StableDiffusion<B> {
             &read_regular_string(&scheduler_path)?,
             &scheduler_path.display().to_string(),
         )?;
-        let unknown = scheduler.unknown_keys();
+        unknown.extend(
+            scheduler
+                .unknown_keys()
+                .iter()
+                .map(|k| format!("{}: {k}", scheduler_path.display())),
+        );
         if strict && !unknown.is_empty() {
             return Err(Error::Config {
-                what: scheduler_path.display().to_string(),
-                message: format!("unknown key(s) {unknown:?}"),
+                what: dir.display().to_string(),
+                message: format!("unknown config key(s) {unknown:?}"),
             });
         }
-        Self::from_parts(backend, tokenizer, text_encoder, unet, vae, scheduler)
+        let mut pipe = Self::from_parts(backend, tokenizer, text_encoder, unet, vae, scheduler)?;
+        pipe.unknown_keys = unknown;
+        Ok(pipe)
     }
 
     /// Loads a single-file CompVis checkpoint (SD 1.x or 2.x, inpainting included) with every

@@ -79,6 +79,7 @@ pub struct StableDiffusion<B: Backend> {
     vae: AutoencoderKl<B>,
     scheduler: SchedulerConfig,
     controlnets: Vec<ControlNetModel<B>>,
+    unknown_keys: Vec<String>,
 }
 
 impl<B: Backend> StableDiffusion<B> {
@@ -105,6 +106,7 @@ impl<B: Backend> StableDiffusion<B> {
             vae,
             scheduler,
             controlnets: Vec::new(),
+            unknown_keys: Vec::new(),
         };
         pipe.check_parts()?;
         Ok(pipe)
@@ -218,6 +220,12 @@ impl<B: Backend> StableDiffusion<B> {
         }
         self.controlnets.push(controlnet);
         Ok(self)
+    }
+
+    /// The config keys loading found and nothing here knows (`model_index.json`'s, the
+    /// scheduler config's), each as `file: key`, for a warning; strict loading refuses them.
+    pub fn unknown_keys(&self) -> &[String] {
+        &self.unknown_keys
     }
 
     /// The ControlNets, in the order of [`with_controlnet`](Self::with_controlnet).
