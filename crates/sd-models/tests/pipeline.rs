@@ -948,11 +948,17 @@ fn unknown_config_keys_are_listed_or_rejected_in_strict_mode() {
         serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
     json["not_a_component"] = serde_json::json!(["x", "Y"]);
     std::fs::write(&index, json.to_string()).unwrap();
+    let tokenizer = dir.join("tokenizer/tokenizer_config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tokenizer).unwrap()).unwrap();
+    json["not_a_tokenizer_key"] = serde_json::json!(true);
+    std::fs::write(&tokenizer, json.to_string()).unwrap();
     let p = StableDiffusion::from_dir(CpuBackend::new(), &dir, &LoadOptions::default()).unwrap();
     assert_eq!(p.scheduler_config().unknown_keys(), ["not_a_scheduler_key"]);
     let unknown = p.unknown_keys().join(" ");
     assert!(
         unknown.contains("model_index.json: not_a_component")
+            && unknown.contains("tokenizer_config.json: not_a_tokenizer_key")
             && unknown.contains("scheduler_config.json: not_a_scheduler_key"),
         "{unknown}"
     );

@@ -162,7 +162,37 @@ pub struct ClipTokenizer {
     pad_id: u32,
     pad_token: String,
     max_length: usize,
+    unknown_keys: Vec<String>,
 }
+
+/// tokenizer_config.json keys transformers writes that change nothing for CLIP's tokenizer
+/// here (besides the special tokens, `added_tokens_decoder`, `model_max_length` and the
+/// sides, which are read).
+const IGNORED_CONFIG_KEYS: [&str; 23] = [
+    "add_prefix_space",
+    "backend",
+    "add_bos_token",
+    "add_eos_token",
+    "auto_map",
+    "chat_template",
+    "clean_up_tokenization_spaces",
+    "do_lower_case",
+    "errors",
+    "from_slow",
+    "legacy",
+    "model_input_names",
+    "name_or_path",
+    "processor_class",
+    "special_tokens_map_file",
+    "split_special_tokens",
+    "tokenizer_class",
+    "tokenizer_file",
+    "use_fast",
+    "_commit_hash",
+    "max_length",
+    "stride",
+    "truncation_strategy",
+];
 
 impl ClipTokenizer {
     /// Builds the SD 1.x tokenizer (padded with `<|endoftext|>`, 77 ids) from a `vocab.json`
@@ -346,6 +376,7 @@ impl ClipTokenizer {
             pad_id,
             pad_token: pad,
             max_length: special.max_length,
+            unknown_keys: special.unknown,
         })
     }
 
@@ -360,6 +391,12 @@ impl ClipTokenizer {
         let content = self.content_ids(prompt)?;
         let kept = content.len().min(self.max_length - 2);
         Ok(self.row(&content[..kept]))
+    }
+
+    /// The keys of the folder's tokenizer_config.json that nothing here knows, as
+    /// `file: key` (for a warning).
+    pub fn unknown_keys(&self) -> &[String] {
+        &self.unknown_keys
     }
 
     /// The number of tokens of a prompt, without start and end tokens: more than
@@ -514,6 +551,8 @@ struct SpecialTokens {
     /// `additional_special_tokens` / `extra_special_tokens`, with the file of each.
     extra: Vec<(SpecialValue, PathBuf)>,
     max_length: usize,
+    /// tokenizer_config.json keys nothing here knows, as `file: key`.
+    unknown: Vec<String>,
 }
 
 impl Default for SpecialTokens {
@@ -542,6 +581,7 @@ impl Default for SpecialTokens {
             decoder_source: None,
             extra: Vec::new(),
             max_length: CONTEXT_LENGTH,
+            unknown: Vec::new(),
         }
     }
 }
@@ -560,6 +600,23 @@ impl SpecialTokens {
         let config = read_optional_json_object(&config_path)?;
         let mut has_decoder = false;
         if let Some(config) = &config {
+            let read = [
+                "added_tokens_decoder",
+                "additional_special_tokens",
+                "extra_special_tokens",
+                "model_max_length",
+                "padding_side",
+                "truncation_side",
+            ];
+            special.unknown = config
+                .keys()
+                .filter(|k| {
+                    !ROLES.contains(&k.as_str())
+                        && !read.contains(&k.as_str())
+                        && !IGNORED_CONFIG_KEYS.contains(&k.as_str())
+                })
+                .map(|k| format!("{}: {k}", config_path.display()))
+                .collect();
             if let Some(decoder) = config.get("added_tokens_decoder") {
                 has_decoder = true;
                 special.decoder = parse_added_tokens_decoder(&config_path, decoder)?;

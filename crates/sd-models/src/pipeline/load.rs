@@ -29,8 +29,8 @@ pub struct LoadOptions {
     /// half-precision files; [`LoadDType::Stored`] keeps them as stored, which halves the
     /// weights' memory on the CPU backend (its f32 products widen them as they read them).
     pub weights: LoadDType,
-    /// Unused weights, and keys of `model_index.json` or the scheduler config that nothing
-    /// here knows, are an error (otherwise unused weights are ignored and unknown keys are
+    /// Unused weights, and keys of `model_index.json`, the tokenizer config or the scheduler
+    /// config that nothing here knows, are an error (otherwise unused weights are ignored and unknown keys are
     /// listed by [`StableDiffusion::unknown_keys`]).
     pub strict: bool,
     /// Check before loading that every weight is finite (no NaN or infinity), naming the
@@ -159,6 +159,7 @@ impl<B: Backend> StableDiffusion<B> {
             &read_regular_string(&scheduler_path)?,
             &scheduler_path.display().to_string(),
         )?;
+        unknown.extend(tokenizer.unknown_keys().iter().cloned());
         unknown.extend(
             scheduler
                 .unknown_keys()

@@ -223,7 +223,8 @@ impl<B: Backend> StableDiffusion<B> {
     }
 
     /// The config keys loading found and nothing here knows (`model_index.json`'s, the
-    /// scheduler config's), each as `file: key`, for a warning; strict loading refuses them.
+    /// tokenizer config's, the scheduler config's), each as `file: key`, for a warning;
+    /// strict loading refuses them.
     pub fn unknown_keys(&self) -> &[String] {
         &self.unknown_keys
     }
