@@ -322,8 +322,12 @@ pub struct Common {
     /// CLIP layers to skip from the end.
     #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
-    /// Prompts longer than the text encoder's 75 tokens: cut them (with a warning), or
-    /// encode them in chunks.
+    /// Read the prompts as plain text, not in AUTOMATIC1111's weighting syntax (`(word)`,
+    /// `[word]`, `(word:1.5)`, `BREAK`), which is read by default.
+    #[arg(long)]
+    pub plain_prompt: bool,
+    /// Plain prompts longer than the text encoder's 75 tokens: cut them (with a warning), or
+    /// encode them in chunks (weighted prompts are always chunked).
     #[arg(long, value_enum, default_value_t = LongPromptArg::Truncate)]
     pub long_prompt: LongPromptArg,
     /// The output PNG (several images: NAME-1.png, NAME-2.png, ...).
@@ -405,6 +409,7 @@ impl Common {
             clip_skip: self.clip_skip,
             limits: self.limits(),
             max_batch: self.batch_size,
+            prompt_weighting: !self.plain_prompt,
             long_prompt: match self.long_prompt {
                 LongPromptArg::Truncate => LongPrompt::Truncate,
                 LongPromptArg::Chunks => LongPrompt::Chunks,
@@ -551,7 +556,8 @@ impl Common {
             ("negative prompt", &params.negative_prompt),
         ] {
             let n = tokenizer.token_count(text)?;
-            if n > window && params.long_prompt == LongPrompt::Truncate {
+            if n > window && !params.prompt_weighting && params.long_prompt == LongPrompt::Truncate
+            {
                 eprintln!(
                     "warning: the {what} is {n} tokens; the text encoder sees the first {window} \
                      (--long-prompt chunks encodes all of them)"

@@ -1,6 +1,7 @@
 //! Seeded mutation fuzzing of every parser of untrusted input: safetensors files, the
 //! network, scheduler and tokenizer configs, the tokenizer's vocabulary and merges, the
-//! single-file key and shape inference (Stable Diffusion and ControlNet), and PNG images.
+//! single-file key and shape inference (Stable Diffusion and ControlNet), AUTOMATIC1111's
+//! prompt syntax, and PNG images.
 //! Each target starts from a valid input of the fixtures, mutates it (bit flips, interesting
 //! bytes, insertions, deletions, duplications, truncations, and for JSON numbers replaced by
 //! extremes) and requires that the parser returns, `Ok` or a typed error, and never panics.
@@ -320,6 +321,26 @@ fn single_file_inference() {
             "single-file inference panicked at iteration {i}"
         );
     }
+}
+
+#[test]
+fn weighted_prompts() {
+    // Prompts built from the syntax's characters, parsed and chunked with the real vocabulary.
+    let dir = root().join("tokenizer");
+    let tok = ClipTokenizer::from_files(dir.join("vocab.json"), dir.join("merges.txt")).unwrap();
+    let seed = b"a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))). \\(x\\) BREAK z:2)";
+    fuzz("weighted-prompt", seed, false, |b| {
+        let prompt = String::from_utf8_lossy(b);
+        let parts = sd_models::clip::parse_weighted(&prompt);
+        if let Ok(chunks) = tok.encode_weighted(&parts) {
+            assert!(!chunks.is_empty());
+            assert!(
+                chunks
+                    .iter()
+                    .all(|c| c.ids.len() == 77 && c.weights.len() == 77)
+            );
+        }
+    });
 }
 
 #[test]

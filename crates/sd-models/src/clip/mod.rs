@@ -1,9 +1,12 @@
-//! The CLIP text side: the tokenizer, the text encoder and its configuration.
+//! The CLIP text side: the tokenizer, AUTOMATIC1111's prompt weighting, the text encoder and
+//! its configuration.
 
 pub mod config;
+pub mod prompt;
 pub mod text_encoder;
 pub mod tokenizer;
 
 pub use config::{ClipTextConfig, HiddenAct};
+pub use prompt::{PromptPart, WeightedChunk, apply_weights, parse_weighted};
 pub use text_encoder::{ClipTextModel, ClipTextOutput};
 pub use tokenizer::{ClipTokenizer, LongPrompt, PadToken};

@@ -393,6 +393,11 @@ impl ClipTokenizer {
         Ok(self.row(&content[..kept]))
     }
 
+    /// The id of a vocabulary entry (`",</w>"`), if the vocabulary has it.
+    pub(crate) fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
     /// The keys of the folder's tokenizer_config.json that nothing here knows, as
     /// `file: key` (for a warning).
     pub fn unknown_keys(&self) -> &[String] {
@@ -493,7 +498,7 @@ impl ClipTokenizer {
     }
 
     /// The prompt's token ids, without start and end tokens.
-    fn content_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+    pub(crate) fn content_ids(&self, prompt: &str) -> Result<Vec<u32>> {
         let encoding = self
             .tokenizer
             .encode_fast(prompt, false)
@@ -502,7 +507,7 @@ impl ClipTokenizer {
     }
 
     /// Start, `content`, end, padding to `max_length` (`content` is at most `max_length - 2`).
-    fn row(&self, content: &[u32]) -> Vec<u32> {
+    pub(crate) fn row(&self, content: &[u32]) -> Vec<u32> {
         let mut row = Vec::with_capacity(self.max_length.max(content.len() + 2));
         row.push(self.bos_id);
         row.extend_from_slice(content);

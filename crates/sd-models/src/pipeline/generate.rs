@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use sd_schedulers::{NoiseSource, Plan, RngNoise, Sampler, SchedulerConfig, registry};
 
 use crate::backend::Backend;
-use crate::clip::LongPrompt;
+use crate::clip::{LongPrompt, WeightedChunk, apply_weights, parse_weighted};
 use crate::error::{Error, Result};
 use crate::pipeline::StableDiffusion;
 use crate::pipeline::denoise::{
@@ -68,6 +68,10 @@ pub struct Params {
     /// What to do with prompts longer than the tokenizer's 75 tokens: truncate (diffusers) or
     /// encode in chunks of 75 tokens, concatenated along the sequence.
     pub long_prompt: LongPrompt,
+    /// Read the prompts in AUTOMATIC1111's weighting syntax (`(word)`, `[word]`,
+    /// `(word:1.5)`, `BREAK`; see [`crate::clip::prompt`]), chunked whatever their length;
+    /// off by default, as diffusers reads prompts as plain text.
+    pub prompt_weighting: bool,
     /// Decode with the VAE's tiling (for large images).
     pub vae_tiling: bool,
     /// Bounds on the size, image count and steps, checked before any work.
@@ -220,6 +224,7 @@ impl Default for Params {
             num_images: 1,
             clip_skip: 0,
             long_prompt: LongPrompt::Truncate,
+            prompt_weighting: false,
             vae_tiling: false,
             limits: Limits::default(),
             max_batch: 0,
@@ -576,40 +581,79 @@ impl<B: Backend> StableDiffusion<B> {
     /// The text embeddings of the prompts, `[1, L, D]` each: the negative prompt's first with
     /// guidance, then the prompt's.
     fn encode_prompts(&self, params: &Params, guidance: bool) -> Result<Vec<B::Tensor>> {
-        let b = &self.backend;
-        let mut rows = vec![
-            self.tokenizer
-                .encode_long(&params.prompt, params.long_prompt)?,
-        ];
+        let mut prompts = vec![self.prompt_chunks(&params.prompt, params)?];
         if guidance {
-            rows.insert(
-                0,
-                self.tokenizer
-                    .encode_long(&params.negative_prompt, params.long_prompt)?,
-            );
+            prompts.insert(0, self.prompt_chunks(&params.negative_prompt, params)?);
             // Chunked prompts of different lengths: pad the shorter with empty chunks.
-            let chunks = rows.iter().map(Vec::len).max().unwrap_or(1);
-            let empty = self.tokenizer.encode("")?;
-            for r in &mut rows {
-                r.resize(chunks, empty.clone());
+            let chunks = prompts.iter().map(Vec::len).max().unwrap_or(1);
+            let empty = WeightedChunk {
+                ids: self.tokenizer.encode("")?,
+                weights: vec![1.0; self.tokenizer.max_length()],
+            };
+            for p in &mut prompts {
+                p.resize(chunks, empty.clone());
             }
         }
-        let mut embeds = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let e = self.text_encoder.encode(b, r, params.clip_skip)?;
-            let (k, l, d) = match b.shape(&e)[..] {
-                [k, l, d] => (k, l, d),
-                ref other => {
-                    return Err(Error::Shape {
-                        op: "encode_prompts",
-                        expected: "[chunks, L, D] text embeddings".into(),
-                        found: format!("{other:?}"),
-                    });
-                }
-            };
-            embeds.push(b.reshape(&e, &[1, k * l, d])?);
+        prompts
+            .iter()
+            .map(|chunks| self.encode_chunks(chunks, params))
+            .collect()
+    }
+
+    /// A prompt's 77-id chunks, each with a weight per id: AUTOMATIC1111's weighting with
+    /// [`Params::prompt_weighting`], else plain chunks (all weights 1) cut or continued as
+    /// [`Params::long_prompt`] says.
+    fn prompt_chunks(&self, prompt: &str, params: &Params) -> Result<Vec<WeightedChunk>> {
+        if params.prompt_weighting {
+            return self.tokenizer.encode_weighted(&parse_weighted(prompt));
         }
-        Ok(embeds)
+        let ones = vec![1.0; self.tokenizer.max_length()];
+        Ok(self
+            .tokenizer
+            .encode_long(prompt, params.long_prompt)?
+            .into_iter()
+            .map(|ids| WeightedChunk {
+                ids,
+                weights: ones.clone(),
+            })
+            .collect())
+    }
+
+    /// The text embeddings `[1, chunks * L, D]` of a prompt's chunks, weighted where a weight
+    /// is not 1.
+    fn encode_chunks(&self, chunks: &[WeightedChunk], params: &Params) -> Result<B::Tensor> {
+        let b = &self.backend;
+        let rows: Vec<Vec<u32>> = chunks.iter().map(|c| c.ids.clone()).collect();
+        let e = self.text_encoder.encode(b, &rows, params.clip_skip)?;
+        let (k, l, d) = match b.shape(&e)[..] {
+            [k, l, d] => (k, l, d),
+            ref other => {
+                return Err(Error::Shape {
+                    op: "encode_prompts",
+                    expected: "[chunks, L, D] text embeddings".into(),
+                    found: format!("{other:?}"),
+                });
+            }
+        };
+        let e = if chunks.iter().all(|c| c.weights.iter().all(|&w| w == 1.0)) {
+            e
+        } else {
+            let mut host = b.download(&e)?;
+            for (hidden, chunk) in host.chunks_exact_mut(l * d).zip(chunks) {
+                apply_weights(hidden, &chunk.weights);
+            }
+            b.upload(&host, &[k, l, d])?
+        };
+        b.reshape(&e, &[1, k * l, d])
+    }
+
+    /// A prompt's text embeddings `[1, chunks * 77, D]` as the UNet sees them, with the
+    /// weighting, chunking and CLIP skip of `params`.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] and the text encoder's errors.
+    pub fn encode_prompt(&self, prompt: &str, params: &Params) -> Result<B::Tensor> {
+        self.encode_chunks(&self.prompt_chunks(prompt, params)?, params)
     }
 
     /// The conditioning of a UNet call on `k` images: each prompt's embeddings repeated `k`
