@@ -344,6 +344,11 @@ pub struct Common {
     /// on a CPU without it.
     #[arg(long)]
     pub bf16: bool,
+    /// A folder of textual inversion embeddings (.safetensors, diffusers' or AUTOMATIC1111's
+    /// layout): each becomes usable in prompts by its token (diffusers' files) or its file
+    /// name (AUTOMATIC1111's). Pickles (.pt, .bin) are skipped with a warning.
+    #[arg(long)]
+    pub embeddings: Option<PathBuf>,
     /// The tokenizer folder (required for a single-file checkpoint).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -682,6 +687,38 @@ impl Common {
         let mut pipe = StableDiffusion::load(backend, &self.model, &options)?;
         for net in controls.map(|c| c.nets.as_slice()).unwrap_or_default() {
             pipe = pipe.load_controlnet(net, &options)?;
+        }
+        if let Some(dir) = &self.embeddings {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            files.sort();
+            for file in files {
+                let ext = file
+                    .extension()
+                    .map(|e| e.to_string_lossy().to_lowercase())
+                    .unwrap_or_default();
+                if ext == "safetensors" {
+                    match pipe.load_textual_inversion(&file, None) {
+                        Ok(tokens) => {
+                            eprintln!("embedding:     {} ({})", tokens[0], file.display());
+                        }
+                        // A name that is already a word: one file skipped, not the run.
+                        Err(e @ sd_models::Error::Tokenizer(_)) => {
+                            eprintln!("warning: skipping {}: {e}", file.display());
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                } else if ["pt", "bin", "ckpt", "pth"].contains(&ext.as_str()) {
+                    eprintln!(
+                        "warning: skipping {}: a pickle, never loaded here; convert it to \
+                         .safetensors",
+                        file.display()
+                    );
+                }
+            }
         }
         for key in pipe.unknown_keys() {
             eprintln!("warning: unknown config key {key}");

@@ -393,6 +393,43 @@ impl ClipTokenizer {
         Ok(self.row(&content[..kept]))
     }
 
+    /// Adds `tokens` to the vocabulary as new, normalized tokens (as transformers'
+    /// `add_tokens` does for textual inversion), returning their ids, which follow the
+    /// existing ones in order.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] for a token already in the vocabulary
+    /// (named), an empty token, or a failure of the `tokenizers` pipeline; nothing is added
+    /// then.
+    pub fn add_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>> {
+        let mut seen = std::collections::HashSet::new();
+        for t in tokens {
+            if t.trim().is_empty() {
+                return Err(Error::Tokenizer("an empty token cannot be added".into()));
+            }
+            if self.tokenizer.token_to_id(t).is_some() || !seen.insert(t) {
+                return Err(Error::Tokenizer(format!(
+                    "token {t:?} is already in the vocabulary (give the embedding another token)"
+                )));
+            }
+        }
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .map(|t| AddedToken::from(t.clone(), false))
+            .collect();
+        self.tokenizer
+            .add_tokens(added)
+            .map_err(|e| tokenizer_error("adding tokens", e))?;
+        tokens
+            .iter()
+            .map(|t| {
+                self.tokenizer
+                    .token_to_id(t)
+                    .ok_or_else(|| Error::Tokenizer(format!("token {t:?} was not added")))
+            })
+            .collect()
+    }
+
     /// The id of a vocabulary entry (`",</w>"`), if the vocabulary has it.
     pub(crate) fn token_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)

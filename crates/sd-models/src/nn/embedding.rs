@@ -83,6 +83,28 @@ impl Embedding {
         Ok(())
     }
 
+    /// Appends rows (`values` holds whole rows of `dim`, in f32), stored in the table's
+    /// dtype: new tokens' vectors (textual inversion).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if `values` is not a whole number of rows.
+    pub fn append_rows(&mut self, values: &[f32]) -> Result<()> {
+        if self.dim == 0 || !values.len().is_multiple_of(self.dim) {
+            return Err(Error::Shape {
+                op: "embedding rows",
+                expected: format!("rows of {}", self.dim),
+                found: format!("{} values", values.len()),
+            });
+        }
+        match &mut self.table {
+            HostData::F32(t) => t.extend_from_slice(values),
+            HostData::F16(t) => t.extend(values.iter().map(|&v| half::f16::from_f32(v))),
+            HostData::BF16(t) => t.extend(values.iter().map(|&v| half::bf16::from_f32(v))),
+        }
+        self.rows += values.len() / self.dim;
+        Ok(())
+    }
+
     /// The values of row `index` in the table.
     fn row(&self, index: u32) -> Result<std::ops::Range<usize>> {
         let i = index as usize;

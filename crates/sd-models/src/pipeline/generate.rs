@@ -604,6 +604,7 @@ impl<B: Backend> StableDiffusion<B> {
     /// [`Params::prompt_weighting`], else plain chunks (all weights 1) cut or continued as
     /// [`Params::long_prompt`] says.
     fn prompt_chunks(&self, prompt: &str, params: &Params) -> Result<Vec<WeightedChunk>> {
+        let prompt = &self.expand_embeddings(prompt);
         if params.prompt_weighting {
             return self.tokenizer.encode_weighted(&parse_weighted(prompt));
         }

@@ -62,7 +62,7 @@ pub use pixel::{PixelDiffusion, PixelParams, PixelSamples};
 use sd_schedulers::SchedulerConfig;
 
 use crate::backend::Backend;
-use crate::clip::{ClipTextModel, ClipTokenizer};
+use crate::clip::{ClipTextModel, ClipTokenizer, TextualInversion};
 use crate::controlnet::ControlNetModel;
 use crate::error::{Error, Result};
 use crate::unet::Unet2DConditionModel;
@@ -80,6 +80,7 @@ pub struct StableDiffusion<B: Backend> {
     scheduler: SchedulerConfig,
     controlnets: Vec<ControlNetModel<B>>,
     unknown_keys: Vec<String>,
+    embeddings: Vec<TextualInversion>,
 }
 
 impl<B: Backend> StableDiffusion<B> {
@@ -107,6 +108,7 @@ impl<B: Backend> StableDiffusion<B> {
             scheduler,
             controlnets: Vec::new(),
             unknown_keys: Vec::new(),
+            embeddings: Vec::new(),
         };
         pipe.check_parts()?;
         Ok(pipe)
@@ -227,6 +229,70 @@ impl<B: Backend> StableDiffusion<B> {
     /// strict loading refuses them.
     pub fn unknown_keys(&self) -> &[String] {
         &self.unknown_keys
+    }
+
+    /// Adds a textual inversion embedding ([`TextualInversion::open`]): its tokens to the
+    /// tokenizer and its vectors to the text encoder's embedding table, so that prompts can
+    /// name it (`a photo of <cat-toy>`). Returns the tokens added.
+    ///
+    /// # Errors
+    /// Those of [`TextualInversion::open`]; [`Error::Config`] for vectors of another width
+    /// than the text encoder's; [`Error::Tokenizer`] for a token already in the vocabulary.
+    /// Nothing is changed when it fails.
+    pub fn load_textual_inversion(
+        &mut self,
+        path: impl AsRef<std::path::Path>,
+        token: Option<&str>,
+    ) -> Result<Vec<String>> {
+        let path = path.as_ref();
+        let ti = TextualInversion::open(path, token)?;
+        let width = self.text_encoder.config().hidden_size;
+        if ti.dim != width {
+            return Err(Error::Config {
+                what: format!("{} (textual inversion)", path.display()),
+                message: format!(
+                    "its vectors are {} wide; this text encoder's are {width} (an embedding for \
+                     another model)",
+                    ti.dim
+                ),
+            });
+        }
+        let table = &self.text_encoder.embeddings.token_embedding;
+        let first = table.rows();
+        let tokens = ti.tokens();
+        // Checked on a copy, so that a failure leaves the tokenizer as it was.
+        let mut tokenizer = self.tokenizer.clone();
+        let ids = tokenizer.add_tokens(&tokens)?;
+        if ids
+            .iter()
+            .enumerate()
+            .any(|(i, &id)| id as usize != first + i)
+        {
+            return Err(Error::Tokenizer(format!(
+                "the tokenizer gave {tokens:?} the ids {ids:?}, not the text encoder's next rows \
+                 from {first} (a tokenizer and text encoder that do not belong together)"
+            )));
+        }
+        self.text_encoder
+            .embeddings
+            .token_embedding
+            .append_rows(&ti.vectors)?;
+        self.tokenizer = tokenizer;
+        self.embeddings.push(ti);
+        Ok(tokens)
+    }
+
+    /// The textual inversion embeddings loaded, in order.
+    pub fn embeddings(&self) -> &[TextualInversion] {
+        &self.embeddings
+    }
+
+    /// `prompt` with each multi-vector embedding's token standing for all of its tokens
+    /// ([`TextualInversion::expand`]), as the pipelines read prompts.
+    pub fn expand_embeddings(&self, prompt: &str) -> String {
+        self.embeddings
+            .iter()
+            .fold(prompt.to_owned(), |p, e| e.expand(&p))
     }
 
     /// The ControlNets, in the order of [`with_controlnet`](Self::with_controlnet).
