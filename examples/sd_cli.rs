@@ -14,6 +14,7 @@ use sd_cuda::{CudaBackend, CudaOptions};
 use sd_models::backend::DType;
 use sd_models::clip::LongPrompt;
 use sd_models::cpu::CpuPrecision;
+use sd_models::lora::Lora;
 use sd_models::pipeline::{
     Control, ControlImage, Generation, Image, Limits, LoadOptions, Margins, Mask, Outcome, Params,
     Progress, SamplerChoice, StableDiffusion,
@@ -344,6 +345,13 @@ pub struct Common {
     /// on a CPU without it.
     #[arg(long)]
     pub bf16: bool,
+    /// A LoRA to apply, as FILE or FILE:MULTIPLIER (kohya/AUTOMATIC1111 or diffusers/PEFT
+    /// .safetensors). Repeatable.
+    #[arg(long = "lora")]
+    pub loras: Vec<String>,
+    /// Where `<lora:NAME:MULTIPLIER>` tags in the prompt find NAME.safetensors.
+    #[arg(long)]
+    pub lora_dir: Option<PathBuf>,
     /// A folder of textual inversion embeddings (.safetensors, diffusers' or AUTOMATIC1111's
     /// layout): each becomes usable in prompts by its token (diffusers' files) or its file
     /// name (AUTOMATIC1111's). Pickles (.pt, .bin) are skipped with a warning.
@@ -548,12 +556,13 @@ impl Common {
     /// memory stays one batch's.
     fn run_on<B: Backend>(
         &self,
-        pipe: StableDiffusion<B>,
+        mut pipe: StableDiffusion<B>,
         work: &Work,
         controls: Option<&ControlArgs>,
         outputs: &[PathBuf],
     ) -> Result<(), Box<dyn Error>> {
         let mut params = self.params();
+        self.apply_loras(&mut pipe, &mut params)?;
         let tokenizer = pipe.tokenizer();
         let window = tokenizer.max_length() - 2;
         for (what, text) in [
@@ -651,6 +660,47 @@ impl Common {
             };
             bar.finish();
             finish(outcome, paths, self.overwrite)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the `--lora` files and the prompt's `<lora:NAME:MULTIPLIER>` tags (taken out
+    /// of the prompt, found in `--lora-dir`), reporting what matched.
+    fn apply_loras<B: Backend>(
+        &self,
+        pipe: &mut StableDiffusion<B>,
+        params: &mut Params,
+    ) -> Result<(), Box<dyn Error>> {
+        let (prompt, tags) = sd_models::clip::extract_loras(&params.prompt);
+        params.prompt = prompt;
+        let mut loras = Vec::new();
+        for spec in &self.loras {
+            // FILE:MULTIPLIER, where a last ":number" is the multiplier.
+            let (file, multiplier) = match spec.rsplit_once(':') {
+                Some((f, m)) if m.parse::<f64>().is_ok() => (f, m.parse::<f64>()?),
+                _ => (spec.as_str(), 1.0),
+            };
+            loras.push(Lora::open(file)?.with_multiplier(multiplier));
+        }
+        for (name, multiplier) in tags {
+            let dir = self.lora_dir.as_ref().ok_or_else(|| {
+                format!("the prompt asks for <lora:{name}>: give the folder with --lora-dir")
+            })?;
+            let file = dir.join(format!("{name}.safetensors"));
+            loras.push(Lora::open(&file)?.with_multiplier(multiplier));
+        }
+        if loras.is_empty() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let report = pipe.set_loras(&loras, false)?;
+        eprintln!(
+            "lora:          {} updates applied ({})",
+            report.matched,
+            secs(t0.elapsed())
+        );
+        for key in &report.unmatched {
+            eprintln!("warning: LoRA key matched no weight: {key}");
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ pub mod controlnet;
 pub mod cpu;
 pub mod error;
 pub mod files;
+pub mod lora;
 pub mod nn;
 pub mod pipeline;
 pub mod unet;

@@ -8,7 +8,7 @@ pub mod textual_inversion;
 pub mod tokenizer;
 
 pub use config::{ClipTextConfig, HiddenAct};
-pub use prompt::{PromptPart, WeightedChunk, apply_weights, parse_weighted};
+pub use prompt::{PromptPart, WeightedChunk, apply_weights, extract_loras, parse_weighted};
 pub use text_encoder::{ClipTextModel, ClipTextOutput};
 pub use textual_inversion::TextualInversion;
 pub use tokenizer::{ClipTokenizer, LongPrompt, PadToken};

@@ -230,6 +230,45 @@ pub fn parse_weighted(prompt: &str) -> Vec<PromptPart> {
     merged
 }
 
+/// AUTOMATIC1111's LoRA tags, `<lora:NAME>` or `<lora:NAME:MULTIPLIER>`, taken out of a
+/// prompt: the prompt without them, and each name with its multiplier (1 if not given). A
+/// tag whose multiplier is not a number stays in the prompt as text.
+///
+/// ```
+/// use sd_models::clip::prompt::extract_loras;
+///
+/// let (prompt, loras) = extract_loras("a castle <lora:watercolor:0.7>, dusk");
+/// assert_eq!(prompt, "a castle , dusk");
+/// assert_eq!(loras, [("watercolor".to_string(), 0.7)]);
+/// ```
+#[must_use]
+pub fn extract_loras(prompt: &str) -> (String, Vec<(String, f64)>) {
+    let mut text = String::with_capacity(prompt.len());
+    let mut loras = Vec::new();
+    let mut rest = prompt;
+    while let Some(start) = rest.find("<lora:") {
+        let Some(len) = rest[start..].find('>') else {
+            break;
+        };
+        let inner = &rest[start + "<lora:".len()..start + len];
+        let (name, multiplier) = match inner.rsplit_once(':') {
+            Some((name, m)) => (name, m.trim().parse::<f64>().ok()),
+            None => (inner, Some(1.0)),
+        };
+        let name = name.trim();
+        match multiplier {
+            Some(m) if !name.is_empty() && m.is_finite() => {
+                text.push_str(&rest[..start]);
+                loras.push((name.to_owned(), m));
+            }
+            _ => text.push_str(&rest[..=start + len]),
+        }
+        rest = &rest[start + len + 1..];
+    }
+    text.push_str(rest);
+    (text, loras)
+}
+
 /// One chunk of a weighted prompt: `max_length` ids (start, up to `max_length - 2` tokens,
 /// end, padding) and the weight of each.
 #[derive(Debug, Clone, PartialEq)]

@@ -19,6 +19,16 @@ use crate::vae::{AutoencoderKl, AutoencoderKlConfig};
 use crate::weights::compvis::{Component, SingleFileOptions, open_controlnet};
 use crate::weights::{LoadDType, Variant, WeightFile, WeightStore, find_weights};
 
+/// Where a pipeline's networks were loaded from, so that they can be loaded again with other
+/// LoRAs ([`StableDiffusion::set_loras`]).
+#[derive(Debug, Clone)]
+pub(crate) enum Origin {
+    /// A diffusers folder.
+    Folder(PathBuf, LoadOptions),
+    /// A single-file checkpoint.
+    SingleFile(PathBuf, LoadOptions),
+}
+
 /// How to load a pipeline.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadOptions {
@@ -49,13 +59,27 @@ pub struct LoadOptions {
 }
 
 impl LoadOptions {
-    fn variants(&self) -> Vec<Variant> {
+    pub(crate) fn variants(&self) -> Vec<Variant> {
         if self.fp16_variant {
             vec![Variant::Fp16, Variant::Default]
         } else {
             vec![Variant::Default]
         }
     }
+}
+
+/// A single file's inferred config of `component`, as JSON text.
+pub(crate) fn component_config(
+    file: &crate::weights::compvis::SingleFile,
+    path: &Path,
+    component: Component,
+) -> Result<String> {
+    file.config(component)
+        .map(|m| Value::Object(m.clone()).to_string())
+        .ok_or_else(|| Error::Config {
+            what: path.display().to_string(),
+            message: format!("the checkpoint has no {component}"),
+        })
 }
 
 /// [`WeightFile::check_finite`] on a weight file or on every shard of a sharded index.
@@ -174,6 +198,7 @@ impl<B: Backend> StableDiffusion<B> {
         }
         let mut pipe = Self::from_parts(backend, tokenizer, text_encoder, unet, vae, scheduler)?;
         pipe.unknown_keys = unknown;
+        pipe.origin = Some(Origin::Folder(dir.to_path_buf(), options.clone()));
         Ok(pipe)
     }
 
@@ -209,14 +234,7 @@ impl<B: Backend> StableDiffusion<B> {
             .strict(options.strict)
             .open(path)?;
         let what = |c: &str| format!("{}: {c} config", path.display());
-        let config_json = |component: Component| -> Result<String> {
-            file.config(component)
-                .map(|m| Value::Object(m.clone()).to_string())
-                .ok_or_else(|| Error::Config {
-                    what: path.display().to_string(),
-                    message: format!("the checkpoint has no {component}"),
-                })
-        };
+        let config_json = |component: Component| component_config(&file, path, component);
         let missing = |component: Component| Error::Config {
             what: path.display().to_string(),
             message: format!("the checkpoint has no {component}"),
@@ -241,7 +259,9 @@ impl<B: Backend> StableDiffusion<B> {
             &Value::Object(file.scheduler_config().clone()).to_string(),
             &what("scheduler"),
         )?;
-        Self::from_parts(backend, tokenizer, text_encoder, unet, vae, scheduler)
+        let mut pipe = Self::from_parts(backend, tokenizer, text_encoder, unet, vae, scheduler)?;
+        pipe.origin = Some(Origin::SingleFile(path.to_path_buf(), options.clone()));
+        Ok(pipe)
     }
 
     /// Loads `path`: a diffusers folder ([`from_dir`](Self::from_dir)) if it is a directory,

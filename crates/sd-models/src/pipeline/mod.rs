@@ -48,6 +48,7 @@ mod denoise;
 mod generate;
 pub mod image;
 mod load;
+mod lora;
 mod pixel;
 
 pub use denoise::{ActiveControl, Conditioning, ControlledUnet, NoisePredictor, StepPosition};
@@ -81,6 +82,7 @@ pub struct StableDiffusion<B: Backend> {
     controlnets: Vec<ControlNetModel<B>>,
     unknown_keys: Vec<String>,
     embeddings: Vec<TextualInversion>,
+    origin: Option<load::Origin>,
 }
 
 impl<B: Backend> StableDiffusion<B> {
@@ -109,6 +111,7 @@ impl<B: Backend> StableDiffusion<B> {
             controlnets: Vec::new(),
             unknown_keys: Vec::new(),
             embeddings: Vec::new(),
+            origin: None,
         };
         pipe.check_parts()?;
         Ok(pipe)
@@ -153,6 +156,8 @@ impl<B: Backend> StableDiffusion<B> {
     /// As [`StableDiffusion::from_parts`].
     pub fn with_unet(mut self, unet: Unet2DConditionModel<B>) -> Result<Self> {
         self.unet = unet;
+        // LoRAs reload the UNet from the pipeline's files, which no longer hold this one.
+        self.origin = None;
         self.check_parts()?;
         Ok(self)
     }

@@ -24,6 +24,7 @@ use crate::weights::tensor::{HostTensor, LoadDType};
 type RenameFn = dyn Fn(&str) -> Option<String> + Send + Sync;
 type ReshapeFn = dyn Fn(&str, &[usize]) -> Option<Vec<usize>> + Send + Sync;
 type DeriveFn = dyn Fn(&str, &[usize]) -> Option<Vec<(String, Derived)>> + Send + Sync;
+type PatchFn = dyn Fn(&str, HostTensor) -> Result<HostTensor> + Send + Sync;
 
 /// How to open a [`WeightStore`]: key renaming, derived views, reshaping, the default load
 /// dtype and strict mode.
@@ -43,6 +44,7 @@ pub struct OpenOptions {
     rename: Option<Arc<RenameFn>>,
     derive: Option<Arc<DeriveFn>>,
     reshape: Option<Arc<ReshapeFn>>,
+    patch: Option<Arc<PatchFn>>,
     dtype: LoadDType,
     strict: bool,
 }
@@ -53,6 +55,7 @@ impl fmt::Debug for OpenOptions {
             .field("rename", &self.rename.is_some())
             .field("derive", &self.derive.is_some())
             .field("reshape", &self.reshape.is_some())
+            .field("patch", &self.patch.is_some())
             .field("dtype", &self.dtype)
             .field("strict", &self.strict)
             .finish()
@@ -88,6 +91,18 @@ impl OpenOptions {
         map: std::collections::HashMap<String, String, S>,
     ) -> Self {
         self.rename(move |key| Some(map.get(key).cloned().unwrap_or_else(|| key.to_owned())))
+    }
+
+    /// Changes every tensor as it is loaded: `patch(store_key, tensor)` is what the network
+    /// gets (a LoRA's weights merged in, say, [`crate::lora::LoraPatches::patch`]), in
+    /// the tensor's dtype and shape. Replaces an earlier [`patch`](Self::patch).
+    #[must_use]
+    pub fn patch(
+        mut self,
+        patch: impl Fn(&str, HostTensor) -> Result<HostTensor> + Send + Sync + 'static,
+    ) -> Self {
+        self.patch = Some(Arc::new(patch));
+        self
     }
 
     /// Replaces some tensors by [`Derived`] views of them, once, at open time:
@@ -302,6 +317,7 @@ impl OpenOptions {
             entries,
             dtype: self.dtype,
             strict: self.strict,
+            patch: self.patch.clone(),
         })
     }
 }
@@ -364,6 +380,7 @@ pub struct WeightStore {
     entries: BTreeMap<String, Entry>,
     dtype: LoadDType,
     strict: bool,
+    patch: Option<Arc<PatchFn>>,
 }
 
 impl fmt::Debug for WeightStore {
@@ -542,15 +559,18 @@ impl WeightStore {
                 key: describe(key, &entry.file_key, entry.derived.as_ref()),
                 files: file.path().display().to_string(),
             })?;
-        file.load_stored(
+        let tensor = file.load_stored(
             stored,
             entry.derived.as_ref(),
             &entry.shape,
             &describe(key, &entry.file_key, entry.derived.as_ref()),
             expected,
             dtype,
-        )
-        .map(Some)
+        )?;
+        match &self.patch {
+            Some(patch) => patch(key, tensor).map(Some),
+            None => Ok(Some(tensor)),
+        }
     }
 
     /// Marks `key` as used without loading it (a buffer the network recomputes, such as
@@ -591,6 +611,14 @@ impl WeightStore {
             return Err(Error::UnusedWeights { keys: unused });
         }
         Ok(unused)
+    }
+
+    /// Changes every tensor as it is loaded from now on, as [`OpenOptions::patch`] does.
+    pub fn set_patch(
+        &mut self,
+        patch: impl Fn(&str, HostTensor) -> Result<HostTensor> + Send + Sync + 'static,
+    ) {
+        self.patch = Some(Arc::new(patch));
     }
 
     /// A [`Weights`] view at the root, in the store's dtype: what a network's loader starts

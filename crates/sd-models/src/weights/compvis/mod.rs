@@ -838,6 +838,16 @@ impl SingleFile {
         self.text_encoder.as_ref()
     }
 
+    /// A component's store to change, if the file has it (to patch its tensors with
+    /// [`WeightStore::set_patch`], say).
+    pub fn store_mut(&mut self, component: Component) -> Option<&mut WeightStore> {
+        match component {
+            Component::Unet => Some(&mut self.unet),
+            Component::Vae => self.vae.as_mut(),
+            Component::TextEncoder => self.text_encoder.as_mut(),
+        }
+    }
+
     /// A component's store, if the file has it.
     #[must_use]
     pub fn store(&self, component: Component) -> Option<&WeightStore> {
