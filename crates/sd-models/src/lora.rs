@@ -5,7 +5,7 @@
 //! | layout | keys | alpha |
 //! |---|---|---|
 //! | kohya / AUTOMATIC1111 | `lora_unet_<module path, dots as underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`; `lora_te_...` for the text encoder | the `.alpha` tensor, else the rank |
-//! | diffusers / PEFT | `unet.<module path>.lora_A.weight` (down), `.lora_B.weight` (up); `text_encoder.` | the rank (scale 1) unless the file says otherwise |
+//! | diffusers / PEFT | `unet.<module path>.lora_A.weight` (down), `.lora_B.weight` (up); `text_encoder.` | `lora_alpha` (or `alpha_pattern`) of the `lora_adapter_metadata` diffusers writes, else the rank |
 //!
 //! Linear layers take `down [r, in]`, `up [out, r]`; convolutions `down [r, in, kh, kw]`,
 //! `up [out, r, 1, 1]` (LoCon), the update `up @ down` reshaped to the kernel. A kohya path
@@ -46,6 +46,8 @@ pub struct LoraModule {
     pub up: Arc<HostTensor>,
     /// `alpha`, if the file gives one (else the rank: scale 1).
     pub alpha: Option<f64>,
+    /// Rank-stabilised LoRA (PEFT's `use_rslora`): the scale is `alpha / sqrt(rank)`.
+    pub rslora: bool,
 }
 
 impl LoraModule {
@@ -54,10 +56,15 @@ impl LoraModule {
         self.down.shape().first().copied().unwrap_or(0)
     }
 
-    /// `alpha / rank`.
+    /// `alpha / rank` (`alpha / sqrt(rank)` for rank-stabilised LoRA).
     pub fn scale(&self) -> f64 {
         let r = self.rank().max(1) as f64;
-        self.alpha.unwrap_or(r) / r
+        let alpha = self.alpha.unwrap_or(r);
+        if self.rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
     }
 }
 
@@ -171,8 +178,45 @@ impl Lora {
                 }
             }
         }
+        // PEFT files keep alpha in their metadata: `lora_adapter_metadata`, a JSON object with
+        // `<network>.lora_alpha`, `<network>.alpha_pattern` (module name -> alpha) and
+        // `<network>.use_rslora`.
+        let meta: Option<serde_json::Value> = file
+            .metadata()
+            .and_then(|m| m.get("lora_adapter_metadata"))
+            .and_then(|m| serde_json::from_str(m).ok());
+        let network = |target: LoraTarget| match target {
+            LoraTarget::Unet => "unet",
+            LoraTarget::TextEncoder => "text_encoder",
+        };
+        let rslora = |target: LoraTarget| {
+            meta.as_ref()
+                .and_then(|m| m.get(format!("{}.use_rslora", network(target))))
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false)
+        };
+        let peft_alpha = |target: LoraTarget, name: &str| -> Option<f64> {
+            let meta = meta.as_ref()?;
+            let network = network(target);
+            let pattern = meta.get(format!("{network}.alpha_pattern"))?.as_object();
+            pattern
+                .and_then(|p| {
+                    p.iter()
+                        .find(|(k, _)| name == k.as_str() || name.ends_with(&format!(".{k}")))
+                        .and_then(|(_, v)| v.as_f64())
+                })
+                .or_else(|| meta.get(format!("{network}.lora_alpha"))?.as_f64())
+                .filter(|a| a.is_finite())
+        };
         let mut modules = Vec::with_capacity(found.len());
         for ((target, name, kohya), (down, up, alpha)) in found {
+            let alpha = alpha.or_else(|| {
+                if kohya {
+                    None
+                } else {
+                    peft_alpha(target, &name)
+                }
+            });
             let (Some(down), Some(up)) = (down, up) else {
                 return Err(invalid(
                     path,
@@ -206,6 +250,7 @@ impl Lora {
                 down: Arc::new(down),
                 up: Arc::new(up),
                 alpha,
+                rslora: !kohya && rslora(target),
             });
         }
         if modules.is_empty() {
@@ -289,6 +334,17 @@ impl LoraPatches {
                 );
             }
             for m in lora.modules.iter().filter(|m| m.target == target) {
+                // Text encoder modules are looked up under `text_model.`, whichever way the
+                // file names them.
+                let name = match (patches.text_model, m.kohya) {
+                    (true, true) if !m.name.starts_with("text_model_") => {
+                        format!("text_model_{}", m.name)
+                    }
+                    (true, false) if !m.name.starts_with("text_model.") => {
+                        format!("text_model.{}", m.name)
+                    }
+                    _ => m.name.clone(),
+                };
                 let update = Arc::new(Update {
                     scale: (lora.multiplier * m.scale()) as f32,
                     down: m.down.clone(),
@@ -301,7 +357,7 @@ impl LoraPatches {
                 } else {
                     &mut patches.by_path
                 };
-                map.entry(m.name.clone()).or_default().push(update);
+                map.entry(name).or_default().push(update);
             }
         }
         Ok(patches)

@@ -249,3 +249,78 @@ fn bad_loras_are_typed_errors_that_change_nothing() {
     assert!(p.set_loras(&[lora], false).is_err());
     assert_eq!(outputs(&p), base);
 }
+
+/// diffusers' `load_lora_weights` + `fuse_lora` on the tiny pipeline (fixtures/lora, written
+/// by tools/fixtures/generate.py lora): the UNet's prediction and the text encoder's output
+/// after fusing, against ours after `set_loras` with the same multipliers.
+#[test]
+fn fused_loras_match_diffusers() {
+    use common::fixtures::{read_json, read_tensors};
+    use sd_models::backend::conformance::rel_l2;
+    let dir = root().join("lora");
+    let meta = read_json(&dir.join("cases.json"));
+    let expected = read_tensors(&dir.join("expected.safetensors"));
+    let mut p = pipe();
+    let b = *p.backend();
+    let input = |name: &str| {
+        let (shape, v) = &expected[name];
+        b.upload(v, shape).unwrap()
+    };
+    let ids: Vec<u32> = expected["inputs.ids"].1.iter().map(|&v| v as u32).collect();
+    let (sample, text) = (
+        input("inputs.sample"),
+        input("inputs.encoder_hidden_states"),
+    );
+    let t = meta["timestep"].as_f64().unwrap();
+    let run = |p: &StableDiffusion<CpuBackend>| {
+        let hidden = p
+            .text_encoder()
+            .encode(&b, std::slice::from_ref(&ids), 0)
+            .unwrap();
+        let y = p.unet().forward(&b, &sample, &[t], &text).unwrap();
+        (b.download(&hidden).unwrap(), b.download(&y).unwrap())
+    };
+    let (h, y) = run(&p);
+    assert!(rel_l2(&h, &expected["base.text_hidden"].1) < 1e-5);
+    assert!(rel_l2(&y, &expected["base.unet_out"].1) < 1e-5);
+    for case in ["peft", "kohya", "two"] {
+        let c = &meta["cases"][case];
+        let scale = c["fuse_lora"]["lora_scale"].as_f64().unwrap();
+        let weights = c["set_adapters"]["adapter_weights"].as_array();
+        let loras: Vec<Lora> = c["loads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let w = weights.map_or(1.0, |w| w[i].as_f64().unwrap());
+                Lora::open(dir.join(l["file"].as_str().unwrap()))
+                    .unwrap()
+                    .with_multiplier(w * scale)
+            })
+            .collect();
+        let report = p.set_loras(&loras, true).unwrap();
+        let (h, y) = run(&p);
+        let eh = rel_l2(&h, &expected[&format!("{case}.text_hidden")].1);
+        let ey = rel_l2(&y, &expected[&format!("{case}.unet_out")].1);
+        println!(
+            "{case}: {} updates; text {eh:.2e}, unet {ey:.2e}",
+            report.matched
+        );
+        assert!(eh < 1e-5 && ey < 1e-5, "{case}: text {eh:e}, unet {ey:e}");
+    }
+    // The PEFT file with transformers 4's `text_encoder.text_model.` paths fuses the same.
+    let old = Lora::open(dir.join("peft_unet_te_text_model.safetensors"))
+        .unwrap()
+        .with_multiplier(0.7);
+    assert_eq!(p.set_loras(&[old], true).unwrap().matched, 43);
+    let (h, y) = run(&p);
+    assert!(rel_l2(&h, &expected["peft.text_hidden"].1) < 1e-5);
+    assert!(rel_l2(&y, &expected["peft.unet_out"].1) < 1e-5);
+    // The files diffusers refuses are refused here too, leaving the pipeline as it was.
+    let before = run(&p);
+    let wrong = Lora::open(dir.join("wrong_shape.safetensors")).unwrap();
+    assert!(p.set_loras(&[wrong], false).is_err());
+    assert!(Lora::open(dir.join("rank_mismatch.safetensors")).is_err());
+    assert_eq!(run(&p), before);
+}
