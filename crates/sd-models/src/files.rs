@@ -93,6 +93,23 @@ pub(crate) fn read_regular_string(path: &Path) -> Result<String> {
     })
 }
 
+/// Whether `path` names a PyTorch pickle (`.pt`, `.bin`, `.ckpt`, `.pth`), which is never
+/// unpickled here (loading one can run code), with the message that says so.
+pub(crate) fn pickle_message(path: &Path) -> Option<String> {
+    let extension = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    ["pt", "bin", "ckpt", "pth"]
+        .contains(&extension.as_str())
+        .then(|| {
+            "a PyTorch pickle, which is never unpickled here (it can run code): convert it to \
+             .safetensors first (safetensors' convert script, or `torch.load` then \
+             `safetensors.torch.save_file` in a trusted Python)"
+                .to_owned()
+        })
+}
+
 static TEMP_COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Writes `path` atomically: `write` fills a temporary file in the same folder, which is

@@ -138,16 +138,8 @@ impl Lora {
     /// [`Error::SafeTensors`] for a file that cannot be read.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let extension = path
-            .extension()
-            .map(|e| e.to_string_lossy().to_lowercase())
-            .unwrap_or_default();
-        if ["pt", "bin", "ckpt", "pth"].contains(&extension.as_str()) {
-            return Err(invalid(
-                path,
-                "a PyTorch pickle, which is never unpickled here: convert it to .safetensors"
-                    .into(),
-            ));
+        if let Some(message) = crate::files::pickle_message(path) {
+            return Err(invalid(path, message));
         }
         let file = WeightFile::open(path)?;
         type Parts = (Option<HostTensor>, Option<HostTensor>, Option<f64>);

@@ -47,18 +47,8 @@ impl TextualInversion {
     /// not finite; [`Error::Io`] and [`Error::SafeTensors`] for a file that cannot be read.
     pub fn open(path: impl AsRef<Path>, token: Option<&str>) -> Result<Self> {
         let path = path.as_ref();
-        let extension = path
-            .extension()
-            .map(|e| e.to_string_lossy().to_lowercase())
-            .unwrap_or_default();
-        if ["pt", "bin", "ckpt", "pth"].contains(&extension.as_str()) {
-            return Err(invalid(
-                path,
-                "a PyTorch pickle, which is never unpickled here (it can run code): convert it \
-                 to .safetensors first (safetensors' convert script, or `torch.load` then \
-                 `safetensors.torch.save_file` in a trusted Python)"
-                    .into(),
-            ));
+        if let Some(message) = crate::files::pickle_message(path) {
+            return Err(invalid(path, message));
         }
         let file = WeightFile::open(path)?;
         let mut keys: Vec<&str> = file.keys().collect();
