@@ -636,9 +636,8 @@ impl Common {
             params.width = Some(size.0);
             params.height = Some(size.1);
         }
-        let latent_pixels = (size.0 / 8).max(1) * (size.1 / 8).max(1);
         let per_run = match self.batch_size {
-            0 => (8 * 64 * 64 / latent_pixels).max(1),
+            0 => pipe.images_per_call(size.0, size.1),
             b => b,
         };
         for (k, paths) in outputs.chunks(per_run).enumerate() {
@@ -761,12 +760,8 @@ impl Common {
                         }
                         Err(e) => return Err(e.into()),
                     }
-                } else if ["pt", "bin", "ckpt", "pth"].contains(&ext.as_str()) {
-                    eprintln!(
-                        "warning: skipping {}: a pickle, never loaded here; convert it to \
-                         .safetensors",
-                        file.display()
-                    );
+                } else if let Some(why) = sd_models::files::pickle_message(&file) {
+                    eprintln!("warning: skipping {}: {why}", file.display());
                 }
             }
         }

@@ -277,12 +277,9 @@ fn pipelines<B: Backend + Clone>(out: &mut Outputs<'_, B>, dtype: LoadDType) {
         let mut noise = case.noise();
         let (image, mask) = (case.image(), case.mask());
         let strength = case.strength();
-        let with_controlnets = controlled(&case);
-        let plain = if case.controlnet_dirs().is_empty() {
-            &pipe
-        } else {
-            &with_controlnets
-        };
+        // A pipeline of its own only for the cases with ControlNets.
+        let with_controlnets = (!case.controlnet_dirs().is_empty()).then(|| controlled(&case));
+        let plain = with_controlnets.as_ref().unwrap_or(&pipe);
         let (task, pipe) = match (&image, &mask) {
             (Some(image), Some(mask)) => (
                 Task::Inpaint {

@@ -95,7 +95,7 @@ pub(crate) fn read_regular_string(path: &Path) -> Result<String> {
 
 /// Whether `path` names a PyTorch pickle (`.pt`, `.bin`, `.ckpt`, `.pth`), which is never
 /// unpickled here (loading one can run code), with the message that says so.
-pub(crate) fn pickle_message(path: &Path) -> Option<String> {
+pub fn pickle_message(path: &Path) -> Option<String> {
     let extension = path
         .extension()
         .map(|e| e.to_string_lossy().to_lowercase())

@@ -391,6 +391,12 @@ fn rescale_noise_cfg(cfg: &mut [f32], text: &[f32], per_image: usize, rescale: f
     }
 }
 
+/// The images of `lh x lw` latents one network call takes when [`Params::max_batch`] is 0:
+/// as many as fit 8 images of 512x512 (64x64 latents; 2 at 1024x1024), at least one.
+pub(crate) fn images_per_call(lh: usize, lw: usize) -> usize {
+    (8 * 64 * 64 / lh.saturating_mul(lw).max(1)).max(1)
+}
+
 /// Whether every value is finite.
 pub(crate) fn all_finite(values: &[f32]) -> bool {
     values.iter().all(|v| v.is_finite())
@@ -497,10 +503,9 @@ impl<B: Backend> StableDiffusion<B> {
         shape: [usize; 4],
         tiling: bool,
     ) -> Result<(Vec<Image>, Vec<f32>)> {
-        // In batches of at most 8 images of 512x512, as a generation decodes.
+        // In batches, as a generation decodes.
         let [_, _, h, w] = shape;
-        let chunk = (8 * 64 * 64 / h.saturating_mul(w).max(1)).max(1);
-        self.decode_in(latents, shape, tiling, chunk)
+        self.decode_in(latents, shape, tiling, images_per_call(h, w))
     }
 
     /// [`decode_latents`](Self::decode_latents) in batches of `chunk` images.
@@ -686,7 +691,7 @@ impl<B: Backend> StableDiffusion<B> {
     /// within 8 images of 512x512 (64x64 latents; 2 at 1024x1024), at least one.
     fn batch_size(params: &Params, (lh, lw): (usize, usize)) -> usize {
         let chosen = match params.max_batch {
-            0 => (8 * 64 * 64) / (lh * lw).max(1),
+            0 => images_per_call(lh, lw),
             k => k,
         };
         chosen.clamp(1, params.num_images.max(1))

@@ -351,6 +351,13 @@ impl<B: Backend> StableDiffusion<B> {
         self.vae_scale_factor().max(1)
     }
 
+    /// How many images of `width x height` pixels one network call takes when
+    /// [`Params::max_batch`](generate::Params) is 0 (8 of 512x512, at least one).
+    pub fn images_per_call(&self, width: usize, height: usize) -> usize {
+        let f = self.vae_scale_factor().max(1);
+        generate::images_per_call(height / f, width / f)
+    }
+
     /// The default image size (width, height): the UNet's `sample_size` times
     /// [`vae_scale_factor`](Self::vae_scale_factor), as diffusers (512 for SD 1.5).
     pub fn default_size(&self) -> (usize, usize) {
