@@ -404,18 +404,9 @@ impl LoraPatches {
                     ),
                 });
             }
-            // w[o, i] += scale * sum_k up[o, k] down[k, i]
-            for (o, row) in w.chunks_exact_mut(fan_in.max(1)).enumerate() {
-                for k in 0..r {
-                    let a = u.scale * up[o * r + k];
-                    if a == 0.0 {
-                        continue;
-                    }
-                    for (x, &d) in row.iter_mut().zip(&down[k * fan_in..(k + 1) * fan_in]) {
-                        *x += a * d;
-                    }
-                }
-            }
+            // w[o, i] += sum_k (scale * up[o, k]) down[k, i], on the GEMM.
+            let scaled: Vec<f32> = up.iter().map(|&x| u.scale * x).collect();
+            crate::cpu::add_product(out, fan_in, r, &scaled, down, &mut w)?;
             u.used.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let data = match dtype {

@@ -143,3 +143,87 @@ impl MatmulOps for CpuBackend {
         CpuTensor::from_vec(&shape, out)
     }
 }
+
+/// `c [m, n] += a [m, k] @ b [k, n]`, all row-major f32, on the packed GEMM in f32 (whatever
+/// precision a backend multiplies in) with rayon's threads: the arithmetic of merging
+/// low-rank updates into weights.
+///
+/// # Errors
+/// [`Error::Shape`] if a slice is shorter than its shape says.
+pub(crate) fn add_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+) -> Result<()> {
+    if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+        return Err(Error::Shape {
+            op: "add_product",
+            expected: format!("a [{m}, {k}], b [{k}, {n}], c [{m}, {n}]"),
+            found: format!("{}, {} and {} values", a.len(), b.len(), c.len()),
+        });
+    }
+    if m * n * k == 0 {
+        return Ok(());
+    }
+    let product = Product {
+        m,
+        n,
+        k,
+        a: ASource::Strided(Strided {
+            data: &a[..m * k],
+            rs: k,
+            cs: 1,
+        }),
+        b: BSource::Strided(Strided {
+            data: &b[..k * n],
+            rs: n,
+            cs: 1,
+        }),
+        start: Start::Accumulate,
+        precision: super::CpuPrecision::F32,
+    };
+    // SAFETY: `c` holds `m x n` writable values (asserted), `a` and `b` the `[m, k]` and
+    // `[k, n]` matrices; `detect` returns a supported ISA and f32 needs nothing more.
+    unsafe {
+        run(
+            super::CpuIsa::detect(),
+            &[product],
+            &[c.as_mut_ptr()],
+            n,
+            threads(),
+        )
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::add_product;
+
+    #[test]
+    fn add_product_accumulates_onto_c() {
+        // Sizes that are no multiple of any tile, and a k past one packing block.
+        for (m, n, k) in [(1, 1, 1), (13, 37, 5), (70, 33, 300)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32).collect();
+            let mut c = c0.clone();
+            add_product(m, n, k, &a, &b, &mut c).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 =
+                        c0[i * n + j] + (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
+                    // Small integers: every sum is exact in f32.
+                    assert_eq!(c[i * n + j], want, "{m}x{n}x{k} at ({i}, {j})");
+                }
+            }
+        }
+        let mut short = vec![0.0; 3];
+        assert!(add_product(2, 2, 1, &[1.0; 2], &[1.0; 2], &mut short).is_err());
+    }
+}

@@ -50,6 +50,7 @@ mod packed;
 mod pool;
 mod resample;
 
+pub(crate) use matmul::add_product;
 use packed::Panels;
 pub use packed::{CpuIsa, CpuPrecision};
 
