@@ -5,7 +5,8 @@
 //! | layout | keys | alpha |
 //! |---|---|---|
 //! | kohya / AUTOMATIC1111 | `lora_unet_<module path, dots as underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`; `lora_te_...` for the text encoder | the `.alpha` tensor, else the rank |
-//! | diffusers / PEFT | `unet.<module path>.lora_A.weight` (down), `.lora_B.weight` (up); `text_encoder.` | `lora_alpha` (or `alpha_pattern`) of the `lora_adapter_metadata` diffusers writes, else the rank |
+//! | diffusers / PEFT | `unet.<module path>.lora_A.weight` (down), `.lora_B.weight` (up); `text_encoder.` | `lora_alpha` (or the `alpha_pattern` regular expressions, matched as PEFT does) of the `lora_adapter_metadata` diffusers writes, else the rank |
+//! | diffusers before PEFT | `unet.<path>.processor.to_q_lora.down.weight` (`to_out_lora` for `to_out.0`), `unet.<path>.lora.down.weight`, `text_encoder.<path>.lora_linear_layer.down.weight` (and `.up.`); attention-processor files without the `unet.` prefix | as for PEFT |
 //!
 //! Linear layers take `down [r, in]`, `up [out, r]`; convolutions `down [r, in, kh, kw]`,
 //! `up [out, r, 1, 1]` (LoCon), the update `up @ down` reshaped to the kernel. A kohya path
@@ -88,15 +89,12 @@ fn invalid(path: &Path, message: String) -> Error {
     }
 }
 
-/// `prefix.<module>.<suffix>` split into the target, the module and the part.
-fn split_key(key: &str) -> Option<(LoraTarget, &str, bool, &'static str)> {
+/// `prefix.<module>.<suffix>` split into the target, the module (as the network names it;
+/// a kohya path for kohya keys), whether it is a kohya key, and the part.
+fn split_key(key: &str) -> Option<(LoraTarget, String, bool, &'static str)> {
     const KOHYA: [(&str, LoraTarget); 2] = [
         ("lora_unet_", LoraTarget::Unet),
         ("lora_te_", LoraTarget::TextEncoder),
-    ];
-    const PEFT: [(&str, LoraTarget); 2] = [
-        ("unet.", LoraTarget::Unet),
-        ("text_encoder.", LoraTarget::TextEncoder),
     ];
     for (prefix, target) in KOHYA {
         if let Some(rest) = key.strip_prefix(prefix) {
@@ -106,25 +104,74 @@ fn split_key(key: &str) -> Option<(LoraTarget, &str, bool, &'static str)> {
                 (".alpha", "alpha"),
             ] {
                 if let Some(module) = rest.strip_suffix(suffix) {
-                    return Some((target, module, true, part));
+                    return Some((target, module.to_owned(), true, part));
                 }
             }
         }
     }
-    for (prefix, target) in PEFT {
-        if let Some(rest) = key.strip_prefix(prefix) {
-            for (suffix, part) in [
-                (".lora_A.weight", "down"),
-                (".lora_B.weight", "up"),
-                (".alpha", "alpha"),
-            ] {
-                if let Some(module) = rest.strip_suffix(suffix) {
-                    return Some((target, module, false, part));
-                }
-            }
+    // diffusers: PEFT's `lora_A`/`lora_B`, and the names diffusers wrote before PEFT
+    // (attention processors' `to_q_lora.down`, `lora.down` of other layers,
+    // `lora_linear_layer.down` in the text encoder), which its loader still reads. Files of
+    // UNet attention processors alone name no network.
+    let (target, rest) = if let Some(rest) = key.strip_prefix("unet.") {
+        (LoraTarget::Unet, rest)
+    } else if let Some(rest) = key.strip_prefix("text_encoder.") {
+        (LoraTarget::TextEncoder, rest)
+    } else if ["down_blocks.", "mid_block.", "up_blocks."]
+        .iter()
+        .any(|p| key.starts_with(p))
+        && key.contains(".processor.")
+    {
+        (LoraTarget::Unet, key)
+    } else {
+        return None;
+    };
+    for (suffix, part) in [
+        (".lora_A.weight", "down"),
+        (".lora_B.weight", "up"),
+        (".lora.down.weight", "down"),
+        (".lora.up.weight", "up"),
+        (".lora_linear_layer.down.weight", "down"),
+        (".lora_linear_layer.up.weight", "up"),
+        ("_lora.down.weight", "down"),
+        ("_lora.up.weight", "up"),
+        (".alpha", "alpha"),
+    ] {
+        let Some(module) = rest.strip_suffix(suffix) else {
+            continue;
+        };
+        let module = module.replace(".processor.", ".");
+        if !suffix.starts_with("_lora") {
+            return Some((target, module, false, part));
         }
+        // `to_q_lora` and its kin: the projections of an attention processor.
+        let (parent, projection) = module.rsplit_once('.')?;
+        let projection = match (target, projection) {
+            (LoraTarget::Unet, "to_q" | "to_k" | "to_v") => projection,
+            (LoraTarget::Unet, "to_out") => "to_out.0",
+            (LoraTarget::TextEncoder, "to_q") => "q_proj",
+            (LoraTarget::TextEncoder, "to_k") => "k_proj",
+            (LoraTarget::TextEncoder, "to_v") => "v_proj",
+            (LoraTarget::TextEncoder, "to_out") => "out_proj",
+            _ => return None,
+        };
+        return Some((target, format!("{parent}.{projection}"), false, part));
     }
     None
+}
+
+/// The alpha of `module` in PEFT's `alpha_pattern`: that of the first pattern `k` for which
+/// `(.*\.)?(k)$` matches the whole module name, as PEFT looks it up.
+fn pattern_alpha(
+    pattern: &serde_json::Map<String, serde_json::Value>,
+    module: &str,
+) -> Option<f64> {
+    pattern
+        .iter()
+        .find(|(k, _)| {
+            regex::Regex::new(&format!(r"^(?:.*\.)?(?:{k})$")).is_ok_and(|re| re.is_match(module))
+        })
+        .and_then(|(_, v)| v.as_f64())
 }
 
 impl Lora {
@@ -155,7 +202,7 @@ impl Lora {
             let shape = file.info(key).map(|i| i.shape.to_vec()).unwrap_or_default();
             let tensor = file.load(key, &shape, LoadDType::F32)?;
             let entry = found
-                .entry((target, module.to_owned(), kohya))
+                .entry((target, module, kohya))
                 .or_insert((None, None, None));
             match part {
                 "down" => entry.0 = Some(tensor),
@@ -192,11 +239,7 @@ impl Lora {
             let network = network(target);
             let pattern = meta.get(format!("{network}.alpha_pattern"))?.as_object();
             pattern
-                .and_then(|p| {
-                    p.iter()
-                        .find(|(k, _)| name == k.as_str() || name.ends_with(&format!(".{k}")))
-                        .and_then(|(_, v)| v.as_f64())
-                })
+                .and_then(|p| pattern_alpha(p, name))
                 .or_else(|| meta.get(format!("{network}.lora_alpha"))?.as_f64())
                 .filter(|a| a.is_finite())
         };
@@ -440,5 +483,111 @@ impl LoraPatches {
         report.unmatched.extend(self.unknown.iter().cloned());
         report.unmatched.sort();
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LoraTarget, pattern_alpha, split_key};
+
+    #[test]
+    fn alpha_patterns_match_as_peft_does() {
+        let pattern: serde_json::Value = serde_json::json!({
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 1.0,
+            "mid_block.*to_k": 3.0,
+            "to_v": 5.0,
+        });
+        let pattern = pattern.as_object().unwrap_or_else(|| unreachable!());
+        let cases = [
+            (
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                Some(1.0),
+            ),
+            // A suffix after a dot, never inside a name.
+            (
+                "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v",
+                Some(5.0),
+            ),
+            (
+                "up_blocks.1.attentions.0.transformer_blocks.0.attn2.xto_v",
+                None,
+            ),
+            // A regular expression.
+            (
+                "mid_block.attentions.0.transformer_blocks.0.attn1.to_k",
+                Some(3.0),
+            ),
+            (
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k",
+                None,
+            ),
+        ];
+        for (module, want) in cases {
+            assert_eq!(pattern_alpha(pattern, module), want, "{module}");
+        }
+    }
+
+    #[test]
+    fn keys_of_every_layout_name_the_network_module() {
+        let unet = LoraTarget::Unet;
+        let te = LoraTarget::TextEncoder;
+        let cases = [
+            (
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+                Some((unet, "down_blocks_0_attentions_0_proj_in", true, "down")),
+            ),
+            (
+                "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha",
+                Some((te, "text_model_encoder_layers_0_mlp_fc1", true, "alpha")),
+            ),
+            (
+                "unet.mid_block.attentions.0.proj_out.lora_B.weight",
+                Some((unet, "mid_block.attentions.0.proj_out", false, "up")),
+            ),
+            (
+                "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight",
+                Some((
+                    unet,
+                    "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+                    false,
+                    "up",
+                )),
+            ),
+            // An attention-processor file names no network.
+            (
+                "down_blocks.0.attentions.1.transformer_blocks.0.attn2.processor.to_k_lora.down.weight",
+                Some((
+                    unet,
+                    "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k",
+                    false,
+                    "down",
+                )),
+            ),
+            (
+                "unet.down_blocks.1.resnets.0.conv1.lora.down.weight",
+                Some((unet, "down_blocks.1.resnets.0.conv1", false, "down")),
+            ),
+            (
+                "text_encoder.text_model.encoder.layers.1.self_attn.to_out_lora.down.weight",
+                Some((
+                    te,
+                    "text_model.encoder.layers.1.self_attn.out_proj",
+                    false,
+                    "down",
+                )),
+            ),
+            (
+                "text_encoder.encoder.layers.0.mlp.fc2.lora_linear_layer.up.weight",
+                Some((te, "encoder.layers.0.mlp.fc2", false, "up")),
+            ),
+            ("unet.conv_in.weight", None),
+            ("down_blocks.0.resnets.0.conv1.weight", None),
+            ("unet.x.processor.to_z_lora.down.weight", None),
+        ];
+        for (key, want) in cases {
+            let got = split_key(key);
+            let got = got.as_ref().map(|(t, m, k, p)| (*t, m.as_str(), *k, *p));
+            assert_eq!(got, want, "{key}");
+        }
     }
 }

@@ -317,6 +317,25 @@ fn fused_loras_match_diffusers() {
     let (h, y) = run(&p);
     assert!(rel_l2(&h, &expected["peft.text_hidden"].1) < 1e-5);
     assert!(rel_l2(&y, &expected["peft.unet_out"].1) < 1e-5);
+    // So does the same file under the names diffusers wrote before PEFT (attention
+    // processors' `to_q_lora`, `lora.down`, `lora_linear_layer`), which diffusers fuses to the
+    // same weights (checked by the fixture script).
+    assert_eq!(meta["diffusers_old"]["same_fused_weights_as"], "peft");
+    let old = Lora::open(dir.join("diffusers_old.safetensors"))
+        .unwrap()
+        .with_multiplier(0.7);
+    let peft = Lora::open(dir.join("peft_unet_te.safetensors")).unwrap();
+    let names = |l: &Lora| -> Vec<(String, Option<f64>)> {
+        l.modules
+            .iter()
+            .map(|m| (m.name.clone(), m.alpha))
+            .collect()
+    };
+    assert_eq!(names(&old), names(&peft));
+    assert_eq!(p.set_loras(&[old], true).unwrap().matched, 43);
+    let (h, y) = run(&p);
+    assert!(rel_l2(&h, &expected["peft.text_hidden"].1) < 1e-5);
+    assert!(rel_l2(&y, &expected["peft.unet_out"].1) < 1e-5);
     // The files diffusers refuses are refused here too, leaving the pipeline as it was.
     let before = run(&p);
     let wrong = Lora::open(dir.join("wrong_shape.safetensors")).unwrap();
