@@ -74,9 +74,9 @@ pub struct ControlNetConfig {
     pub use_linear_projection: bool,
     /// The class embedding, if any.
     pub class_embed_type: Option<ClassEmbedType>,
-    /// Unsupported (must be `null`; SDXL's `"text_time"`).
+    /// `null`, or SDXL's `"text_time"` (as the UNet's).
     pub addition_embed_type: Option<String>,
-    /// Unsupported with `addition_embed_type` (informational otherwise).
+    /// Width of each micro-conditioning id's embedding with `"text_time"`.
     pub addition_time_embed_dim: Option<usize>,
     /// Size of the class table (with no `class_embed_type`).
     pub num_class_embeds: Option<usize>,

@@ -134,6 +134,11 @@ pub struct ControlInput<'a, T> {
     pub scale: ControlScale,
     /// Class labels, for a class-conditional ControlNet.
     pub class_labels: Option<ClassLabels<'a, T>>,
+    /// SDXL's pooled text embeddings `[N, D]`, for an SDXL ControlNet.
+    pub text_embeds: Option<&'a T>,
+    /// SDXL's micro-conditioning ids, `K` per entry (see
+    /// [`UnetConditioning::time_ids`]).
+    pub time_ids: Option<&'a [f64]>,
 }
 
 impl<'a, T> ControlInput<'a, T> {
@@ -143,6 +148,8 @@ impl<'a, T> ControlInput<'a, T> {
             hint,
             scale,
             class_labels: None,
+            text_embeds: None,
+            time_ids: None,
         }
     }
 }
@@ -364,6 +371,8 @@ impl<B: Backend> ControlNetModel<B> {
         }
         let extra = UnetConditioning {
             class_labels: control.class_labels,
+            text_embeds: control.text_embeds,
+            time_ids: control.time_ids,
             ..UnetConditioning::default()
         };
         let emb = enc.embed(backend, n, timesteps, &extra, OP)?;

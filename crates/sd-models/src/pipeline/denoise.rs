@@ -26,7 +26,7 @@ use crate::pipeline::load::scheduler_error;
 use crate::unet::{Unet2DConditionModel, UnetConditioning};
 
 /// What the prompt (and the task) give the noise predictor at every step. New models add
-/// fields here (SDXL's pooled text embeddings and size ids), not new loops.
+/// fields here (as SDXL's pooled text embeddings and size ids), not new loops.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Conditioning<T> {
@@ -39,6 +39,21 @@ pub struct Conditioning<T> {
     /// Whether the batch is the unconditional half followed by the conditional half
     /// (classifier-free guidance).
     pub guided: bool,
+    /// SDXL's pooled text embeddings and micro-conditioning ids, for UNets with
+    /// `addition_embed_type: "text_time"`.
+    pub added: Option<AddedConditioning<T>>,
+}
+
+/// SDXL's added conditioning for each entry of the batch (in the order of
+/// [`Conditioning::context`]).
+#[derive(Debug, Clone)]
+pub struct AddedConditioning<T> {
+    /// The pooled text embeddings `[B, D]` (the second text encoder's projection).
+    pub text_embeds: T,
+    /// The micro-conditioning ids, `K` per entry (`K = 6`: original size, crop top-left and
+    /// target size, each as (height, width); 5 for the refiner, with an aesthetic score in
+    /// place of the target size).
+    pub time_ids: Vec<f64>,
 }
 
 impl<T> Conditioning<T> {
@@ -48,7 +63,15 @@ impl<T> Conditioning<T> {
             context,
             concat: None,
             guided,
+            added: None,
         }
+    }
+
+    /// With SDXL's added conditioning.
+    #[must_use]
+    pub fn with_added(mut self, added: AddedConditioning<T>) -> Self {
+        self.added = Some(added);
+        self
     }
 
     /// With channels joined to the latents before the UNet (an inpainting UNet's).
@@ -105,7 +128,20 @@ impl<B: Backend> NoisePredictor<B> for Unet2DConditionModel<B> {
         _step: StepPosition,
     ) -> Result<B::Tensor> {
         let x = unet_input(backend, latents, cond)?;
-        self.forward(backend, &x, &[timestep], &cond.context)
+        let extra = added_inputs(cond);
+        self.forward_with(backend, &x, &[timestep], &cond.context, &extra)
+    }
+}
+
+/// The UNet inputs of `cond`'s added conditioning (none for SD 1.x/2.x).
+fn added_inputs<B: Backend>(cond: &Conditioning<B::Tensor>) -> UnetConditioning<'_, B> {
+    match &cond.added {
+        Some(a) => UnetConditioning {
+            text_embeds: Some(&a.text_embeds),
+            time_ids: Some(&a.time_ids),
+            ..UnetConditioning::default()
+        },
+        None => UnetConditioning::default(),
     }
 }
 
@@ -160,7 +196,7 @@ impl<B: Backend> ControlledUnet<'_, B> {
         step: StepPosition,
     ) -> Result<Option<ControlNetOutput<B::Tensor>>> {
         let half = self.guess_mode && cond.guided;
-        let (x, context) = if half {
+        let (x, context, added) = if half {
             let b = backend.shape(latents).first().copied().unwrap_or(0);
             if b == 0 || b % 2 != 0 {
                 return Err(Error::Shape {
@@ -169,12 +205,20 @@ impl<B: Backend> ControlledUnet<'_, B> {
                     found: format!("{:?}", backend.shape(latents)),
                 });
             }
+            let added = match &cond.added {
+                Some(a) => Some(AddedConditioning {
+                    text_embeds: backend.slice(&a.text_embeds, 0, b / 2, b / 2)?,
+                    time_ids: a.time_ids[a.time_ids.len() / 2..].to_vec(),
+                }),
+                None => None,
+            };
             (
                 backend.slice(latents, 0, b / 2, b / 2)?,
                 backend.slice(&cond.context, 0, b / 2, b / 2)?,
+                added,
             )
         } else {
-            (latents.clone(), cond.context.clone())
+            (latents.clone(), cond.context.clone(), cond.added.clone())
         };
         let mut sum: Option<ControlNetOutput<B::Tensor>> = None;
         for control in self.controls.iter().filter(|c| c.acts_at(step)) {
@@ -182,7 +226,11 @@ impl<B: Backend> ControlledUnet<'_, B> {
                 scale: control.scale,
                 guess_mode: self.guess_mode,
             };
-            let input = ControlInput::new(&control.hint, scale);
+            let mut input = ControlInput::new(&control.hint, scale);
+            if let Some(a) = &added {
+                input.text_embeds = Some(&a.text_embeds);
+                input.time_ids = Some(&a.time_ids);
+            }
             let out = control
                 .model
                 .forward(backend, &x, &[timestep], &context, &input)?;
@@ -230,14 +278,11 @@ impl<B: Backend> NoisePredictor<B> for ControlledUnet<'_, B> {
     ) -> Result<B::Tensor> {
         let residuals = self.residuals(backend, latents, timestep, cond, step)?;
         let x = unet_input(backend, latents, cond)?;
-        let extra = match &residuals {
-            Some(r) => UnetConditioning {
-                down_residuals: Some(&r.down),
-                mid_residual: Some(&r.mid),
-                ..UnetConditioning::default()
-            },
-            None => UnetConditioning::default(),
-        };
+        let mut extra = added_inputs(cond);
+        if let Some(r) = &residuals {
+            extra.down_residuals = Some(&r.down);
+            extra.mid_residual = Some(&r.mid);
+        }
         self.unet
             .forward_with(backend, &x, &[timestep], &cond.context, &extra)
     }

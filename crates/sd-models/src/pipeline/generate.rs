@@ -12,12 +12,12 @@ use rand::SeedableRng;
 use sd_schedulers::{NoiseSource, Plan, RngNoise, Sampler, SchedulerConfig, registry};
 
 use crate::backend::Backend;
-use crate::clip::{LongPrompt, WeightedChunk, apply_weights, parse_weighted};
+use crate::clip::{ClipTokenizer, LongPrompt, WeightedChunk, apply_weights, parse_weighted};
 use crate::error::{Error, Result};
 use crate::pipeline::StableDiffusion;
 use crate::pipeline::denoise::{
-    ActiveControl, Conditioning, ControlledUnet, LoopEnd, NoisePredictor, Run, StepPosition,
-    denoise,
+    ActiveControl, AddedConditioning, Conditioning, ControlledUnet, LoopEnd, NoisePredictor, Run,
+    StepPosition, denoise,
 };
 use crate::pipeline::image::{Image, Margins, Mask, outpaint_canvas};
 use crate::pipeline::load::scheduler_error;
@@ -63,7 +63,9 @@ pub struct Params {
     pub height: Option<usize>,
     /// Images per prompt.
     pub num_images: usize,
-    /// CLIP layers to skip from the end (diffusers' `clip_skip`; 0 uses the last layer).
+    /// CLIP layers to skip from the end (diffusers' `clip_skip`; 0 uses the last layer, SDXL
+    /// the one before it). As in diffusers, it applies to the prompt, not to the negative
+    /// prompt.
     pub clip_skip: usize,
     /// What to do with prompts longer than the tokenizer's 75 tokens: truncate (diffusers) or
     /// encode in chunks of 75 tokens, concatenated along the sequence.
@@ -93,6 +95,96 @@ pub struct Params {
     /// batch, with their residuals growing from 0.1x at the first skip connection to 1x at
     /// the mid block, so that they can steer the picture without a prompt.
     pub guess_mode: bool,
+    /// SDXL's second prompts and micro-conditioning (ignored by SD 1.x/2.x models).
+    pub sdxl: SdxlParams,
+}
+
+/// SDXL's extra inputs, with diffusers' defaults. Sizes are `(height, width)` in pixels, as
+/// diffusers' tuples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SdxlParams {
+    /// The second text encoder's prompt (`prompt_2`); `None` or empty: the prompt.
+    pub prompt_2: Option<String>,
+    /// The second text encoder's negative prompt (`negative_prompt_2`); `None` or empty: the
+    /// negative prompt.
+    pub negative_prompt_2: Option<String>,
+    /// The size the model is told the training image had (`original_size`); `None`: the
+    /// output size.
+    pub original_size: Option<(usize, usize)>,
+    /// The crop's top-left corner the model is told of (`crops_coords_top_left`, (0, 0)
+    /// for a well-framed picture).
+    pub crops_coords_top_left: (usize, usize),
+    /// The size the model is told to aim at (`target_size`); `None`: the output size.
+    pub target_size: Option<(usize, usize)>,
+    /// `negative_original_size`: with [`negative_target_size`](Self::negative_target_size),
+    /// the negative half's own ids (else it takes the prompt's, as diffusers).
+    pub negative_original_size: Option<(usize, usize)>,
+    /// `negative_crops_coords_top_left`.
+    pub negative_crops_coords_top_left: (usize, usize),
+    /// `negative_target_size`.
+    pub negative_target_size: Option<(usize, usize)>,
+    /// The refiner's `aesthetic_score` (6).
+    pub aesthetic_score: f64,
+    /// The refiner's `negative_aesthetic_score` (2.5).
+    pub negative_aesthetic_score: f64,
+}
+
+impl Default for SdxlParams {
+    fn default() -> Self {
+        SdxlParams {
+            prompt_2: None,
+            negative_prompt_2: None,
+            original_size: None,
+            crops_coords_top_left: (0, 0),
+            target_size: None,
+            negative_original_size: None,
+            negative_crops_coords_top_left: (0, 0),
+            negative_target_size: None,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+        }
+    }
+}
+
+/// SDXL's micro-conditioning ids of a generation, by row of the guided batch.
+struct TimeIds {
+    negative: Vec<f64>,
+    positive: Vec<f64>,
+    /// Images.
+    n: usize,
+    /// Rows alternate negative and positive ids, as diffusers' text-to-image pipelines
+    /// build them (`cat([negative, positive]).repeat(n, 1)`), rather than following the
+    /// batch's halves (`[uncond x n, cond x n]`); the two differ only for several images with
+    /// negative sizes of their own.
+    interleaved: bool,
+}
+
+impl TimeIds {
+    /// The ids of row `row` of the batch (`[uncond x n, cond x n]` with guidance).
+    fn row(&self, guided: bool, row: usize) -> &[f64] {
+        let negative = if !guided {
+            false
+        } else if self.interleaved {
+            row.is_multiple_of(2)
+        } else {
+            row < self.n
+        };
+        if negative {
+            &self.negative
+        } else {
+            &self.positive
+        }
+    }
+}
+
+/// A prompt's embeddings: the UNet's context and, for SDXL, the pooled embedding.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeds<T> {
+    /// `[1, L, D]`: the text embeddings the UNet attends to.
+    pub context: T,
+    /// `[1, P]`: SDXL's pooled embedding (the second text encoder's projection of the end
+    /// token of the first chunk); `None` for SD 1.x/2.x.
+    pub pooled: Option<T>,
 }
 
 /// Bounds on what one generation may ask for, checked before any work is done or memory
@@ -231,6 +323,7 @@ impl Default for Params {
             keep_non_finite: false,
             controls: Vec::new(),
             guess_mode: false,
+            sdxl: SdxlParams::default(),
         }
     }
 }
@@ -583,39 +676,123 @@ impl<B: Backend> StableDiffusion<B> {
         .map_err(|e| scheduler_error("sampler", e))
     }
 
-    /// The text embeddings of the prompts, `[1, L, D]` each: the negative prompt's first with
-    /// guidance, then the prompt's.
-    fn encode_prompts(&self, params: &Params, guidance: bool) -> Result<Vec<B::Tensor>> {
-        let mut prompts = vec![self.prompt_chunks(&params.prompt, params)?];
-        if guidance {
-            prompts.insert(0, self.prompt_chunks(&params.negative_prompt, params)?);
+    /// The embeddings of the prompts: the negative prompt's first with guidance, then the
+    /// prompt's. SDXL's empty negative prompts give zeros with
+    /// [`force_zeros_for_empty_prompt`](Self::force_zeros_for_empty_prompt), as diffusers.
+    fn encode_prompts(
+        &self,
+        params: &Params,
+        guidance: bool,
+    ) -> Result<Vec<PromptEmbeds<B::Tensor>>> {
+        let xl = &params.sdxl;
+        let positive = (params.prompt.as_str(), xl.prompt_2.as_deref());
+        let negative = (
+            params.negative_prompt.as_str(),
+            xl.negative_prompt_2.as_deref(),
+        );
+        let zero_negative = self.second.is_some()
+            && self.xl.force_zeros_for_empty_prompt
+            && negative.0.is_empty()
+            && negative.1.is_none_or(str::is_empty);
+        let mut pairs = vec![positive];
+        if guidance && !zero_negative {
+            pairs.insert(0, negative);
+        }
+        let mut chunked = pairs
+            .iter()
+            .map(|&(p, p2)| self.prompt_chunk_pair(p, p2, params))
+            .collect::<Result<Vec<_>>>()?;
+        if chunked.len() > 1 {
             // Chunked prompts of different lengths: pad the shorter with empty chunks.
-            let chunks = prompts.iter().map(Vec::len).max().unwrap_or(1);
-            let empty = WeightedChunk {
-                ids: self.tokenizer.encode("")?,
-                weights: vec![1.0; self.tokenizer.max_length()],
+            let chunks = chunked.iter().map(|c| c.0.len()).max().unwrap_or(1);
+            let empty = |t: &ClipTokenizer| -> Result<WeightedChunk> {
+                Ok(WeightedChunk {
+                    ids: t.encode("")?,
+                    weights: vec![1.0; t.max_length()],
+                })
             };
-            for p in &mut prompts {
-                p.resize(chunks, empty.clone());
+            let empty_1 = empty(&self.tokenizer)?;
+            let empty_2 = match &self.second {
+                Some((t, _)) => Some(empty(t)?),
+                None => None,
+            };
+            for (c1, c2) in &mut chunked {
+                c1.resize(chunks, empty_1.clone());
+                if let (Some(c2), Some(e)) = (c2.as_mut(), &empty_2) {
+                    c2.resize(chunks, e.clone());
+                }
             }
         }
-        prompts
+        // As diffusers, the negative prompt is encoded without `clip_skip`.
+        let last = chunked.len() - 1;
+        let mut embeds = chunked
             .iter()
-            .map(|chunks| self.encode_chunks(chunks, params))
-            .collect()
+            .enumerate()
+            .map(|(i, (c1, c2))| {
+                let skip = if i == last { params.clip_skip } else { 0 };
+                self.encode_chunks(c1, c2.as_deref(), skip)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if guidance && zero_negative {
+            let b = &self.backend;
+            let zeros = |t: &B::Tensor| -> Result<B::Tensor> {
+                let shape = b.shape(t).to_vec();
+                b.upload(&vec![0.0; shape.iter().product()], &shape)
+            };
+            let p = &embeds[0];
+            let zero = PromptEmbeds {
+                context: zeros(&p.context)?,
+                pooled: p.pooled.as_ref().map(zeros).transpose()?,
+            };
+            embeds.insert(0, zero);
+        }
+        Ok(embeds)
     }
 
-    /// A prompt's 77-id chunks, each with a weight per id: AUTOMATIC1111's weighting with
-    /// [`Params::prompt_weighting`], else plain chunks (all weights 1) cut or continued as
-    /// [`Params::long_prompt`] says.
-    fn prompt_chunks(&self, prompt: &str, params: &Params) -> Result<Vec<WeightedChunk>> {
+    /// The chunks of a prompt for the first tokenizer and, for SDXL, of the second prompt
+    /// (the prompt if `None`) for the second tokenizer, in as many chunks.
+    fn prompt_chunk_pair(
+        &self,
+        prompt: &str,
+        prompt_2: Option<&str>,
+        params: &Params,
+    ) -> Result<(Vec<WeightedChunk>, Option<Vec<WeightedChunk>>)> {
+        let first = self.prompt_chunks(&self.tokenizer, prompt, params)?;
+        let Some((tokenizer_2, _)) = &self.second else {
+            return Ok((first, None));
+        };
+        // As diffusers' `prompt_2 or prompt`: an empty second prompt is the prompt.
+        let prompt_2 = prompt_2.filter(|p| !p.is_empty()).unwrap_or(prompt);
+        let mut second = self.prompt_chunks(tokenizer_2, prompt_2, params)?;
+        // A second prompt of another length: both in as many chunks.
+        let chunks = first.len().max(second.len());
+        let mut first = first;
+        let empty = |t: &ClipTokenizer| -> Result<WeightedChunk> {
+            Ok(WeightedChunk {
+                ids: t.encode("")?,
+                weights: vec![1.0; t.max_length()],
+            })
+        };
+        first.resize(chunks, empty(&self.tokenizer)?);
+        second.resize(chunks, empty(tokenizer_2)?);
+        Ok((first, Some(second)))
+    }
+
+    /// A prompt's 77-id chunks for `tokenizer`, each with a weight per id: AUTOMATIC1111's
+    /// weighting with [`Params::prompt_weighting`], else plain chunks (all weights 1) cut or
+    /// continued as [`Params::long_prompt`] says.
+    fn prompt_chunks(
+        &self,
+        tokenizer: &ClipTokenizer,
+        prompt: &str,
+        params: &Params,
+    ) -> Result<Vec<WeightedChunk>> {
         let prompt = &self.expand_embeddings(prompt);
         if params.prompt_weighting {
-            return self.tokenizer.encode_weighted(&parse_weighted(prompt));
+            return tokenizer.encode_weighted(&parse_weighted(prompt));
         }
-        let ones = vec![1.0; self.tokenizer.max_length()];
-        Ok(self
-            .tokenizer
+        let ones = vec![1.0; tokenizer.max_length()];
+        Ok(tokenizer
             .encode_long(prompt, params.long_prompt)?
             .into_iter()
             .map(|ids| WeightedChunk {
@@ -625,60 +802,195 @@ impl<B: Backend> StableDiffusion<B> {
             .collect())
     }
 
-    /// The text embeddings `[1, chunks * L, D]` of a prompt's chunks, weighted where a weight
-    /// is not 1.
-    fn encode_chunks(&self, chunks: &[WeightedChunk], params: &Params) -> Result<B::Tensor> {
+    /// The embeddings of a prompt's chunks: `[1, chunks * L, D]`, weighted where a weight is
+    /// not 1. SDXL: each encoder's hidden state before its last `clip_skip + 1` layers
+    /// (diffusers' `hidden_states[-(clip_skip + 2)]`), joined along the width, and the pooled
+    /// embedding of the first chunk from the second encoder's projection.
+    fn encode_chunks(
+        &self,
+        chunks: &[WeightedChunk],
+        chunks_2: Option<&[WeightedChunk]>,
+        clip_skip: usize,
+    ) -> Result<PromptEmbeds<B::Tensor>> {
         let b = &self.backend;
-        let rows: Vec<Vec<u32>> = chunks.iter().map(|c| c.ids.clone()).collect();
-        let e = self.text_encoder.encode(b, &rows, params.clip_skip)?;
-        let (k, l, d) = match b.shape(&e)[..] {
-            [k, l, d] => (k, l, d),
-            ref other => {
-                return Err(Error::Shape {
-                    op: "encode_prompts",
-                    expected: "[chunks, L, D] text embeddings".into(),
-                    found: format!("{other:?}"),
-                });
+        let weighted = |e: B::Tensor, chunks: &[WeightedChunk]| -> Result<B::Tensor> {
+            let (k, l, d) = match b.shape(&e)[..] {
+                [k, l, d] => (k, l, d),
+                ref other => {
+                    return Err(Error::Shape {
+                        op: "encode_prompts",
+                        expected: "[chunks, L, D] text embeddings".into(),
+                        found: format!("{other:?}"),
+                    });
+                }
+            };
+            if chunks.iter().all(|c| c.weights.iter().all(|&w| w == 1.0)) {
+                return Ok(e);
             }
-        };
-        let e = if chunks.iter().all(|c| c.weights.iter().all(|&w| w == 1.0)) {
-            e
-        } else {
             let mut host = b.download(&e)?;
             for (hidden, chunk) in host.chunks_exact_mut(l * d).zip(chunks) {
                 apply_weights(hidden, &chunk.weights);
             }
-            b.upload(&host, &[k, l, d])?
+            b.upload(&host, &[k, l, d])
         };
-        b.reshape(&e, &[1, k * l, d])
+        let rows = |chunks: &[WeightedChunk]| -> Vec<Vec<u32>> {
+            chunks.iter().map(|c| c.ids.clone()).collect()
+        };
+        let (context, pooled) = match (&self.second, chunks_2) {
+            (Some((_, encoder_2)), Some(chunks_2)) => {
+                let penultimate = |encoder: &crate::clip::ClipTextModel<B>,
+                                   out: &crate::clip::ClipTextOutput<B>|
+                 -> Result<B::Tensor> {
+                    let states = out.hidden_states.len();
+                    match states.checked_sub(clip_skip + 2) {
+                        Some(i) => Ok(out.hidden_states[i].clone()),
+                        None => Err(Error::Config {
+                            what: "clip_skip".into(),
+                            message: format!(
+                                "{} skips all {} layers (SDXL uses the layer before the last \
+                                 clip_skip + 1)",
+                                clip_skip,
+                                encoder.layers.len()
+                            ),
+                        }),
+                    }
+                };
+                let out_1 = self.text_encoder.forward(b, &rows(chunks))?;
+                let h1 = weighted(penultimate(&self.text_encoder, &out_1)?, chunks)?;
+                let out_2 = encoder_2.forward(b, &rows(chunks_2))?;
+                let h2 = weighted(penultimate(encoder_2, &out_2)?, chunks_2)?;
+                let pooled = match &out_2.text_embeds {
+                    Some(t) => b.slice(t, 0, 0, 1)?,
+                    None => {
+                        return Err(Error::Config {
+                            what: "text_encoder_2".into(),
+                            message: "no text_projection for the pooled embedding".into(),
+                        });
+                    }
+                };
+                (b.concat(&[&h1, &h2], 2)?, Some(pooled))
+            }
+            _ => {
+                let e = self.text_encoder.encode(b, &rows(chunks), clip_skip)?;
+                (weighted(e, chunks)?, None)
+            }
+        };
+        let shape = b.shape(&context).to_vec();
+        let context = b.reshape(&context, &[1, shape[0] * shape[1], shape[2]])?;
+        Ok(PromptEmbeds { context, pooled })
     }
 
     /// A prompt's text embeddings `[1, chunks * 77, D]` as the UNet sees them, with the
-    /// weighting, chunking and CLIP skip of `params`.
+    /// weighting, chunking and CLIP skip of `params` (for SDXL, both encoders' on the same
+    /// prompt).
     ///
     /// # Errors
-    /// [`Error::Tokenizer`] and the text encoder's errors.
+    /// [`Error::Tokenizer`] and the text encoders' errors.
     pub fn encode_prompt(&self, prompt: &str, params: &Params) -> Result<B::Tensor> {
-        self.encode_chunks(&self.prompt_chunks(prompt, params)?, params)
+        Ok(self.encode_prompt_pair(prompt, None, params)?.context)
+    }
+
+    /// A prompt's embeddings as [`encode_prompt`](Self::encode_prompt), with SDXL's second
+    /// prompt for the second encoder (`None`: the prompt) and its pooled embedding.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] and the text encoders' errors.
+    pub fn encode_prompt_pair(
+        &self,
+        prompt: &str,
+        prompt_2: Option<&str>,
+        params: &Params,
+    ) -> Result<PromptEmbeds<B::Tensor>> {
+        let (c1, c2) = self.prompt_chunk_pair(prompt, prompt_2, params)?;
+        self.encode_chunks(&c1, c2.as_deref(), params.clip_skip)
+    }
+
+    /// SDXL's micro-conditioning ids of the negative and the positive half for an output of
+    /// `width x height` (diffusers' `_get_add_time_ids`): original size, crop top-left and
+    /// target size, each (height, width); the refiner's: original size, crop top-left and
+    /// aesthetic score. The negative half's defaults follow diffusers' pipelines, which
+    /// differ: text-to-image takes the negative sizes and crop only when both negative sizes
+    /// are given (else the prompt's ids), the image tasks take each negative size or the
+    /// prompt's and the prompt's crop.
+    pub fn time_ids(
+        &self,
+        params: &Params,
+        width: usize,
+        height: usize,
+        image_task: bool,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let xl = &params.sdxl;
+        let pair = |p: (usize, usize)| [p.0 as f64, p.1 as f64];
+        let out = (height, width);
+        let ids = |original: (usize, usize), crop: (usize, usize), last: &[f64]| -> Vec<f64> {
+            let mut v = Vec::with_capacity(6);
+            v.extend(pair(original));
+            v.extend(pair(crop));
+            v.extend_from_slice(last);
+            v
+        };
+        let original = xl.original_size.unwrap_or(out);
+        let target = xl.target_size.unwrap_or(out);
+        let negative_original = xl.negative_original_size.unwrap_or(original);
+        if self.xl.requires_aesthetics_score {
+            let positive = ids(original, xl.crops_coords_top_left, &[xl.aesthetic_score]);
+            let negative = ids(
+                negative_original,
+                xl.negative_crops_coords_top_left,
+                &[xl.negative_aesthetic_score],
+            );
+            return (negative, positive);
+        }
+        let positive = ids(original, xl.crops_coords_top_left, &pair(target));
+        let negative = if image_task {
+            let negative_target = xl.negative_target_size.unwrap_or(target);
+            ids(
+                negative_original,
+                xl.crops_coords_top_left,
+                &pair(negative_target),
+            )
+        } else {
+            match (xl.negative_original_size, xl.negative_target_size) {
+                (Some(o), Some(t)) => ids(o, xl.negative_crops_coords_top_left, &pair(t)),
+                _ => positive.clone(),
+            }
+        };
+        (negative, positive)
     }
 
     /// The conditioning of a UNet call on `k` images: each prompt's embeddings repeated `k`
-    /// times (the negative prompt's first with guidance) and the inpainting UNet's extra
-    /// channels for each entry.
+    /// times (the negative prompt's first with guidance), SDXL's pooled embeddings and ids
+    /// likewise (`ids`: one list per prompt, in the same order), and the inpainting UNet's
+    /// extra channels for each entry.
     fn conditioning(
         &self,
-        prompts: &[B::Tensor],
+        prompts: &[PromptEmbeds<B::Tensor>],
+        ids: &TimeIds,
         extra: Option<&[f32]>,
-        k: usize,
+        (first, k): (usize, usize),
         guidance: bool,
         (lh, lw): (usize, usize),
     ) -> Result<Conditioning<B::Tensor>> {
         let b = &self.backend;
         let mut rows = Vec::with_capacity(prompts.len() * k);
-        for p in prompts {
-            rows.extend(std::iter::repeat_n(p, k));
+        let mut pooled = Vec::with_capacity(prompts.len() * k);
+        let mut time_ids = Vec::new();
+        for (half, p) in prompts.iter().enumerate() {
+            rows.extend(std::iter::repeat_n(&p.context, k));
+            if let Some(q) = &p.pooled {
+                pooled.extend(std::iter::repeat_n(q, k));
+                for i in 0..k {
+                    time_ids.extend_from_slice(ids.row(guidance, half * ids.n + first + i));
+                }
+            }
         }
         let mut cond = Conditioning::new(b.concat(&rows, 0)?, guidance);
+        if !pooled.is_empty() {
+            cond = cond.with_added(AddedConditioning {
+                text_embeds: b.concat(&pooled, 0)?,
+                time_ids,
+            });
+        }
         if let Some(one) = extra {
             let batch = prompts.len() * k;
             let channels = one.len() / (lh * lw);
@@ -913,7 +1225,7 @@ impl<B: Backend> StableDiffusion<B> {
         let t0 = Instant::now();
         let prompts = self.encode_prompts(params, guidance)?;
         for p in &prompts {
-            if !params.keep_non_finite && !all_finite(&b.download(p)?) {
+            if !params.keep_non_finite && !all_finite(&b.download(&p.context)?) {
                 return Err(Error::NonFinite {
                     stage: "after text encoding",
                     step: None,
@@ -1019,7 +1331,18 @@ impl<B: Backend> StableDiffusion<B> {
             _ => None,
         };
         let chunk = Self::batch_size(params, (lh, lw));
-        let mut conds: Vec<(usize, Conditioning<B::Tensor>)> = Vec::new();
+        let image_task = !matches!(task, Task::TextToImage);
+        let (negative, positive) = self.time_ids(params, w, h, image_task);
+        let ids = TimeIds {
+            negative,
+            positive,
+            n,
+            // diffusers' text-to-image pipelines repeat [negative, positive] per image.
+            interleaved: !image_task,
+        };
+        // Made once per (images in the call, parity of its first image).
+        type Made<T> = ((usize, usize), Conditioning<T>);
+        let mut conds: Vec<Made<B::Tensor>> = Vec::new();
 
         // The denoising loop.
         let t0 = Instant::now();
@@ -1027,14 +1350,24 @@ impl<B: Backend> StableDiffusion<B> {
             let mut model_output = Vec::with_capacity(scaled.len());
             // The images in batches of `chunk`; with guidance each batch is its images'
             // unconditional halves, then their conditional halves.
-            for images in scaled.chunks(chunk * per_image) {
+            for (call, images) in scaled.chunks(chunk * per_image).enumerate() {
                 let k = images.len() / per_image;
-                let cond = match conds.iter().position(|(size, _)| *size == k) {
+                let first = call * chunk;
+                // The conditioning depends on the images only through their count and, with
+                // interleaved SDXL ids, the parity of the first.
+                let key = (k, if ids.interleaved { first % 2 } else { 0 });
+                let cond = match conds.iter().position(|(made_for, _)| *made_for == key) {
                     Some(i) => &conds[i].1,
                     None => {
-                        let made =
-                            self.conditioning(&prompts, extra.as_deref(), k, guidance, (lh, lw))?;
-                        conds.push((k, made));
+                        let made = self.conditioning(
+                            &prompts,
+                            &ids,
+                            extra.as_deref(),
+                            (first, k),
+                            guidance,
+                            (lh, lw),
+                        )?;
+                        conds.push((key, made));
                         &conds[conds.len() - 1].1
                     }
                 };

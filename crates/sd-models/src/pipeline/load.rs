@@ -131,7 +131,7 @@ impl<B: Backend> StableDiffusion<B> {
         };
         // What a Stable Diffusion (or ControlNet) pipeline's model_index.json holds; the
         // safety checker and feature extractor are not used here.
-        const KNOWN: [&str; 13] = [
+        const KNOWN: [&str; 18] = [
             "_class_name",
             "_diffusers_version",
             "_name_or_path",
@@ -145,6 +145,12 @@ impl<B: Backend> StableDiffusion<B> {
             "requires_safety_checker",
             "image_encoder",
             "controlnet",
+            // SDXL's.
+            "text_encoder_2",
+            "tokenizer_2",
+            "force_zeros_for_empty_prompt",
+            "requires_aesthetics_score",
+            "add_watermarker",
         ];
         let mut unknown: Vec<String> = index
             .keys()
@@ -152,8 +158,21 @@ impl<B: Backend> StableDiffusion<B> {
             .map(|k| format!("{}: {k}", index_path.display()))
             .collect();
         let variants = options.variants();
+        // SDXL: a second text encoder (and tokenizer) named by the index or present.
+        let named = |key: &str| {
+            index
+                .get(key)
+                .is_some_and(|v| v.get(0).is_some_and(|c| !c.is_null()))
+        };
+        let xl = named("text_encoder_2")
+            || (!index.contains_key("text_encoder_2") && dir.join("text_encoder_2").is_dir());
         if options.check_weights {
-            for component in ["text_encoder", "unet", "vae"] {
+            let components: &[&str] = if xl {
+                &["text_encoder", "text_encoder_2", "unet", "vae"]
+            } else {
+                &["text_encoder", "unet", "vae"]
+            };
+            for component in components {
                 check_finite(&find_weights(dir.join(component), &variants)?)?;
             }
         }
@@ -177,7 +196,42 @@ impl<B: Backend> StableDiffusion<B> {
             strict,
             dtype,
         )?;
-        let vae = AutoencoderKl::from_dir_as(&backend, dir.join("vae"), &variants, strict, dtype)?;
+        // `force_upcast`: a VAE that overflows in half precision (SDXL's) is kept in f32.
+        let vae_config = AutoencoderKlConfig::from_file(dir.join("vae").join("config.json"))?;
+        let vae_dtype = if vae_config.force_upcast && dtype == LoadDType::Stored {
+            LoadDType::F32
+        } else {
+            dtype
+        };
+        let vae =
+            AutoencoderKl::from_dir_as(&backend, dir.join("vae"), &variants, strict, vae_dtype)?;
+        let second = if xl {
+            let tokenizer_2 = ClipTokenizer::from_dir(dir.join("tokenizer_2"))?;
+            let text_encoder_2 = ClipTextModel::from_dir_as(
+                &backend,
+                dir.join("text_encoder_2"),
+                &variants,
+                strict,
+                dtype,
+            )?;
+            unknown.extend(tokenizer_2.unknown_keys().iter().cloned());
+            Some((tokenizer_2, text_encoder_2))
+        } else {
+            None
+        };
+        let flag = |key: &str, default: bool| -> Result<bool> {
+            match index.get(key) {
+                None => Ok(default),
+                Some(v) => v.as_bool().ok_or_else(|| Error::Config {
+                    what: index_path.display().to_string(),
+                    message: format!("{key} is not true or false"),
+                }),
+            }
+        };
+        let xl_flags = super::XlFlags {
+            force_zeros_for_empty_prompt: flag("force_zeros_for_empty_prompt", true)?,
+            requires_aesthetics_score: flag("requires_aesthetics_score", false)?,
+        };
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         let scheduler = scheduler_config(
             &read_regular_string(&scheduler_path)?,
@@ -196,7 +250,15 @@ impl<B: Backend> StableDiffusion<B> {
                 message: format!("unknown config key(s) {unknown:?}"),
             });
         }
-        let mut pipe = Self::from_parts(backend, tokenizer, text_encoder, unet, vae, scheduler)?;
+        let mut pipe = Self::assemble_with(
+            backend,
+            (tokenizer, text_encoder),
+            second,
+            xl_flags,
+            unet,
+            vae,
+            scheduler,
+        )?;
         pipe.unknown_keys = unknown;
         pipe.origin = Some(Origin::Folder(dir.to_path_buf(), options.clone()));
         Ok(pipe)

@@ -51,10 +51,12 @@ mod load;
 mod lora;
 mod pixel;
 
-pub use denoise::{ActiveControl, Conditioning, ControlledUnet, NoisePredictor, StepPosition};
+pub use denoise::{
+    ActiveControl, AddedConditioning, Conditioning, ControlledUnet, NoisePredictor, StepPosition,
+};
 pub use generate::{
-    Control, ControlImage, Generation, Limits, Outcome, Params, Progress, SamplerChoice, Task,
-    Timings,
+    Control, ControlImage, Generation, Limits, Outcome, Params, Progress, PromptEmbeds,
+    SamplerChoice, SdxlParams, Task, Timings,
 };
 pub use image::{Image, ImageLimits, Margins, Mask, outpaint_canvas};
 pub use load::LoadOptions;
@@ -69,13 +71,17 @@ use crate::error::{Error, Result};
 use crate::unet::Unet2DConditionModel;
 use crate::vae::AutoencoderKl;
 
-/// A Stable Diffusion 1.x / 2.x pipeline: tokenizer, text encoder, UNet, VAE and the model's
-/// scheduler config (the base every sampler is built from).
+/// A Stable Diffusion 1.x / 2.x or SDXL pipeline: tokenizer, text encoder (SDXL: two of
+/// each), UNet, VAE and the model's scheduler config (the base every sampler is built from).
 #[derive(Debug)]
 pub struct StableDiffusion<B: Backend> {
     backend: B,
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel<B>,
+    /// SDXL's second tokenizer and text encoder (`tokenizer_2`, `text_encoder_2`).
+    second: Option<(ClipTokenizer, ClipTextModel<B>)>,
+    /// SDXL pipeline settings of `model_index.json`.
+    xl: XlFlags,
     unet: Unet2DConditionModel<B>,
     vae: AutoencoderKl<B>,
     scheduler: SchedulerConfig,
@@ -83,6 +89,32 @@ pub struct StableDiffusion<B: Backend> {
     unknown_keys: Vec<String>,
     embeddings: Vec<TextualInversion>,
     origin: Option<load::Origin>,
+}
+
+/// SDXL pipeline settings (`model_index.json`'s keys of `StableDiffusionXLPipeline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct XlFlags {
+    /// `force_zeros_for_empty_prompt`.
+    pub force_zeros_for_empty_prompt: bool,
+    /// `requires_aesthetics_score` (the refiner): 5 ids, an aesthetic score in place of the
+    /// target size.
+    pub requires_aesthetics_score: bool,
+}
+
+impl Default for XlFlags {
+    fn default() -> Self {
+        XlFlags {
+            force_zeros_for_empty_prompt: true,
+            requires_aesthetics_score: false,
+        }
+    }
+}
+
+impl XlFlags {
+    /// Micro-conditioning ids per image.
+    pub fn time_id_count(self) -> usize {
+        if self.requires_aesthetics_score { 5 } else { 6 }
+    }
 }
 
 impl<B: Backend> StableDiffusion<B> {
@@ -101,10 +133,65 @@ impl<B: Backend> StableDiffusion<B> {
         vae: AutoencoderKl<B>,
         scheduler: SchedulerConfig,
     ) -> Result<Self> {
+        Self::assemble(
+            backend,
+            (tokenizer, text_encoder),
+            None,
+            unet,
+            vae,
+            scheduler,
+        )
+    }
+
+    /// An SDXL pipeline from its parts: the first tokenizer and text encoder (CLIP ViT-L),
+    /// the second (OpenCLIP ViT-bigG with its projection; its tokenizer pads with `!`), the
+    /// UNet with `addition_embed_type: "text_time"`, the VAE and the scheduler config, with
+    /// diffusers' defaults for `force_zeros_for_empty_prompt` (on) and
+    /// `requires_aesthetics_score` (off).
+    ///
+    /// # Errors
+    /// As [`StableDiffusion::from_parts`], and [`Error::Config`] if the UNet's
+    /// cross-attention width is not the two encoders' widths together, the second encoder
+    /// has no projection, or the UNet's `projection_class_embeddings_input_dim` is not the
+    /// projection's width plus 6 micro-conditioning embeddings.
+    pub fn from_parts_xl(
+        backend: B,
+        first: (ClipTokenizer, ClipTextModel<B>),
+        second: (ClipTokenizer, ClipTextModel<B>),
+        unet: Unet2DConditionModel<B>,
+        vae: AutoencoderKl<B>,
+        scheduler: SchedulerConfig,
+    ) -> Result<Self> {
+        Self::assemble(backend, first, Some(second), unet, vae, scheduler)
+    }
+
+    fn assemble(
+        backend: B,
+        first: (ClipTokenizer, ClipTextModel<B>),
+        second: Option<(ClipTokenizer, ClipTextModel<B>)>,
+        unet: Unet2DConditionModel<B>,
+        vae: AutoencoderKl<B>,
+        scheduler: SchedulerConfig,
+    ) -> Result<Self> {
+        let flags = XlFlags::default();
+        Self::assemble_with(backend, first, second, flags, unet, vae, scheduler)
+    }
+
+    pub(crate) fn assemble_with(
+        backend: B,
+        (tokenizer, text_encoder): (ClipTokenizer, ClipTextModel<B>),
+        second: Option<(ClipTokenizer, ClipTextModel<B>)>,
+        xl: XlFlags,
+        unet: Unet2DConditionModel<B>,
+        vae: AutoencoderKl<B>,
+        scheduler: SchedulerConfig,
+    ) -> Result<Self> {
         let pipe = StableDiffusion {
             backend,
             tokenizer,
             text_encoder,
+            second,
+            xl,
             unet,
             vae,
             scheduler,
@@ -120,18 +207,64 @@ impl<B: Backend> StableDiffusion<B> {
     fn check_parts(&self) -> Result<()> {
         let u = self.unet.config();
         let latent = self.vae.config().latent_channels;
-        let text = self.text_encoder.config().hidden_size;
         let fail = |message: String| {
             Err(Error::Config {
                 what: "pipeline".into(),
                 message,
             })
         };
-        if u.cross_attention_dim(0) != Some(text) {
-            return fail(format!(
-                "the UNet's cross_attention_dim {:?} is not the text encoder's hidden_size {text}",
-                u.cross_attention_dim(0)
-            ));
+        let first = self.text_encoder.config().hidden_size;
+        match (u.text_time_dims(), &self.second) {
+            (None, None) => {
+                if u.cross_attention_dim(0) != Some(first) {
+                    return fail(format!(
+                        "the UNet's cross_attention_dim {:?} is not the text encoder's \
+                         hidden_size {first}",
+                        u.cross_attention_dim(0)
+                    ));
+                }
+            }
+            (Some(_), None) => {
+                return fail(
+                    "the UNet is SDXL's (addition_embed_type \"text_time\"): it needs the \
+                     second text encoder and tokenizer (text_encoder_2/, tokenizer_2/)"
+                        .into(),
+                );
+            }
+            (None, Some(_)) => {
+                return fail(
+                    "a second text encoder was given, but the UNet is not SDXL's (no \
+                     addition_embed_type \"text_time\")"
+                        .into(),
+                );
+            }
+            (Some((input, time_dim)), Some((_, te2))) => {
+                let second = te2.config().hidden_size;
+                if u.cross_attention_dim(0) != Some(first + second) {
+                    return fail(format!(
+                        "the UNet's cross_attention_dim {:?} is not the two text encoders' \
+                         hidden sizes together ({first} + {second}): a text encoder of \
+                         another model",
+                        u.cross_attention_dim(0)
+                    ));
+                }
+                if te2.text_projection.is_none() {
+                    return fail(
+                        "the second text encoder has no text_projection \
+                         (CLIPTextModelWithProjection), which gives SDXL's pooled embedding"
+                            .into(),
+                    );
+                }
+                let pooled = te2.config().projection_dim;
+                let ids = self.xl.time_id_count();
+                if input != pooled + ids * time_dim {
+                    return fail(format!(
+                        "the UNet's projection_class_embeddings_input_dim {input} is not the \
+                         pooled embedding's {pooled} plus {ids} micro-conditioning ids of \
+                         {time_dim}"
+                    ));
+                }
+            }
         }
         if u.in_channels != latent && u.in_channels != 2 * latent + 1 {
             return fail(format!(
@@ -318,6 +451,28 @@ impl<B: Backend> StableDiffusion<B> {
     /// The text encoder.
     pub fn text_encoder(&self) -> &ClipTextModel<B> {
         &self.text_encoder
+    }
+
+    /// SDXL's second tokenizer and text encoder.
+    pub fn text_encoder_2(&self) -> Option<(&ClipTokenizer, &ClipTextModel<B>)> {
+        self.second.as_ref().map(|(t, e)| (t, e))
+    }
+
+    /// Whether this is an SDXL pipeline (a UNet with the `"text_time"` added embedding).
+    pub fn is_xl(&self) -> bool {
+        self.unet.config().text_time_dims().is_some()
+    }
+
+    /// SDXL's `force_zeros_for_empty_prompt`: an empty negative prompt (and second negative
+    /// prompt) gives zero embeddings rather than the encoding of `""` (on by default, as
+    /// in SDXL's `model_index.json`).
+    pub fn force_zeros_for_empty_prompt(&self) -> bool {
+        self.xl.force_zeros_for_empty_prompt
+    }
+
+    /// Sets [`force_zeros_for_empty_prompt`](Self::force_zeros_for_empty_prompt).
+    pub fn set_force_zeros_for_empty_prompt(&mut self, on: bool) {
+        self.xl.force_zeros_for_empty_prompt = on;
     }
 
     /// The UNet.

@@ -136,8 +136,9 @@ fn error_for(what: &str) -> impl Fn(String) -> Error + '_ {
 ///
 /// Supported: `CrossAttnDownBlock2D`/`DownBlock2D` down blocks, `CrossAttnUpBlock2D`/
 /// `UpBlock2D` up blocks, a `UNetMidBlock2DCrossAttn`, `UNetMidBlock2D` or no mid block,
-/// positional time embeddings, class embeddings, LCM's `time_cond_proj_dim`. Keys for
-/// networks beyond Stable Diffusion 1.x/2.x (SDXL's `addition_embed_type`, Kandinsky's
+/// positional time embeddings, class embeddings, LCM's `time_cond_proj_dim`, SDXL's
+/// `addition_embed_type: "text_time"` and per-block `transformer_layers_per_block`. Keys for
+/// other networks (Kandinsky's `addition_embed_type` values and
 /// `encoder_hid_dim_type`, GLIGEN's `attention_type`, Fourier time embeddings, dual
 /// cross-attention) parse, and [`validate`](Self::validate) rejects values other than the
 /// defaults. `resnet_skip_time_act`, `resnet_out_scale_factor`, `cross_attention_norm` and
@@ -205,9 +206,11 @@ pub struct Unet2DConditionConfig {
     pub use_linear_projection: bool,
     /// The class embedding, if any.
     pub class_embed_type: Option<ClassEmbedType>,
-    /// Unsupported (must be `null`; SDXL's `"text_time"`).
+    /// `null`, or SDXL's `"text_time"`: the pooled text embeddings and the sinusoidal
+    /// embeddings of the micro-conditioning ids, through `add_embedding`, added to the time
+    /// embedding.
     pub addition_embed_type: Option<String>,
-    /// Unsupported with `addition_embed_type` (informational otherwise).
+    /// Width of each id's sinusoidal embedding with `"text_time"` (256 in SDXL).
     pub addition_time_embed_dim: Option<usize>,
     /// Size of the class table (with no `class_embed_type`).
     pub num_class_embeds: Option<usize>,
@@ -233,7 +236,9 @@ pub struct Unet2DConditionConfig {
     pub conv_in_kernel: usize,
     /// Kernel of `conv_out` (odd).
     pub conv_out_kernel: usize,
-    /// Width of the class label vectors for `"projection"` class embeddings.
+    /// Width of the class label vectors for `"projection"` class embeddings, and of
+    /// `add_embedding`'s input with `"text_time"` (the pooled text width plus the ids'
+    /// embeddings: 1280 + 6 x 256 = 2816 in SDXL).
     pub projection_class_embeddings_input_dim: Option<usize>,
     /// Must be `"default"`.
     pub attention_type: String,
@@ -479,6 +484,19 @@ impl Unet2DConditionConfig {
             .get(0)
     }
 
+    /// With SDXL's `"text_time"` added embedding: `add_embedding`'s input width
+    /// (`projection_class_embeddings_input_dim`) and each id's embedding width
+    /// (`addition_time_embed_dim`).
+    pub fn text_time_dims(&self) -> Option<(usize, usize)> {
+        if self.addition_embed_type.as_deref() != Some("text_time") {
+            return None;
+        }
+        Some((
+            self.projection_class_embeddings_input_dim?,
+            self.addition_time_embed_dim?,
+        ))
+    }
+
     /// Rejects unsupported and impossible configurations.
     ///
     /// # Errors
@@ -544,7 +562,12 @@ impl Unet2DConditionConfig {
         let unsupported = [
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
             ("encoder_hid_dim_type", self.encoder_hid_dim_type.is_some()),
-            ("addition_embed_type", self.addition_embed_type.is_some()),
+            (
+                "addition_embed_type",
+                self.addition_embed_type
+                    .as_deref()
+                    .is_some_and(|t| t != "text_time"),
+            ),
             ("dual_cross_attention", self.dual_cross_attention),
             (
                 "time_embedding_type",
@@ -556,6 +579,22 @@ impl Unet2DConditionConfig {
             return Err(error(format!(
                 "{key} other than the Stable Diffusion 1.x/2.x default is not supported"
             )));
+        }
+        if self.addition_embed_type.as_deref() == Some("text_time") {
+            match (
+                self.addition_time_embed_dim,
+                self.projection_class_embeddings_input_dim,
+            ) {
+                (Some(t), Some(p)) if t > 0 && p > t => {}
+                _ => {
+                    return Err(error(
+                        "addition_embed_type \"text_time\" needs a positive \
+                         addition_time_embed_dim and a larger \
+                         projection_class_embeddings_input_dim"
+                            .into(),
+                    ));
+                }
+            }
         }
         let groups = self
             .norm_num_groups

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! emb   = time_embedding(time_proj(t), timestep_cond)  (+ class_embedding(labels), or concat)
+//!         + add_embedding([text_embeds, add_time_proj(time_ids)])   SDXL's "text_time"
 //! h     = conv_in(sample)                 (a ControlNet adds its hint embedding here)
 //! skips = [h];  for each down block:  h, s = block(h, emb, text);  skips += s
 //! h     = mid_block(h, emb, text)
@@ -35,6 +36,13 @@ pub struct UnetConditioning<'a, B: Backend> {
     pub down_residuals: Option<&'a [B::Tensor]>,
     /// A residual added to the mid block's output (`mid_block_additional_residual`).
     pub mid_residual: Option<&'a B::Tensor>,
+    /// SDXL's pooled text embeddings `[N, D]` (`added_cond_kwargs["text_embeds"]`), required
+    /// by networks with `addition_embed_type: "text_time"`.
+    pub text_embeds: Option<&'a B::Tensor>,
+    /// SDXL's micro-conditioning ids (`added_cond_kwargs["time_ids"]`): `K` numbers per
+    /// entry, entry after entry (`K = 6` for the base model: original size, crop top-left,
+    /// target size; 5 for the refiner), required with `text_embeds`.
+    pub time_ids: Option<&'a [f64]>,
 }
 
 impl<B: Backend> Default for UnetConditioning<'_, B> {
@@ -44,6 +52,8 @@ impl<B: Backend> Default for UnetConditioning<'_, B> {
             timestep_cond: None,
             down_residuals: None,
             mid_residual: None,
+            text_embeds: None,
+            time_ids: None,
         }
     }
 }
@@ -55,6 +65,8 @@ impl<B: Backend> Clone for UnetConditioning<'_, B> {
             timestep_cond: self.timestep_cond,
             down_residuals: self.down_residuals,
             mid_residual: self.mid_residual,
+            text_embeds: self.text_embeds,
+            time_ids: self.time_ids,
         }
     }
 }
@@ -71,6 +83,11 @@ pub struct UnetEncoder<B: Backend> {
     pub time_embedding: TimestepEmbedding<B>,
     /// The class embedding of class-conditional networks.
     pub class_embedding: Option<ClassEmbedding<B>>,
+    /// The sinusoidal projection of SDXL's micro-conditioning ids (`"text_time"`).
+    pub add_time_proj: Option<Timesteps>,
+    /// SDXL's added embedding of the pooled text embeddings and the projected ids
+    /// (`linear_1`, `linear_2`).
+    pub add_embedding: Option<TimestepEmbedding<B>>,
     /// `sample -> block_out_channels[0]`.
     pub conv_in: Conv2d<B>,
     /// The down blocks.
@@ -171,6 +188,22 @@ impl<B: Backend> UnetEncoder<B> {
             time_embed_dim,
             c.act_fn,
         )?;
+        let (add_time_proj, add_embedding) = match c.text_time_dims() {
+            Some((input, time_dim)) => (
+                Some(Timesteps::new(time_dim, c.flip_sin_to_cos, c.freq_shift)),
+                // diffusers builds it with TimestepEmbedding's default activation, SiLU.
+                Some(TimestepEmbedding::load(
+                    backend,
+                    &w.push("add_embedding"),
+                    input,
+                    time_embed_dim,
+                    crate::nn::Activation::Silu,
+                    None,
+                    None,
+                )?),
+            ),
+            None => (None, None),
+        };
         let resnet = resnet_spec(c);
         let conv_in = Conv2d::load(
             backend,
@@ -263,6 +296,8 @@ impl<B: Backend> UnetEncoder<B> {
             time_proj,
             time_embedding,
             class_embedding,
+            add_time_proj,
+            add_embedding,
             conv_in,
             down_blocks,
             mid_block,
@@ -355,10 +390,69 @@ impl<B: Backend> UnetEncoder<B> {
             // diffusers ignores labels given to an unconditional network.
             (None, _) => {}
         }
+        if let Some(aug) = self.added_embedding(backend, n, extra, op)? {
+            emb = backend.add(&emb, &aug)?;
+        }
         if let Some(act) = c.time_embedding_act_fn {
             emb = act.forward(backend, &emb)?;
         }
         Ok(emb)
+    }
+
+    /// SDXL's added embedding (`get_aug_embed` for `"text_time"`):
+    /// `add_embedding([text_embeds, add_time_proj(time_ids) as [N, K * dim]])`; `None` for
+    /// other networks, which ignore the inputs as diffusers does.
+    fn added_embedding(
+        &self,
+        backend: &B,
+        n: usize,
+        extra: &UnetConditioning<'_, B>,
+        op: &'static str,
+    ) -> Result<Option<B::Tensor>> {
+        let (Some(proj), Some(add), Some((input, time_dim))) = (
+            &self.add_time_proj,
+            &self.add_embedding,
+            self.config.text_time_dims(),
+        ) else {
+            return Ok(None);
+        };
+        let (Some(text), Some(ids)) = (extra.text_embeds, extra.time_ids) else {
+            return Err(Error::Shape {
+                op,
+                expected: "text_embeds and time_ids for a network with addition_embed_type \
+                           \"text_time\" (SDXL)"
+                    .into(),
+                found: "none".into(),
+            });
+        };
+        let text_dim = match *backend.shape(text) {
+            [rows, d] if rows == n && d < input => d,
+            ref other => {
+                return Err(Error::Shape {
+                    op,
+                    expected: format!("text_embeds [{n}, D] with D < {input}"),
+                    found: format!("{other:?}"),
+                });
+            }
+        };
+        let per_entry = input - text_dim;
+        if !per_entry.is_multiple_of(time_dim) || ids.len() * time_dim != n * per_entry {
+            return Err(Error::Shape {
+                op,
+                expected: format!(
+                    "{} time_ids ({} per entry: projection_class_embeddings_input_dim {input} = \
+                     text_embeds {text_dim} + ids x addition_time_embed_dim {time_dim})",
+                    n * per_entry / time_dim.max(1),
+                    per_entry / time_dim.max(1)
+                ),
+                found: format!("{}", ids.len()),
+            });
+        }
+        let projected = proj.forward(backend, ids)?;
+        let projected = backend.reshape(&projected, &[n, per_entry])?;
+        let text = backend.cast(text, backend.dtype(&projected))?;
+        let joined = backend.concat(&[&text, &projected], 1)?;
+        Ok(Some(add.forward(backend, &joined, None)?))
     }
 
     /// `conv_in` of the sample, mapped from `[0, 1]` to `[-1, 1]` first with

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use sd_models::nn::ClassLabels;
-use sd_models::pipeline::{ControlImage, Image, Mask, Params, SamplerChoice};
+use sd_models::pipeline::{ControlImage, Image, Mask, Params, SamplerChoice, SdxlParams};
 use sd_schedulers::ReplayNoise;
 
 /// The repository's `fixtures/`: `SD_FIXTURES` if set, else where it was at build time, else
@@ -140,7 +140,12 @@ pub struct PipelineCase {
 impl PipelineCase {
     /// The case `name`.
     pub fn read(name: &str) -> Self {
-        let dir = root().join("pipeline/cases");
+        Self::read_in("pipeline/cases", name)
+    }
+
+    /// The case `name` of the cases folder `dir` (relative to `fixtures/`).
+    pub fn read_in(dir: &str, name: &str) -> Self {
+        let dir = root().join(dir);
         PipelineCase {
             meta: read_json(&dir.join(format!("{name}.json"))),
             tensors: read_tensors(&dir.join(format!("{name}.safetensors"))),
@@ -176,7 +181,38 @@ impl PipelineCase {
             height: Some(64),
             controls: self.controls(),
             guess_mode: a["guess_mode"].as_bool().unwrap_or(false),
+            sdxl: self.sdxl_params(),
             ..Params::default()
+        }
+    }
+
+    /// SDXL's arguments of the case (diffusers' defaults where it gives none).
+    pub fn sdxl_params(&self) -> SdxlParams {
+        let a = &self.meta["args"];
+        let size = |key: &str| {
+            a[key].as_array().map(|v| {
+                (
+                    v[0].as_u64().unwrap() as usize,
+                    v[1].as_u64().unwrap() as usize,
+                )
+            })
+        };
+        let text = |key: &str| a[key].as_str().map(str::to_owned);
+        let d = SdxlParams::default();
+        SdxlParams {
+            prompt_2: text("prompt_2"),
+            negative_prompt_2: text("negative_prompt_2"),
+            original_size: size("original_size"),
+            crops_coords_top_left: size("crops_coords_top_left").unwrap_or((0, 0)),
+            target_size: size("target_size"),
+            negative_original_size: size("negative_original_size"),
+            negative_crops_coords_top_left: size("negative_crops_coords_top_left")
+                .unwrap_or((0, 0)),
+            negative_target_size: size("negative_target_size"),
+            aesthetic_score: a["aesthetic_score"].as_f64().unwrap_or(d.aesthetic_score),
+            negative_aesthetic_score: a["negative_aesthetic_score"]
+                .as_f64()
+                .unwrap_or(d.negative_aesthetic_score),
         }
     }
 

@@ -1,0 +1,218 @@
+//! SDXL on the tiny SDXL pipeline of `generate.py sdxl` (`fixtures/sdxl`): the UNet with its
+//! `"text_time"` added embedding, the two text encoders, and the pipelines end to end with
+//! diffusers' noise replayed, against diffusers' own outputs.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::PathBuf;
+
+use sd_models::backend::DataOps;
+use sd_models::backend::conformance::rel_l2;
+use sd_models::controlnet::ControlNetModel;
+use sd_models::pipeline::{Control, LoadOptions, Outcome, Params, StableDiffusion, Task};
+use sd_models::unet::{Unet2DConditionModel, UnetConditioning};
+use sd_models::weights::Variant;
+use sd_models::{CpuBackend, Error};
+
+use common::fixtures::{PipelineCase, read_json, read_tensors};
+
+fn dir() -> PathBuf {
+    common::fixtures::root().join("sdxl")
+}
+
+fn pipe() -> StableDiffusion<CpuBackend> {
+    StableDiffusion::from_dir(
+        CpuBackend::new(),
+        dir().join("base"),
+        &LoadOptions::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn unet_with_text_time_matches_diffusers() {
+    let b = CpuBackend::new();
+    let unet =
+        Unet2DConditionModel::from_dir(&b, dir().join("base/unet"), &[Variant::Default], true)
+            .unwrap();
+    let meta = read_json(&dir().join("unet.json"));
+    let t = read_tensors(&dir().join("unet.safetensors"));
+    for case in meta["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let prefix = if name == "main" {
+            String::new()
+        } else {
+            format!("{name}.")
+        };
+        let input = |k: &str| {
+            let (shape, v) = &t[&format!("{prefix}inputs.{k}")];
+            (shape.clone(), v.clone())
+        };
+        let (ss, sv) = input("sample");
+        let (hs, hv) = input("encoder_hidden_states");
+        let (ts, tv) = input("text_embeds");
+        let (_, ids) = input("time_ids");
+        let ids: Vec<f64> = ids.iter().map(|&v| f64::from(v)).collect();
+        let sample = b.upload(&sv, &ss).unwrap();
+        let hidden = b.upload(&hv, &hs).unwrap();
+        let text = b.upload(&tv, &ts).unwrap();
+        for (key, timestep) in meta["timesteps"].as_object().unwrap() {
+            let extra = UnetConditioning {
+                text_embeds: Some(&text),
+                time_ids: Some(&ids),
+                ..UnetConditioning::default()
+            };
+            let y = unet
+                .forward_with(&b, &sample, &[timestep.as_f64().unwrap()], &hidden, &extra)
+                .unwrap();
+            let got = b.download(&y).unwrap();
+            let expected = &t[&format!("{prefix}{key}.out")].1;
+            let e = rel_l2(&got, expected);
+            println!("{name} {key}: {e:.2e}");
+            assert!(e < 1e-5, "{name} {key}: {e:e}");
+        }
+        // The added conditioning is required, and checked.
+        let err = unet
+            .forward(&b, &sample, &[999.0], &hidden)
+            .expect_err("text_time without its inputs");
+        assert!(matches!(err, Error::Shape { .. }), "{err}");
+        let short = &ids[..ids.len() - 1];
+        let extra = UnetConditioning {
+            text_embeds: Some(&text),
+            time_ids: Some(short),
+            ..UnetConditioning::default()
+        };
+        assert!(matches!(
+            unet.forward_with(&b, &sample, &[999.0], &hidden, &extra),
+            Err(Error::Shape { .. })
+        ));
+    }
+}
+
+#[test]
+fn dual_text_encoding_matches_diffusers() {
+    let mut p = pipe();
+    assert!(p.is_xl());
+    let meta = read_json(&dir().join("text.json"));
+    let t = read_tensors(&dir().join("text.safetensors"));
+    let b = *p.backend();
+    let close = |got: &<CpuBackend as sd_models::backend::BackendBase>::Tensor, key: &str| {
+        let e = rel_l2(&b.download(got).unwrap(), &t[key].1);
+        assert!(e < 1e-5, "{key}: {e:e}");
+    };
+    let ids = |key: &str| -> Vec<u32> { t[key].1.iter().map(|&v| v as u32).collect() };
+    for (name, case) in meta["cases"].as_object().unwrap() {
+        let a = &case["args"];
+        let params = Params {
+            clip_skip: a["clip_skip"].as_u64().unwrap_or(0) as usize,
+            ..Params::default()
+        };
+        let prompt = a["prompt"].as_str().unwrap();
+        let (t1, t2) = (p.tokenizer(), p.text_encoder_2().unwrap().0);
+        assert_eq!(t1.encode(prompt).unwrap(), ids(&format!("{name}.ids_1")));
+        let prompt_2 = a["prompt_2"].as_str().unwrap_or(prompt);
+        assert_eq!(t2.encode(prompt_2).unwrap(), ids(&format!("{name}.ids_2")));
+        let e = p
+            .encode_prompt_pair(prompt, a["prompt_2"].as_str(), &params)
+            .unwrap();
+        close(&e.context, &format!("{name}.prompt_embeds"));
+        close(
+            e.pooled.as_ref().unwrap(),
+            &format!("{name}.pooled_prompt_embeds"),
+        );
+        // The negative prompt: without clip_skip, as diffusers.
+        if case["negative_zeros"].as_bool() == Some(false) {
+            let negative = a["negative_prompt"].as_str().unwrap();
+            let e = p
+                .encode_prompt_pair(
+                    negative,
+                    a["negative_prompt_2"].as_str(),
+                    &Params::default(),
+                )
+                .unwrap();
+            close(&e.context, &format!("{name}.negative_prompt_embeds"));
+            close(
+                e.pooled.as_ref().unwrap(),
+                &format!("{name}.negative_pooled_prompt_embeds"),
+            );
+        }
+        println!("{name}: ok");
+    }
+    // Zeros for an empty negative prompt: the default, and what the fixture records.
+    assert!(p.force_zeros_for_empty_prompt());
+    assert!(
+        t["negative_none.negative_prompt_embeds"]
+            .1
+            .iter()
+            .all(|&v| v == 0.0)
+    );
+    p.set_force_zeros_for_empty_prompt(false);
+    assert!(!p.force_zeros_for_empty_prompt());
+}
+
+fn finished(o: Outcome) -> sd_models::pipeline::Generation {
+    match o {
+        Outcome::Finished(g) => g,
+        _ => panic!("not finished"),
+    }
+}
+
+/// Runs the case `name` of `fixtures/sdxl/cases` with diffusers' noise; compares the images.
+fn check(name: &str, p: &StableDiffusion<CpuBackend>) {
+    let c = PipelineCase::read_in("sdxl/cases", name);
+    let (image, mask) = (c.image(), c.mask());
+    let task = match (&image, &mask) {
+        (None, _) => Task::TextToImage,
+        (Some(image), None) => Task::ImageToImage {
+            image,
+            strength: c.strength(),
+        },
+        (Some(image), Some(mask)) => Task::Inpaint {
+            image,
+            mask,
+            strength: c.strength(),
+        },
+    };
+    let mut noise = c.noise();
+    let g = finished(
+        p.generate(&c.params(), task, &mut noise, &mut |_| Control::Continue)
+            .unwrap(),
+    );
+    assert_eq!(noise.used(), c.noise_count(), "{name}: noise used in order");
+    let expected = c.expected();
+    let max = g
+        .pixels
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    let mean = g
+        .pixels
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / expected.len() as f32;
+    println!("{name}: max {max:.2e} mean {mean:.2e}");
+    assert!(max < 1e-4 && mean < 1e-5, "{name}: max {max}, mean {mean}");
+}
+
+#[test]
+fn sdxl_pipelines_match_diffusers() {
+    let p = pipe();
+    for name in ["txt2img_euler", "txt2img_micro", "img2img", "inpaint"] {
+        check(name, &p);
+    }
+}
+
+#[test]
+fn sdxl_controlnet_matches_diffusers() {
+    let c = PipelineCase::read_in("sdxl/cases", "controlnet");
+    let mut p = pipe();
+    for d in c.controlnet_dirs() {
+        let net = ControlNetModel::from_dir(p.backend(), d, &[Variant::Default], true).unwrap();
+        p = p.with_controlnet(net).unwrap();
+    }
+    check("controlnet", &p);
+}
