@@ -216,3 +216,53 @@ fn sdxl_controlnet_matches_diffusers() {
     }
     check("controlnet", &p);
 }
+
+/// The tiny SDXL single file (the base folder's weights in Stability's names, written and
+/// checked with diffusers' own conversion by the fixture script) loads into the same networks
+/// as the folder: bit-identical outputs.
+#[test]
+fn sdxl_single_file_gives_the_folders_outputs() {
+    use sd_models::weights::compvis::{Component, ModelKind, SingleFileOptions};
+    let path = dir().join("single_file/sdxl.safetensors");
+    // What the tiny widths do not show (SDXL's heads are 64 wide, its groups 32).
+    let options = SingleFileOptions::new()
+        .override_config(
+            Component::Unet,
+            serde_json::json!({"attention_head_dim": [2, 4], "norm_num_groups": 8, "addition_time_embed_dim": 8, "sample_size": 8}),
+        )
+        .override_config(Component::Vae, serde_json::json!({"norm_num_groups": 4}))
+        .override_config(
+            Component::TextEncoder,
+            serde_json::json!({"num_attention_heads": 2}),
+        )
+        .override_config(
+            Component::TextEncoder2,
+            serde_json::json!({"num_attention_heads": 2}),
+        );
+    let file = options.clone().open(&path).unwrap();
+    assert_eq!(file.kind(), ModelKind::Sdxl);
+    assert!(file.unassigned().is_empty(), "{:?}", file.unassigned());
+    let load = LoadOptions {
+        tokenizer: Some(dir().join("base/tokenizer")),
+        single_file: options,
+        strict: true,
+        ..LoadOptions::default()
+    };
+    let single = StableDiffusion::from_single_file(CpuBackend::new(), &path, &load).unwrap();
+    let folder = pipe();
+    assert!(single.is_xl());
+    let params = Params {
+        steps: 2,
+        guidance_scale: 5.0,
+        seed: 3,
+        prompt: "a red fox".into(),
+        width: Some(64),
+        height: Some(64),
+        sampler: sd_models::pipeline::SamplerChoice::Name("EulerDiscreteScheduler".into()),
+        ..Params::default()
+    };
+    let run = |p: &StableDiffusion<CpuBackend>| {
+        finished(p.txt2img(&params, |_| Control::Continue).unwrap()).pixels
+    };
+    assert_eq!(run(&single), run(&folder));
+}

@@ -59,6 +59,9 @@ fn temp_dir(name: &str) -> TempDir {
     TempDir(dir)
 }
 
+/// The networks of an SD 1.x/2.x checkpoint (SDXL adds a second text encoder).
+const SD_COMPONENTS: [Component; 3] = [Component::Unet, Component::Vae, Component::TextEncoder];
+
 /// The options a fixture pipeline needs: its overrides.json (head and group counts, which the
 /// tiny widths do not share with the real models).
 fn options(name: &str) -> SingleFileOptions {
@@ -146,7 +149,7 @@ fn sd1_every_tensor_equals_the_diffusers_layout() {
         .unwrap();
     assert_eq!(file.kind(), ModelKind::Sd1);
     let mut counts = Vec::new();
-    for component in Component::ALL {
+    for component in SD_COMPONENTS {
         let single = file.store(component).unwrap();
         let reference = folder("sd1", component.name());
         let n = assert_same_tensors(component.name(), single, &reference, |b| b);
@@ -215,7 +218,7 @@ fn sd2_every_tensor_equals_the_diffusers_layout() {
         .unwrap();
     assert_eq!(file.kind(), ModelKind::Sd2);
     let mut counts = Vec::new();
-    for component in Component::ALL {
+    for component in SD_COMPONENTS {
         let single = file.store(component).unwrap();
         let reference = folder("sd2", component.name());
         let n = assert_same_tensors(component.name(), single, &reference, |b| b);
@@ -352,7 +355,7 @@ fn inferred_configs_equal_the_diffusers_configs() {
             .open(fixtures().join(name).join("model.safetensors"))
             .unwrap();
         assert_eq!(file.kind(), kind);
-        for component in Component::ALL {
+        for component in SD_COMPONENTS {
             assert_config_agrees(
                 &format!("{name} {component}"),
                 file.config(component).unwrap(),
@@ -420,6 +423,7 @@ fn table(name: &str) -> Table {
         checkpoint: shapes(&json["checkpoint"]).into_iter().collect(),
         components: Component::ALL
             .iter()
+            .filter(|c| json.get(c.name()).is_some())
             .map(|c| (c.name().to_owned(), shapes(&json[c.name()])))
             .collect(),
     }
@@ -442,9 +446,11 @@ fn real_sizes_infer_the_presets_and_map_onto_diffusers_keys() {
         ("sd15_inpainting", ModelKind::Sd1Inpainting),
         ("sd21", ModelKind::Sd2),
         ("sd2_inpainting", ModelKind::Sd2Inpainting),
+        ("sdxl", ModelKind::Sdxl),
     ] {
         let table = table(name);
         let plan = plan_of(&SingleFileOptions::new(), &table.checkpoint).unwrap();
+        assert_eq!(plan.text_encoder_2.is_some(), kind.is_xl(), "{name}");
         assert_eq!(plan.kind, kind, "{name}");
         assert_eq!(kind.diffusers_model_type(), table.diffusers_model_type);
         let file_shapes: BTreeMap<&str, &[usize]> = table
@@ -452,7 +458,10 @@ fn real_sizes_infer_the_presets_and_map_onto_diffusers_keys() {
             .iter()
             .map(|(k, s)| (k.as_str(), s.as_slice()))
             .collect();
-        for component in Component::ALL {
+        for component in Component::ALL
+            .into_iter()
+            .filter(|c| table.components.contains_key(c.name()))
+        {
             let part = plan.component(component).unwrap();
             // Inference reproduces the preset, field for field.
             assert_eq!(
@@ -483,7 +492,14 @@ fn real_sizes_infer_the_presets_and_map_onto_diffusers_keys() {
             println!("{name} {component}: {} keys", part.keys.len());
         }
         let ignored = plan.ignored.len();
-        let expected = SCHEDULE_BUFFERS.len() + 2 + if kind.is_sd2() { 12 + 2 } else { 0 };
+        // The schedule buffers and the position ids, OpenCLIP's last layer (12 keys), its
+        // projection and temperature (SD 2.x); SDXL's files have neither schedule nor
+        // ignored layers, only OpenCLIP's temperature.
+        let expected = match kind {
+            ModelKind::Sdxl => 1,
+            k if k.is_sd2() => SCHEDULE_BUFFERS.len() + 2 + 12 + 2,
+            _ => SCHEDULE_BUFFERS.len() + 2,
+        };
         assert_eq!(ignored, expected, "{name}: {:?}", plan.ignored);
         assert!(plan.unassigned.is_empty(), "{name}: {:?}", plan.unassigned);
     }
@@ -578,7 +594,7 @@ fn strict_mode_reports_a_key_of_no_known_role() {
     );
     let file = options("sd1").open(&path).unwrap();
     assert_eq!(file.unassigned(), [extra]);
-    for component in Component::ALL {
+    for component in SD_COMPONENTS {
         let store = file.store(component).unwrap();
         for key in store.keys().map(str::to_owned).collect::<Vec<_>>() {
             store.ignore(&WeightPath::new(key));

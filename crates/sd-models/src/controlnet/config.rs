@@ -81,6 +81,7 @@ pub struct ControlNetConfig {
     /// Size of the class table (with no `class_embed_type`).
     pub num_class_embeds: Option<usize>,
     /// Attention in `f32` for half-precision activations.
+    #[serde(deserialize_with = "crate::unet::config::null_is_false")]
     pub upcast_attention: bool,
     /// How resnets take the time embedding.
     pub resnet_time_scale_shift: TimeEmbeddingNorm,

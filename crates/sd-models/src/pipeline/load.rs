@@ -9,7 +9,7 @@ use sd_schedulers::SchedulerConfig;
 use serde_json::Value;
 
 use crate::backend::Backend;
-use crate::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use crate::clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, PadToken};
 use crate::controlnet::ControlNetModel;
 use crate::error::{Error, Result};
 use crate::files::read_regular_string;
@@ -49,7 +49,9 @@ pub struct LoadOptions {
     pub check_weights: bool,
     /// The tokenizer folder (`vocab.json`, `merges.txt`, optionally the tokenizer configs).
     /// Required for a single-file checkpoint, which carries no tokenizer; for a diffusers
-    /// folder it replaces the folder's `tokenizer/`.
+    /// folder it replaces the folder's `tokenizer/`. For an SDXL single file the second
+    /// tokenizer is the `tokenizer_2/` folder beside it if there is one (a diffusers SDXL
+    /// folder's `tokenizer/` was given), else this one padding with `!`, as SDXL's.
     pub tokenizer: Option<PathBuf>,
     /// How a single-file checkpoint is read: what inference cannot see (the kind, the
     /// prediction type, config fields such as head or group counts) and EMA or not. Its own
@@ -264,7 +266,7 @@ impl<B: Backend> StableDiffusion<B> {
         Ok(pipe)
     }
 
-    /// Loads a single-file CompVis checkpoint (SD 1.x or 2.x, inpainting included) with every
+    /// Loads a single-file checkpoint (SD 1.x or 2.x, inpainting included, or SDXL) with every
     /// config inferred (see [`crate::weights::compvis`]) except what
     /// [`LoadOptions::single_file`] sets, and the tokenizer from [`LoadOptions::tokenizer`].
     ///
@@ -307,7 +309,12 @@ impl<B: Backend> StableDiffusion<B> {
         let vae_config =
             AutoencoderKlConfig::from_json(&config_json(Component::Vae)?, &what("vae"))?;
         let vae_store = file.vae().ok_or_else(|| missing(Component::Vae))?;
-        let vae = AutoencoderKl::load(&backend, vae_store, vae_config, options.weights)?;
+        let vae_dtype = if vae_config.force_upcast && options.weights == LoadDType::Stored {
+            LoadDType::F32
+        } else {
+            options.weights
+        };
+        let vae = AutoencoderKl::load(&backend, vae_store, vae_config, vae_dtype)?;
         let text_config = ClipTextConfig::from_json(
             &config_json(Component::TextEncoder)?,
             &what("text_encoder"),
@@ -316,12 +323,38 @@ impl<B: Backend> StableDiffusion<B> {
             .text_encoder()
             .ok_or_else(|| missing(Component::TextEncoder))?;
         let text_encoder = ClipTextModel::load(&backend, text_store, text_config, options.weights)?;
+        let second = if file.kind().is_xl() {
+            let config = ClipTextConfig::from_json(
+                &config_json(Component::TextEncoder2)?,
+                &what("text_encoder_2"),
+            )?;
+            let store = file
+                .text_encoder_2()
+                .ok_or_else(|| missing(Component::TextEncoder2))?;
+            let encoder = ClipTextModel::load(&backend, store, config, options.weights)?;
+            let beside = tokenizer_dir.parent().map(|p| p.join("tokenizer_2"));
+            let tokenizer_2 = match beside.filter(|d| d.is_dir()) {
+                Some(dir) => ClipTokenizer::from_dir(dir)?,
+                None => ClipTokenizer::from_dir_with_pad(tokenizer_dir, PadToken::Exclamation)?,
+            };
+            Some((tokenizer_2, encoder))
+        } else {
+            None
+        };
         file.finish()?;
         let scheduler = scheduler_config(
             &Value::Object(file.scheduler_config().clone()).to_string(),
             &what("scheduler"),
         )?;
-        let mut pipe = Self::from_parts(backend, tokenizer, text_encoder, unet, vae, scheduler)?;
+        let mut pipe = Self::assemble_with(
+            backend,
+            (tokenizer, text_encoder),
+            second,
+            super::XlFlags::default(),
+            unet,
+            vae,
+            scheduler,
+        )?;
         pipe.origin = Some(Origin::SingleFile(path.to_path_buf(), options.clone()));
         Ok(pipe)
     }

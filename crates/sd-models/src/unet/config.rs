@@ -214,7 +214,9 @@ pub struct Unet2DConditionConfig {
     pub addition_time_embed_dim: Option<usize>,
     /// Size of the class table (with no `class_embed_type`).
     pub num_class_embeds: Option<usize>,
-    /// Attention in `f32` for half-precision activations (Stable Diffusion 2.x).
+    /// Attention in `f32` for half-precision activations (Stable Diffusion 2.x); `null`
+    /// (SDXL's config) is `false`, as in diffusers.
+    #[serde(deserialize_with = "null_is_false")]
     pub upcast_attention: bool,
     /// How resnets take the time embedding.
     pub resnet_time_scale_shift: TimeEmbeddingNorm,
@@ -250,6 +252,13 @@ pub struct Unet2DConditionConfig {
     pub cross_attention_norm: Option<String>,
     /// Ignored without `addition_embed_type`.
     pub addition_embed_type_num_heads: usize,
+}
+
+/// A boolean that may be `null` (false), as Python reads `None`.
+pub(crate) fn null_is_false<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 impl Default for Unet2DConditionConfig {

@@ -153,6 +153,11 @@ pub(crate) fn plan(shapes: &Shapes<'_>) -> Result<(ControlNetConfig, Table, &'st
     }
 
     let sd2 = unet.cross_attention_dim == SD2_CROSS_ATTENTION;
+    // The mid block takes the last level's depth.
+    let mut depths = unet.depths.clone();
+    if let Some(last) = depths.last_mut() {
+        *last = unet.mid_depth;
+    }
     let channels = &unet.block_out_channels;
     // SD 2.x's 64-wide heads where the widths allow, else SD 1.x's 8 heads (the caller can
     // change what the shapes cannot show).
@@ -177,7 +182,12 @@ pub(crate) fn plan(shapes: &Shapes<'_>) -> Result<(ControlNetConfig, Table, &'st
         block_out_channels: channels.clone(),
         layers_per_block: PerBlock::All(unet.layers_per_block),
         cross_attention_dim: PerBlock::All(unet.cross_attention_dim),
-        transformer_layers_per_block: PerBlock::All(PerBlock::All(unet.transformer_depth)),
+        transformer_layers_per_block: match depths.as_slice() {
+            [first, rest @ ..] if rest.iter().all(|d| d == first) => {
+                PerBlock::All(PerBlock::All(*first))
+            }
+            _ => PerBlock::Each(depths.iter().map(|&d| PerBlock::All(d)).collect()),
+        },
         attention_head_dim: PerBlock::Each(heads),
         use_linear_projection: unet.linear_projection,
         conditioning_embedding_out_channels: widths.clone(),
@@ -189,7 +199,8 @@ pub(crate) fn plan(shapes: &Shapes<'_>) -> Result<(ControlNetConfig, Table, &'st
         channels,
         &unet.down_attention,
         unet.layers_per_block,
-        unet.transformer_depth,
+        &depths,
+        false,
     );
     let d = WeightPath::new;
     let hint = d("controlnet_cond_embedding");

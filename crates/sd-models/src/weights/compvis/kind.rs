@@ -27,6 +27,10 @@ pub enum ModelKind {
     /// Stable Diffusion 2.x inpainting: diffusers' `"inpainting_v2"`, configured as
     /// `stabilityai/stable-diffusion-2-inpainting`.
     Sd2Inpainting,
+    /// Stable Diffusion XL (two text encoders under `conditioner.embedders.*`, the UNet's
+    /// `label_emb` added embedding): diffusers' `"xl_base"`, configured as
+    /// `stabilityai/stable-diffusion-xl-base-1.0`.
+    Sdxl,
 }
 
 /// A network of a Stable Diffusion pipeline, as a diffusers folder names its subfolder.
@@ -37,13 +41,22 @@ pub enum Component {
     Unet,
     /// `vae/`: the `AutoencoderKL` (original keys `first_stage_model.*`).
     Vae,
-    /// `text_encoder/`: the `CLIPTextModel` (original keys `cond_stage_model.*`).
+    /// `text_encoder/`: the `CLIPTextModel` (original keys `cond_stage_model.*`, SDXL's
+    /// `conditioner.embedders.0.transformer.*`).
     TextEncoder,
+    /// `text_encoder_2/`: SDXL's `CLIPTextModelWithProjection` (original keys
+    /// `conditioner.embedders.1.model.*`).
+    TextEncoder2,
 }
 
 impl Component {
-    /// The three components, in pipeline order.
-    pub const ALL: [Component; 3] = [Component::Unet, Component::Vae, Component::TextEncoder];
+    /// The components, in pipeline order.
+    pub const ALL: [Component; 4] = [
+        Component::Unet,
+        Component::Vae,
+        Component::TextEncoder,
+        Component::TextEncoder2,
+    ];
 
     /// The diffusers subfolder name (`"unet"`, `"vae"`, `"text_encoder"`).
     #[must_use]
@@ -52,6 +65,7 @@ impl Component {
             Component::Unet => "unet",
             Component::Vae => "vae",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
     }
 }
@@ -62,8 +76,8 @@ impl fmt::Display for Component {
     }
 }
 
-/// The preset files: (kind, unet, vae, text_encoder, scheduler).
-const PRESETS: [(ModelKind, [&str; 4]); 4] = [
+/// The preset files: (kind, unet, vae, text_encoder, scheduler, text_encoder_2).
+const PRESETS: [(ModelKind, [&str; 5]); 5] = [
     (
         ModelKind::Sd1,
         [
@@ -71,6 +85,7 @@ const PRESETS: [(ModelKind, [&str; 4]); 4] = [
             include_str!("../../../presets/sd15/vae.json"),
             include_str!("../../../presets/sd15/text_encoder.json"),
             include_str!("../../../presets/sd15/scheduler.json"),
+            "",
         ],
     ),
     (
@@ -80,6 +95,7 @@ const PRESETS: [(ModelKind, [&str; 4]); 4] = [
             include_str!("../../../presets/sd15_inpainting/vae.json"),
             include_str!("../../../presets/sd15_inpainting/text_encoder.json"),
             include_str!("../../../presets/sd15_inpainting/scheduler.json"),
+            "",
         ],
     ),
     (
@@ -89,6 +105,7 @@ const PRESETS: [(ModelKind, [&str; 4]); 4] = [
             include_str!("../../../presets/sd21/vae.json"),
             include_str!("../../../presets/sd21/text_encoder.json"),
             include_str!("../../../presets/sd21/scheduler.json"),
+            "",
         ],
     ),
     (
@@ -98,17 +115,29 @@ const PRESETS: [(ModelKind, [&str; 4]); 4] = [
             include_str!("../../../presets/sd2_inpainting/vae.json"),
             include_str!("../../../presets/sd2_inpainting/text_encoder.json"),
             include_str!("../../../presets/sd2_inpainting/scheduler.json"),
+            "",
+        ],
+    ),
+    (
+        ModelKind::Sdxl,
+        [
+            include_str!("../../../presets/sdxl/unet.json"),
+            include_str!("../../../presets/sdxl/vae.json"),
+            include_str!("../../../presets/sdxl/text_encoder.json"),
+            include_str!("../../../presets/sdxl/scheduler.json"),
+            include_str!("../../../presets/sdxl/text_encoder_2.json"),
         ],
     ),
 ];
 
 impl ModelKind {
     /// Every kind.
-    pub const ALL: [ModelKind; 4] = [
+    pub const ALL: [ModelKind; 5] = [
         ModelKind::Sd1,
         ModelKind::Sd1Inpainting,
         ModelKind::Sd2,
         ModelKind::Sd2Inpainting,
+        ModelKind::Sdxl,
     ];
 
     /// The kind of a version (`sd2`: 2.x, else 1.x) and UNet input (`inpainting`: 9
@@ -130,6 +159,19 @@ impl ModelKind {
         matches!(self, ModelKind::Sd2 | ModelKind::Sd2Inpainting)
     }
 
+    /// Whether it is SDXL (two text encoders, the UNet's added embedding).
+    #[must_use]
+    pub fn is_xl(self) -> bool {
+        self == ModelKind::Sdxl
+    }
+
+    /// Whether its UNet has 64-wide attention heads (SD 2.x and SDXL; SD 1.x has 8 heads
+    /// per level).
+    #[must_use]
+    pub fn has_64_wide_heads(self) -> bool {
+        self.is_sd2() || self.is_xl()
+    }
+
     /// Whether it is an inpainting model (a UNet of 9 input channels).
     #[must_use]
     pub fn is_inpainting(self) -> bool {
@@ -145,6 +187,7 @@ impl ModelKind {
             ModelKind::Sd1Inpainting => "inpainting",
             ModelKind::Sd2 => "v2",
             ModelKind::Sd2Inpainting => "inpainting_v2",
+            ModelKind::Sdxl => "xl_base",
         }
     }
 
@@ -157,6 +200,7 @@ impl ModelKind {
             ModelKind::Sd1Inpainting => "stable-diffusion-v1-5/stable-diffusion-inpainting",
             ModelKind::Sd2 => "stabilityai/stable-diffusion-2-1",
             ModelKind::Sd2Inpainting => "stabilityai/stable-diffusion-2-inpainting",
+            ModelKind::Sdxl => "stabilityai/stable-diffusion-xl-base-1.0",
         }
     }
 
@@ -186,12 +230,14 @@ impl ModelKind {
     /// holds it.
     ///
     /// # Errors
-    /// [`Error::Config`] if the preset is not a JSON object (a broken build).
+    /// [`Error::Config`] if the preset is not a JSON object (a broken build), or the kind has
+    /// no such component (a second text encoder but for SDXL).
     pub fn preset(self, component: Component) -> Result<Map<String, Value>> {
         let index = match component {
             Component::Unet => 0,
             Component::Vae => 1,
             Component::TextEncoder => 2,
+            Component::TextEncoder2 => 4,
         };
         self.parse_preset(index, component.name())
     }
@@ -227,6 +273,7 @@ impl fmt::Display for ModelKind {
             ModelKind::Sd1Inpainting => "Stable Diffusion 1.x inpainting",
             ModelKind::Sd2 => "Stable Diffusion 2.x",
             ModelKind::Sd2Inpainting => "Stable Diffusion 2.x inpainting",
+            ModelKind::Sdxl => "Stable Diffusion XL",
         })
     }
 }
@@ -246,10 +293,13 @@ mod tests {
                 unet["in_channels"],
                 if kind.is_inpainting() { 9 } else { 4 }
             );
-            assert_eq!(
-                unet["cross_attention_dim"],
-                if kind.is_sd2() { 1024 } else { 768 }
-            );
+            let cross = match kind {
+                ModelKind::Sdxl => 2048,
+                k if k.is_sd2() => 1024,
+                _ => 768,
+            };
+            assert_eq!(unet["cross_attention_dim"], cross);
+            assert_eq!(kind.preset(Component::TextEncoder2).is_ok(), kind.is_xl());
             assert_eq!(
                 kind.preset(Component::Vae).unwrap()["_class_name"],
                 "AutoencoderKL"
@@ -259,6 +309,11 @@ mod tests {
                 text["hidden_act"],
                 if kind.is_sd2() { "gelu" } else { "quick_gelu" }
             );
+            if kind.is_xl() {
+                let text_2 = kind.preset(Component::TextEncoder2).unwrap();
+                assert_eq!(text_2["hidden_act"], "gelu");
+                assert_eq!(text_2["projection_dim"], 1280);
+            }
             let scheduler = kind.scheduler_preset().unwrap();
             let prediction = scheduler
                 .get("prediction_type")

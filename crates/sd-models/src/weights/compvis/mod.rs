@@ -1,5 +1,6 @@
-//! Single-file Stable Diffusion 1.x and 2.x checkpoints: one `.safetensors` file with the
-//! original CompVis / ldm key names, as most users have them, opened as three stores in the
+//! Single-file Stable Diffusion 1.x, 2.x and XL checkpoints: one `.safetensors` file with the
+//! original CompVis / ldm (SDXL: Stability's sgm) key names, as most users have them, opened as
+//! three stores (four for SDXL) in the
 //! diffusers and transformers names, with the model kind and the diffusers configs inferred
 //! from the tensors' shapes.
 //!
@@ -17,6 +18,9 @@
 //! | `first_stage_model.*` | [`Component::Vae`] | `AutoencoderKL` | renamed; the mid-block attention's 1x1 convolution kernels `[C, C, 1, 1]` read as linear weights `[C, C]` |
 //! | `cond_stage_model.transformer.*` | [`Component::TextEncoder`] (SD 1.x) | `CLIPTextModel`, `text_model.*` | renamed (the names are transformers') |
 //! | `cond_stage_model.model.*` | [`Component::TextEncoder`] (SD 2.x) | `CLIPTextModel`, `text_model.*` | renamed; fused `attn.in_proj_{weight,bias}` `[3 D, ...]` split into `q_proj`, `k_proj`, `v_proj` by [`Derived`] row views; the last layer, `text_projection` and `logit_scale` ignored |
+//! | `conditioner.embedders.0.transformer.*` | [`Component::TextEncoder`] (SDXL) | `CLIPTextModel`, `text_model.*` | renamed (transformers' names) |
+//! | `conditioner.embedders.1.model.*` | [`Component::TextEncoder2`] (SDXL) | `CLIPTextModelWithProjection` | as SD 2.x's OpenCLIP, the whole tower, with `text_projection.weight` the transpose of `text_projection` |
+//! | `model.diffusion_model.label_emb.0.{0,2}.*` | [`Component::Unet`] (SDXL) | `add_embedding.linear_{1,2}` | renamed; `addition_embed_type: "text_time"`, `projection_class_embeddings_input_dim` from its shape |
 //! | `model_ema.*` | ignored, or the UNet with [`SingleFileOptions::ema`] | | ldm's `LitEma` names: `model_ema.` + the UNet key without `model.` and without dots |
 //! | `betas`, `alphas_cumprod`, ... | ignored | | the noise schedule, which the scheduler recomputes |
 //!
@@ -25,7 +29,9 @@
 //!
 //! # What is inferred, and how
 //!
-//! The kind ([`ModelKind`]) follows `infer_diffusers_model_type`: the text encoder's layout
+//! The kind ([`ModelKind`]) follows `infer_diffusers_model_type`: SDXL for keys under
+//! `conditioner.embedders.` or a UNet with `label_emb.0.0` (whose per-level transformer
+//! depths, `[1, 2, 10]` in SDXL, are read level by level); else the text encoder's layout
 //! (OpenAI CLIP under `cond_stage_model.transformer.` for 1.x, OpenCLIP under
 //! `cond_stage_model.model.` for 2.x), or without a text encoder the cross-attention width
 //! (`attn2.to_k` is `[C, 768]` in 1.x, `[C, 1024]` in 2.x); a UNet of 9 input channels is
@@ -278,6 +284,7 @@ impl SingleFileOptions {
         };
         let vae = open(&plan.vae)?;
         let text_encoder = open(&plan.text_encoder)?;
+        let text_encoder_2 = open(&plan.text_encoder_2)?;
         Ok(SingleFile {
             path: path.to_path_buf(),
             strict: self.strict,
@@ -285,6 +292,7 @@ impl SingleFileOptions {
             unet,
             vae,
             text_encoder,
+            text_encoder_2,
         })
     }
 
@@ -374,6 +382,8 @@ pub struct SingleFilePlan {
     pub vae: Option<ComponentPlan>,
     /// The text encoder, if the file has one.
     pub text_encoder: Option<ComponentPlan>,
+    /// SDXL's second text encoder, if the file has one.
+    pub text_encoder_2: Option<ComponentPlan>,
     /// The scheduler config: the kind's preset, with `prediction_type`.
     pub scheduler: Map<String, Value>,
     /// Keys not loaded, with why.
@@ -390,6 +400,7 @@ impl SingleFilePlan {
             Component::Unet => Some(&self.unet),
             Component::Vae => self.vae.as_ref(),
             Component::TextEncoder => self.text_encoder.as_ref(),
+            Component::TextEncoder2 => self.text_encoder_2.as_ref(),
         }
     }
 }
@@ -413,9 +424,17 @@ fn plan(shapes: &Shapes<'_>, options: &SingleFileOptions) -> Result<SingleFilePl
     let what = shapes.what;
     check_stable_diffusion(shapes)?;
     let unet_shape = unet::infer(shapes)?;
-    let layout = TextLayout::detect(shapes);
+    let xl_layouts = TextLayout::detect_xl(shapes);
+    let xl_file =
+        xl_layouts.0.is_some() || xl_layouts.1.is_some() || unet_shape.added_input.is_some();
+    let layout = if xl_file {
+        xl_layouts.0
+    } else {
+        TextLayout::detect(shapes)
+    };
     let kind = match options.kind {
         Some(kind) => kind,
+        None if xl_file => ModelKind::Sdxl,
         None => infer_kind(what, &unet_shape, layout)?,
     };
 
@@ -424,7 +443,7 @@ fn plan(shapes: &Shapes<'_>, options: &SingleFileOptions) -> Result<SingleFilePl
     let mut unet_config = kind.preset(Component::Unet)?;
     unet::apply(
         &unet_shape,
-        kind.is_sd2(),
+        kind.has_64_wide_heads(),
         &mut unet_config,
         unresolved.entry(Component::Unet).or_default(),
     );
@@ -441,34 +460,57 @@ fn plan(shapes: &Shapes<'_>, options: &SingleFileOptions) -> Result<SingleFilePl
         None
     };
     let full = options.full_open_clip;
+    // A text encoder's config: the preset of its layout (quick GELU for OpenAI CLIP, GELU
+    // for OpenCLIP) or of SDXL's encoder, with what the shapes show.
+    let mut text_config_of = |layout: TextLayout,
+                              component: Component,
+                              full: bool|
+     -> Result<(TextLayout, usize, usize, Map<String, Value>)> {
+        let shape = text::infer(shapes, layout)?;
+        let mut config = if kind.is_xl() {
+            ModelKind::Sdxl.preset(component)?
+        } else {
+            ModelKind::new(layout.is_open_clip(), false).preset(Component::TextEncoder)?
+        };
+        text::apply(
+            &shape,
+            layout,
+            full,
+            what,
+            &mut config,
+            unresolved.entry(component).or_default(),
+        )?;
+        Ok((layout, shape.layers, shape.hidden_size, config))
+    };
     let mut text_config = match layout {
-        Some(layout) => {
-            let shape = text::infer(shapes, layout)?;
-            if shape.hidden_size != unet_shape.cross_attention_dim {
-                return Err(cannot_infer(
-                    what,
-                    format!(
-                        "one model: the text encoder is {} wide but the UNet's cross-attention takes {}",
-                        shape.hidden_size, unet_shape.cross_attention_dim
-                    ),
-                ));
-            }
-            // The text encoder's preset follows its layout (quick GELU for OpenAI CLIP, GELU
-            // for OpenCLIP), whatever kind was asked for.
-            let preset = ModelKind::new(layout == TextLayout::OpenClip, false);
-            let mut config = preset.preset(Component::TextEncoder)?;
-            text::apply(
-                &shape,
-                layout,
-                full,
-                what,
-                &mut config,
-                unresolved.entry(Component::TextEncoder).or_default(),
-            )?;
-            Some((layout, shape.layers, config))
-        }
+        Some(layout) => Some(text_config_of(layout, Component::TextEncoder, full)?),
         None => None,
     };
+    // SDXL's second encoder is the whole OpenCLIP tower with its projection.
+    let mut text_config_2 = match xl_layouts.1.filter(|_| kind.is_xl()) {
+        Some(layout) => Some(text_config_of(layout, Component::TextEncoder2, true)?),
+        None => None,
+    };
+    let widths: usize = [&text_config, &text_config_2]
+        .into_iter()
+        .flatten()
+        .map(|(_, _, hidden, _)| *hidden)
+        .sum();
+    let complete = text_config.is_some() && (!kind.is_xl() || text_config_2.is_some());
+    if complete && widths != unet_shape.cross_attention_dim {
+        return Err(cannot_infer(
+            what,
+            format!(
+                "one model: the text encoder{} {widths} wide but the UNet's cross-attention takes {}",
+                if kind.is_xl() {
+                    "s are together"
+                } else {
+                    " is"
+                },
+                unet_shape.cross_attention_dim
+            ),
+        ));
+    }
     for (component, fields) in &options.overrides {
         let Value::Object(fields) = fields else {
             return Err(Error::Config {
@@ -479,7 +521,8 @@ fn plan(shapes: &Shapes<'_>, options: &SingleFileOptions) -> Result<SingleFilePl
         let config = match component {
             Component::Unet => Some(&mut unet_config),
             Component::Vae => vae_config.as_mut(),
-            Component::TextEncoder => text_config.as_mut().map(|(_, _, c)| c),
+            Component::TextEncoder => text_config.as_mut().map(|(_, _, _, c)| c),
+            Component::TextEncoder2 => text_config_2.as_mut().map(|(_, _, _, c)| c),
         };
         if let Some(config) = config {
             config.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -511,25 +554,26 @@ fn plan(shapes: &Shapes<'_>, options: &SingleFileOptions) -> Result<SingleFilePl
         None => None,
     };
     let mut ignore_rules: Vec<(String, IgnoreReason)> = Vec::new();
-    let text_encoder = match text_config {
-        Some((layout, file_layers, config)) => {
-            let (table, ignored) = text::keys(
-                &reader(what, Component::TextEncoder, &config),
-                layout,
-                full,
-                file_layers,
-            )?;
-            ignore_rules.extend(ignored);
-            Some(mapped(
-                shapes,
-                Component::TextEncoder,
-                table,
-                config,
-                &mut missing,
-            )?)
-        }
-        None => None,
+    let mut text_plan = |text: Option<(TextLayout, usize, usize, Map<String, Value>)>,
+                         component: Component,
+                         full: bool|
+     -> Result<Option<ComponentPlan>> {
+        let Some((layout, file_layers, _, config)) = text else {
+            return Ok(None);
+        };
+        let (table, ignored) =
+            text::keys(&reader(what, component, &config), layout, full, file_layers)?;
+        ignore_rules.extend(ignored);
+        Ok(Some(mapped(
+            shapes,
+            component,
+            table,
+            config,
+            &mut missing,
+        )?))
     };
+    let text_encoder = text_plan(text_config, Component::TextEncoder, full)?;
+    let text_encoder_2 = text_plan(text_config_2, Component::TextEncoder2, true)?;
     if let Some(first) = missing.first() {
         let more = match missing.len() {
             1 => String::new(),
@@ -542,11 +586,16 @@ fn plan(shapes: &Shapes<'_>, options: &SingleFileOptions) -> Result<SingleFilePl
     }
 
     // Every other key: ignored for a reason, or unassigned.
-    let mapped_files: HashSet<&str> = [Some(&unet), vae.as_ref(), text_encoder.as_ref()]
-        .into_iter()
-        .flatten()
-        .flat_map(|plan| plan.keys.iter().map(|k| k.file_key.as_str()))
-        .collect();
+    let mapped_files: HashSet<&str> = [
+        Some(&unet),
+        vae.as_ref(),
+        text_encoder.as_ref(),
+        text_encoder_2.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .flat_map(|plan| plan.keys.iter().map(|k| k.file_key.as_str()))
+    .collect();
     let buffers: BTreeSet<&str> = SCHEDULE_BUFFERS.into_iter().collect();
     let mut ignored = Vec::new();
     let mut unassigned = Vec::new();
@@ -598,6 +647,7 @@ fn plan(shapes: &Shapes<'_>, options: &SingleFileOptions) -> Result<SingleFilePl
         unet,
         vae,
         text_encoder,
+        text_encoder_2,
         scheduler,
         ignored,
         unassigned,
@@ -617,7 +667,10 @@ fn check_stable_diffusion(shapes: &Shapes<'_>) -> Result<()> {
     let what = shapes.what;
     if !shapes.has(unet::PREFIX.trim_end_matches('.')) {
         let message = if shapes.has("conditioner.embedders") {
-            "a Stable Diffusion 1.x or 2.x model: the keys are SDXL's (conditioner.embedders.*), which is not supported".to_owned()
+            format!(
+                "a Stable Diffusion model: the keys are SDXL's text encoders (conditioner.embedders.*) without a UNet (no key starts with {})",
+                unet::PREFIX
+            )
         } else {
             let first: Vec<&str> = shapes.keys().take(3).collect();
             format!(
@@ -627,7 +680,9 @@ fn check_stable_diffusion(shapes: &Shapes<'_>) -> Result<()> {
         };
         return Err(cannot_infer(what, message));
     }
-    if shapes.has(&format!("{}label_emb", unet::PREFIX)) {
+    if shapes.has(&format!("{}label_emb", unet::PREFIX))
+        && !shapes.has(&format!("{}label_emb.0.0", unet::PREFIX))
+    {
         return Err(cannot_infer(
             what,
             "a Stable Diffusion 1.x or 2.x text-to-image UNet: this one is class-conditioned (label_emb: the x4 upscaler or unCLIP), which is not supported".to_owned(),
@@ -729,7 +784,7 @@ fn mapped(
 /// The kind the shapes show: the version from the text encoder or the cross-attention width
 /// (diffusers' `CHECKPOINT_KEY_NAMES["v2"]` test), inpainting from the UNet's input.
 fn infer_kind(what: &str, unet: &unet::UnetShape, layout: Option<TextLayout>) -> Result<ModelKind> {
-    let by_text = layout.map(|l| l == TextLayout::OpenClip);
+    let by_text = layout.map(TextLayout::is_open_clip);
     let width = unet.cross_attention_dim;
     let by_width = match width {
         768 => Some(false),
@@ -784,6 +839,7 @@ pub struct SingleFile {
     unet: WeightStore,
     vae: Option<WeightStore>,
     text_encoder: Option<WeightStore>,
+    text_encoder_2: Option<WeightStore>,
 }
 
 impl SingleFile {
@@ -838,6 +894,13 @@ impl SingleFile {
         self.text_encoder.as_ref()
     }
 
+    /// SDXL's second text encoder's store (`CLIPTextModelWithProjection` names), if the file
+    /// has one.
+    #[must_use]
+    pub fn text_encoder_2(&self) -> Option<&WeightStore> {
+        self.text_encoder_2.as_ref()
+    }
+
     /// A component's store to change, if the file has it (to patch its tensors with
     /// [`WeightStore::set_patch`], say).
     pub fn store_mut(&mut self, component: Component) -> Option<&mut WeightStore> {
@@ -845,6 +908,7 @@ impl SingleFile {
             Component::Unet => Some(&mut self.unet),
             Component::Vae => self.vae.as_mut(),
             Component::TextEncoder => self.text_encoder.as_mut(),
+            Component::TextEncoder2 => self.text_encoder_2.as_mut(),
         }
     }
 
@@ -855,6 +919,7 @@ impl SingleFile {
             Component::Unet => Some(&self.unet),
             Component::Vae => self.vae.as_ref(),
             Component::TextEncoder => self.text_encoder.as_ref(),
+            Component::TextEncoder2 => self.text_encoder_2.as_ref(),
         }
     }
 

@@ -29,6 +29,10 @@ use crate::weights::{Derived, WeightPath};
 pub(crate) const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 /// The prefix of SD 2.x's text encoder keys.
 pub(crate) const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// The prefix of SDXL's first text encoder (OpenAI CLIP ViT-L, transformers' names).
+pub(crate) const XL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// The prefix of SDXL's second text encoder (OpenCLIP ViT-bigG, OpenCLIP's names).
+pub(crate) const XL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 /// The width of the attention heads of CLIP ViT-L/14 (768 / 12) and OpenCLIP ViT-H/14
 /// (1024 / 16).
@@ -37,39 +41,71 @@ const HEAD_WIDTH: usize = 64;
 /// Which text encoder a file holds, and how its keys start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TextLayout {
-    /// OpenAI CLIP in transformers' names (SD 1.x); `text_model` says whether the keys have
-    /// transformers' `text_model.` level.
-    Clip { text_model: bool },
-    /// OpenCLIP's own names (SD 2.x).
-    OpenClip,
+    /// OpenAI CLIP in transformers' names under `base` (SD 1.x, SDXL's first encoder);
+    /// `text_model` says whether the keys have transformers' `text_model.` level.
+    Clip {
+        base: &'static str,
+        text_model: bool,
+    },
+    /// OpenCLIP's own names under `base` (SD 2.x, SDXL's second encoder).
+    OpenClip { base: &'static str },
 }
 
 impl TextLayout {
-    /// The text encoder the keys show, if any.
-    pub(crate) fn detect(shapes: &Shapes<'_>) -> Option<Self> {
-        let clip = |root: &str| {
-            shapes.has(&format!(
-                "{CLIP_PREFIX}{root}embeddings.token_embedding.weight"
-            ))
-        };
+    /// An OpenAI CLIP text encoder under `base`, if the keys have one.
+    fn detect_clip(shapes: &Shapes<'_>, base: &'static str) -> Option<Self> {
+        let clip =
+            |root: &str| shapes.has(&format!("{base}{root}embeddings.token_embedding.weight"));
         if clip("text_model.") {
-            Some(TextLayout::Clip { text_model: true })
+            Some(TextLayout::Clip {
+                base,
+                text_model: true,
+            })
         } else if clip("") {
-            Some(TextLayout::Clip { text_model: false })
-        } else if shapes.has(&format!("{OPEN_CLIP_PREFIX}token_embedding.weight")) {
-            Some(TextLayout::OpenClip)
+            Some(TextLayout::Clip {
+                base,
+                text_model: false,
+            })
         } else {
             None
         }
     }
 
+    /// An OpenCLIP text encoder under `base`, if the keys have one.
+    fn detect_open_clip(shapes: &Shapes<'_>, base: &'static str) -> Option<Self> {
+        shapes
+            .has(&format!("{base}token_embedding.weight"))
+            .then_some(TextLayout::OpenClip { base })
+    }
+
+    /// The SD 1.x/2.x text encoder the keys show, if any.
+    pub(crate) fn detect(shapes: &Shapes<'_>) -> Option<Self> {
+        Self::detect_clip(shapes, CLIP_PREFIX)
+            .or_else(|| Self::detect_open_clip(shapes, OPEN_CLIP_PREFIX))
+    }
+
+    /// SDXL's two text encoders, as far as the keys have them.
+    pub(crate) fn detect_xl(shapes: &Shapes<'_>) -> (Option<Self>, Option<Self>) {
+        (
+            Self::detect_clip(shapes, XL_CLIP_PREFIX),
+            Self::detect_open_clip(shapes, XL_OPEN_CLIP_PREFIX),
+        )
+    }
+
     /// The prefix of the file's text encoder keys.
-    pub(crate) fn prefix(self) -> &'static str {
+    pub(crate) fn prefix(self) -> String {
         match self {
-            TextLayout::Clip { text_model: true } => "cond_stage_model.transformer.text_model.",
-            TextLayout::Clip { text_model: false } => CLIP_PREFIX,
-            TextLayout::OpenClip => OPEN_CLIP_PREFIX,
+            TextLayout::Clip {
+                base,
+                text_model: true,
+            } => format!("{base}text_model."),
+            TextLayout::Clip { base, .. } | TextLayout::OpenClip { base } => base.to_owned(),
         }
+    }
+
+    /// Whether the names are OpenCLIP's.
+    pub(crate) fn is_open_clip(self) -> bool {
+        matches!(self, TextLayout::OpenClip { .. })
     }
 
     fn names(self) -> Names {
@@ -80,7 +116,7 @@ impl TextLayout {
                 layers: "encoder.layers",
                 fc1: "mlp.fc1.weight",
             },
-            TextLayout::OpenClip => Names {
+            TextLayout::OpenClip { .. } => Names {
                 token: "token_embedding.weight",
                 position: "positional_embedding",
                 layers: "transformer.resblocks",
@@ -132,7 +168,7 @@ pub(crate) fn infer(shapes: &Shapes<'_>, layout: TextLayout) -> Result<TextShape
         ));
     }
     let projection = match layout {
-        TextLayout::OpenClip => shapes
+        TextLayout::OpenClip { .. } => shapes
             .get(&key("text_projection"))
             .and_then(|s| s.get(1).copied()),
         TextLayout::Clip { .. } => None,
@@ -174,12 +210,13 @@ pub(crate) fn apply(
 ) -> Result<()> {
     let layers = match layout {
         TextLayout::Clip { .. } => shape.layers,
-        TextLayout::OpenClip if full => {
+        TextLayout::OpenClip { .. } if full => {
             let projection = shape.projection.ok_or_else(|| {
                 cannot_infer(
                     what,
                     format!(
-                        "the projection_dim of the whole OpenCLIP tower: the file has no {OPEN_CLIP_PREFIX}text_projection"
+                        "the projection_dim of the whole OpenCLIP tower: the file has no {}text_projection",
+                        layout.prefix()
                     ),
                 )
             })?;
@@ -190,7 +227,7 @@ pub(crate) fn apply(
             );
             shape.layers
         }
-        TextLayout::OpenClip => shape.layers.checked_sub(1).filter(|&l| l > 0).ok_or_else(|| {
+        TextLayout::OpenClip { .. } => shape.layers.checked_sub(1).filter(|&l| l > 0).ok_or_else(|| {
             cannot_infer(
                 what,
                 "the text encoder's layers: an OpenCLIP tower of one layer has no penultimate layer for SD 2.x to use".to_owned(),
@@ -236,7 +273,8 @@ pub(crate) fn keys(
 ) -> Result<(Table, Vec<(String, IgnoreReason)>)> {
     let layers = config.usize("num_hidden_layers")?;
     let hidden = config.usize("hidden_size")?;
-    let mut table = Table::new(layout.prefix());
+    let prefix = layout.prefix();
+    let mut table = Table::new(&prefix);
     let mut ignored = Vec::new();
     let d = WeightPath::new;
     let tm = d("text_model");
@@ -268,7 +306,7 @@ pub(crate) fn keys(
             }
             same(&mut table, &d("final_layer_norm"), WB);
         }
-        TextLayout::OpenClip => {
+        TextLayout::OpenClip { .. } => {
             let embeddings = tm.push("embeddings");
             table.module(
                 &d("token_embedding"),
@@ -312,20 +350,17 @@ pub(crate) fn keys(
                 );
             } else {
                 ignored.push((
-                    format!("{OPEN_CLIP_PREFIX}text_projection"),
+                    format!("{prefix}text_projection"),
                     IgnoreReason::OpenClipProjection,
                 ));
                 for i in layers..file_layers {
                     ignored.push((
-                        format!("{OPEN_CLIP_PREFIX}transformer.resblocks.{i}"),
+                        format!("{prefix}transformer.resblocks.{i}"),
                         IgnoreReason::OpenClipLastLayers,
                     ));
                 }
             }
-            ignored.push((
-                format!("{OPEN_CLIP_PREFIX}logit_scale"),
-                IgnoreReason::LogitScale,
-            ));
+            ignored.push((format!("{prefix}logit_scale"), IgnoreReason::LogitScale));
         }
     }
     Ok((table, ignored))

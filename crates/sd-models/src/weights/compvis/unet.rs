@@ -40,7 +40,12 @@ pub(crate) struct UnetShape {
     pub(crate) up_attention: Vec<bool>,
     pub(crate) cross_attention_dim: usize,
     pub(crate) linear_projection: bool,
-    pub(crate) transformer_depth: usize,
+    /// Transformer blocks per attention layer, per level (1 for levels without attention).
+    pub(crate) depths: Vec<usize>,
+    /// Transformer blocks of the mid block's attention layer.
+    pub(crate) mid_depth: usize,
+    /// SDXL's added embedding (`label_emb.0.0`): its input width.
+    pub(crate) added_input: Option<usize>,
 }
 
 fn key(path: &WeightPath) -> String {
@@ -145,9 +150,23 @@ pub(crate) fn infer_encoder(shapes: &Shapes<'_>, prefix: &str) -> Result<UnetSha
     )?;
     let proj_in = key(&transformer.push("proj_in.weight"));
     let linear_projection = shapes.need(&proj_in, "use_linear_projection")?.len() == 2;
-    let transformer_depth = shapes
-        .indices(&key(&transformer.push("transformer_blocks")))
-        .len();
+    let depth_of = |t: &WeightPath| shapes.indices(&key(&t.push("transformer_blocks"))).len();
+    let depths: Vec<usize> = down_attention
+        .iter()
+        .enumerate()
+        .map(|(l, &a)| if a { depth_of(&first(l).push("1")) } else { 1 })
+        .collect();
+    let mid = WeightPath::new("middle_block.1");
+    let mid_depth = if shapes.has(&key(&mid)) {
+        depth_of(&mid)
+    } else {
+        depths.last().copied().unwrap_or(1)
+    };
+    let added = key(&WeightPath::new("label_emb.0.0.weight"));
+    let added_input = match shapes.get(&added) {
+        Some(_) => Some(shapes.dim(&added, 2, 1, "projection_class_embeddings_input_dim")?),
+        None => None,
+    };
     Ok(UnetShape {
         in_channels,
         out_channels: in_channels,
@@ -157,7 +176,9 @@ pub(crate) fn infer_encoder(shapes: &Shapes<'_>, prefix: &str) -> Result<UnetSha
         up_attention,
         cross_attention_dim,
         linear_projection,
-        transformer_depth,
+        depths,
+        mid_depth,
+        added_input,
     })
 }
 
@@ -201,12 +222,61 @@ pub(crate) fn apply(
         json!(shape.linear_projection),
         &json!(false),
     );
-    set(
-        config,
-        "transformer_layers_per_block",
-        json!(shape.transformer_depth),
-        &json!(1),
-    );
+    // One depth for all, or one per level (diffusers' mid block takes the last level's).
+    let attention_depths: Vec<usize> = shape
+        .depths
+        .iter()
+        .zip(&shape.down_attention)
+        .filter(|(_, a)| **a)
+        .map(|(d, _)| *d)
+        .collect();
+    if attention_depths.iter().all(|&d| d == shape.mid_depth) {
+        set(
+            config,
+            "transformer_layers_per_block",
+            json!(shape.mid_depth),
+            &json!(1),
+        );
+    } else {
+        let mut depths = shape.depths.clone();
+        let last_attention = shape.down_attention.last().copied().unwrap_or(false);
+        match depths.last_mut() {
+            Some(last) if !last_attention => *last = shape.mid_depth,
+            Some(last) if *last != shape.mid_depth => unresolved.push((
+                "transformer_layers_per_block",
+                format!(
+                    "the mid block's {} transformer blocks differ from the last level's {last}, which diffusers' config cannot say",
+                    shape.mid_depth
+                ),
+            )),
+            _ => {}
+        }
+        config.insert("transformer_layers_per_block".into(), json!(depths));
+    }
+    match shape.added_input {
+        Some(input) => {
+            config.insert("addition_embed_type".into(), json!("text_time"));
+            config.insert("projection_class_embeddings_input_dim".into(), json!(input));
+            if config
+                .get("addition_time_embed_dim")
+                .and_then(Value::as_u64)
+                .is_none()
+            {
+                unresolved.push((
+                    "addition_time_embed_dim",
+                    "the UNet has SDXL's added embedding (label_emb) but the preset no id embedding width".to_owned(),
+                ));
+            }
+        }
+        None => {
+            if config
+                .get("addition_embed_type")
+                .is_some_and(|v| !v.is_null())
+            {
+                config.insert("addition_embed_type".into(), Value::Null);
+            }
+        }
+    }
     let channels = &shape.block_out_channels;
     if sd2 {
         // SD 2.x: 64-wide heads, so `attention_head_dim` (a head count) is channels / 64.
@@ -309,15 +379,29 @@ fn transformer(table: &mut Table, file: &WeightPath, to: &WeightPath, depth: usi
 pub(crate) fn keys(config: &ConfigReader<'_>) -> Result<Table> {
     let channels = config.usizes("block_out_channels")?;
     let layers = config.usize("layers_per_block")?;
-    let depth = match config.map.get("transformer_layers_per_block") {
-        Some(Value::Array(_)) => {
-            return Err(config.unsupported(
-                "transformer_layers_per_block",
-                "one depth per block is not a Stable Diffusion 1.x/2.x UNet",
-            ));
+    let depths = match config.map.get("transformer_layers_per_block") {
+        Some(Value::Array(v)) => {
+            let depths: Option<Vec<usize>> = v
+                .iter()
+                .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                .collect();
+            match depths {
+                Some(d) if d.len() == channels.len() => d,
+                _ => {
+                    return Err(config.unsupported(
+                        "transformer_layers_per_block",
+                        "needs one number per block_out_channels (per-layer lists are not mapped)",
+                    ));
+                }
+            }
         }
-        _ => config.usize_or("transformer_layers_per_block", 1)?,
+        _ => vec![config.usize_or("transformer_layers_per_block", 1)?; channels.len()],
     };
+    let added = config
+        .map
+        .get("addition_embed_type")
+        .and_then(Value::as_str)
+        == Some("text_time");
     if let Some(mid) = config.map.get("mid_block_type").and_then(Value::as_str)
         && mid != "UNetMidBlock2DCrossAttn"
     {
@@ -345,7 +429,7 @@ pub(crate) fn keys(config: &ConfigReader<'_>) -> Result<Table> {
     let levels = channels.len();
     let per = layers + 1;
     let mut table = Table::new(PREFIX);
-    encoder_keys(&mut table, &channels, &down, layers, depth);
+    encoder_keys(&mut table, &channels, &down, layers, &depths, added);
     let d = WeightPath::new;
     for (u, &attn) in up.iter().enumerate() {
         let to = d("up_blocks").index(u);
@@ -364,7 +448,7 @@ pub(crate) fn keys(config: &ConfigReader<'_>) -> Result<Table> {
                     &mut table,
                     &file.index(1),
                     &to.push("attentions").index(j),
-                    depth,
+                    depths[levels - 1 - u],
                 );
             }
         }
@@ -382,21 +466,28 @@ pub(crate) fn keys(config: &ConfigReader<'_>) -> Result<Table> {
     Ok(table)
 }
 
-/// The key map of the encoder half (`time_embed`, `input_blocks`, `middle_block`) of a
-/// network with `channels` per level, `down` attention levels, `layers` resnets per level and
-/// transformers `depth` deep: the UNet's and a ControlNet's.
+/// The key map of the encoder half (`time_embed`, `input_blocks`, `middle_block`, SDXL's
+/// `label_emb` when `added`) of a network with `channels` per level, `down` attention levels,
+/// `layers` resnets per level and transformers `depths[level]` deep (the mid block's: the
+/// last level's): the UNet's and a ControlNet's.
 pub(crate) fn encoder_keys(
     table: &mut Table,
     channels: &[usize],
     down: &[bool],
     layers: usize,
-    depth: usize,
+    depths: &[usize],
+    added: bool,
 ) {
+    let depth = |level: usize| depths.get(level).copied().unwrap_or(1);
     let (levels, per) = (channels.len(), layers + 1);
     let first = channels.first().copied().unwrap_or(0);
     let d = WeightPath::new;
     table.module(&d("time_embed.0"), &d("time_embedding.linear_1"), WB);
     table.module(&d("time_embed.2"), &d("time_embedding.linear_2"), WB);
+    if added {
+        table.module(&d("label_emb.0.0"), &d("add_embedding.linear_1"), WB);
+        table.module(&d("label_emb.0.2"), &d("add_embedding.linear_2"), WB);
+    }
     table.module(&input(0).index(0), &d("conv_in"), WB);
     let mut out = first;
     for (level, (&ch, &attn)) in channels.iter().zip(down).enumerate() {
@@ -416,7 +507,7 @@ pub(crate) fn encoder_keys(
                     table,
                     &file.index(1),
                     &to.push("attentions").index(j),
-                    depth,
+                    depth(level),
                 );
             }
         }
@@ -434,7 +525,7 @@ pub(crate) fn encoder_keys(
         table,
         &d("middle_block.1"),
         &mid.push("attentions.0"),
-        depth,
+        depth(levels - 1),
     );
     resnet(table, &d("middle_block.2"), &mid.push("resnets.1"), false);
 }
