@@ -17,7 +17,7 @@ use sd_models::cpu::CpuPrecision;
 use sd_models::lora::Lora;
 use sd_models::pipeline::{
     Control, ControlImage, Generation, Image, Limits, LoadOptions, Margins, Mask, Outcome, Params,
-    Progress, SamplerChoice, StableDiffusion,
+    Progress, SamplerChoice, SdxlParams, StableDiffusion,
 };
 use sd_models::weights::LoadDType;
 use sd_models::weights::compvis::{Component, ModelKind, SingleFileOptions};
@@ -52,14 +52,42 @@ pub enum KindArg {
     Sd1,
     /// Stable Diffusion 2.x.
     Sd2,
+    /// Stable Diffusion XL.
+    Sdxl,
+}
+
+/// `WIDTHxHEIGHT`.
+fn parse_size(text: &str) -> Result<(usize, usize), String> {
+    let (w, h) = text
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{text:?}: expected WIDTHxHEIGHT, e.g. 1024x1024"))?;
+    let n = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("{text:?}: {v:?} is not a size ({e})"))
+    };
+    Ok((n(w)?, n(h)?))
+}
+
+/// `A,B`.
+fn parse_pair(text: &str) -> Result<(usize, usize), String> {
+    let (a, b) = text
+        .split_once(',')
+        .ok_or_else(|| format!("{text:?}: expected two numbers A,B"))?;
+    let n = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("{text:?}: {v:?} is not a number ({e})"))
+    };
+    Ok((n(a)?, n(b)?))
 }
 
 /// `COMPONENT.KEY=VALUE` as a component and a one-field JSON object.
 fn config_override(text: &str) -> Result<(Component, serde_json::Value), Box<dyn Error>> {
     let bad = || {
         format!(
-            "--config-override {text:?}: expected COMPONENT.KEY=VALUE with COMPONENT unet, vae \
-             or text_encoder"
+            "--config-override {text:?}: expected COMPONENT.KEY=VALUE with COMPONENT unet, vae, \
+             text_encoder or text_encoder_2"
         )
     };
     let (target, value) = text.split_once('=').ok_or_else(bad)?;
@@ -68,6 +96,7 @@ fn config_override(text: &str) -> Result<(Component, serde_json::Value), Box<dyn
         "unet" => Component::Unet,
         "vae" => Component::Vae,
         "text_encoder" => Component::TextEncoder,
+        "text_encoder_2" => Component::TextEncoder2,
         _ => return Err(bad().into()),
     };
     // A bare word is a string; anything else is read as JSON.
@@ -294,9 +323,24 @@ pub struct Common {
     /// The prompt.
     #[arg(long, short)]
     pub prompt: String,
-    /// The negative prompt.
+    /// The negative prompt (empty: SDXL uses zero embeddings, as diffusers).
     #[arg(long, short, default_value = "")]
     pub negative: String,
+    /// SDXL: the second text encoder's prompt (default: the prompt).
+    #[arg(long)]
+    pub prompt_2: Option<String>,
+    /// SDXL: the second text encoder's negative prompt (default: the negative prompt).
+    #[arg(long)]
+    pub negative_2: Option<String>,
+    /// SDXL: the original size the model is told of, WIDTHxHEIGHT (default: the output's).
+    #[arg(long, value_parser = parse_size)]
+    pub original_size: Option<(usize, usize)>,
+    /// SDXL: the target size the model is told of, WIDTHxHEIGHT (default: the output's).
+    #[arg(long, value_parser = parse_size)]
+    pub target_size: Option<(usize, usize)>,
+    /// SDXL: the crop's top-left corner the model is told of, TOP,LEFT in pixels.
+    #[arg(long, value_parser = parse_pair, default_value = "0,0")]
+    pub crop_top_left: (usize, usize),
     /// Inference steps.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
@@ -426,6 +470,15 @@ impl Common {
             long_prompt: match self.long_prompt {
                 LongPromptArg::Truncate => LongPrompt::Truncate,
                 LongPromptArg::Chunks => LongPrompt::Chunks,
+            },
+            sdxl: SdxlParams {
+                prompt_2: self.prompt_2.clone(),
+                negative_prompt_2: self.negative_2.clone(),
+                // diffusers' sizes are (height, width).
+                original_size: self.original_size.map(|(w, h)| (h, w)),
+                target_size: self.target_size.map(|(w, h)| (h, w)),
+                crops_coords_top_left: self.crop_top_left,
+                ..SdxlParams::default()
             },
             ..Params::default()
         }
@@ -716,7 +769,10 @@ impl Common {
         let mut single_file = SingleFileOptions::new().ema(self.ema);
         if let Some(kind) = self.kind {
             let inpainting = false;
-            single_file = single_file.kind(ModelKind::new(kind == KindArg::Sd2, inpainting));
+            single_file = single_file.kind(match kind {
+                KindArg::Sdxl => ModelKind::Sdxl,
+                _ => ModelKind::new(kind == KindArg::Sd2, inpainting),
+            });
         }
         for text in &self.config_overrides {
             let (component, fields) = config_override(text)?;

@@ -1,4 +1,5 @@
-//! Text-to-image with a Stable Diffusion 1.x / 2.x model on the CPU:
+//! Text-to-image with a Stable Diffusion 1.x / 2.x / XL model (SDXL is told from the folder or
+//! file, and defaults to 1024x1024) on the CPU:
 //!
 //! ```text
 //! cargo run --release --example txt2img -- --model stable-diffusion-v1-5 \

@@ -266,3 +266,98 @@ fn sdxl_single_file_gives_the_folders_outputs() {
     };
     assert_eq!(run(&single), run(&folder));
 }
+
+/// Parts that do not belong together, a missing second encoder and sizes the VAE cannot take
+/// are typed errors naming the problem.
+#[test]
+fn mismatched_parts_and_bad_sizes_are_typed_errors() {
+    use sd_models::clip::{ClipTextModel, ClipTokenizer};
+    use sd_models::vae::AutoencoderKl;
+    use sd_schedulers::SchedulerConfig;
+    let b = CpuBackend::new();
+    let v = [Variant::Default];
+    let base = dir().join("base");
+    let sd1 = common::fixtures::root().join("pipeline/sd1");
+    let unet = || Unet2DConditionModel::from_dir(&b, base.join("unet"), &v, true).unwrap();
+    let vae = || AutoencoderKl::from_dir(&b, base.join("vae"), &v, true).unwrap();
+    let scheduler =
+        || SchedulerConfig::from_file(base.join("scheduler/scheduler_config.json")).unwrap();
+    let tokenizer = || ClipTokenizer::from_dir(base.join("tokenizer")).unwrap();
+    let te = |d: &std::path::Path| ClipTextModel::from_dir(&b, d, &v, true).unwrap();
+    let message = |e: Error| match e {
+        Error::Config { message, .. } => message,
+        other => panic!("not a config error: {other}"),
+    };
+    // An SDXL UNet with one (SD 1.5) text encoder.
+    let e = StableDiffusion::from_parts(
+        b,
+        tokenizer(),
+        te(&sd1.join("text_encoder")),
+        unet(),
+        vae(),
+        scheduler(),
+    )
+    .unwrap_err();
+    assert!(message(e).contains("text_encoder_2"));
+    // An SD 1.5 text encoder in the second place: no projection, and the widths do not add up.
+    let e = StableDiffusion::from_parts_xl(
+        b,
+        (tokenizer(), te(&base.join("text_encoder"))),
+        (tokenizer(), te(&sd1.join("text_encoder"))),
+        unet(),
+        vae(),
+        scheduler(),
+    )
+    .unwrap_err();
+    assert!(message(e).contains("cross_attention_dim"));
+    // A folder whose text_encoder_2 is missing.
+    let broken = common::fixtures::scratch_dir("sdxl-missing-te2");
+    for entry in walk(&base) {
+        let rel = entry.strip_prefix(&base).unwrap();
+        if rel.starts_with("text_encoder_2") {
+            continue;
+        }
+        let to = broken.join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+    let e = StableDiffusion::from_dir(b, &broken, &LoadOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("text_encoder_2"), "{e}");
+    // Sizes the VAE cannot take.
+    let p = pipe();
+    let params = Params {
+        width: Some(60),
+        height: Some(64),
+        steps: 1,
+        ..Params::default()
+    };
+    let e = p.txt2img(&params, |_| Control::Continue).unwrap_err();
+    assert!(
+        matches!(&e, Error::Config { what, .. } if what.contains("width")),
+        "{e}"
+    );
+    // Textual inversion is refused for now, and changes nothing.
+    let mut p = pipe();
+    let ti = common::fixtures::root().join("textual_inversion");
+    let file = std::fs::read_dir(&ti)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|f| f.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+    assert!(p.load_textual_inversion(&file, Some("<x>")).is_err());
+    assert!(p.embeddings().is_empty());
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

@@ -375,14 +375,23 @@ impl<B: Backend> StableDiffusion<B> {
     ///
     /// # Errors
     /// Those of [`TextualInversion::open`]; [`Error::Config`] for vectors of another width
-    /// than the text encoder's; [`Error::Tokenizer`] for a token already in the vocabulary.
-    /// Nothing is changed when it fails.
+    /// than the text encoder's, or on an SDXL pipeline (its two-encoder embeddings are not
+    /// supported yet); [`Error::Tokenizer`] for a token already in the vocabulary. Nothing is
+    /// changed when it fails.
     pub fn load_textual_inversion(
         &mut self,
         path: impl AsRef<std::path::Path>,
         token: Option<&str>,
     ) -> Result<Vec<String>> {
         let path = path.as_ref();
+        if self.second.is_some() {
+            return Err(Error::Config {
+                what: format!("{} (textual inversion)", path.display()),
+                message: "embeddings for SDXL's two text encoders (clip_l / clip_g) are not \
+                          supported yet"
+                    .into(),
+            });
+        }
         let ti = TextualInversion::open(path, token)?;
         let width = self.text_encoder.config().hidden_size;
         if ti.dim != width {
