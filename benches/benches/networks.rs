@@ -10,7 +10,9 @@
 //! cargo bench -p sd-benches --bench networks -- unet32 --runs 5 --profile
 //! ```
 //!
-//! Names: `peak`, `unet32`, `unet64`, `vae32`, `clip`, `control64`. For each network it prints the median
+//! Names: `peak`, `unet32`, `unet64`, `vae32`, `clip`, `control64`, and, only when named,
+//! SDXL's UNet (`xl64`: 64x64 latents, batch 1; `xl128`: 128x128, batch 2, a 1024x1024
+//! step with guidance; with `--dtype bf16 --runs 1` it fits a 24 GiB machine). For each network it prints the median
 //! wall time of `--runs` forward passes (after one warm-up pass), the work (counted by
 //! [`sd_benches::Profiled`] from the shapes of every product), the rate, its fraction of this
 //! machine's measured f32 GEMM peak (a 2048^3 product through the backend, measured in the
@@ -33,6 +35,8 @@ use sd_models::unet::{Unet2DConditionConfig, Unet2DConditionModel, UnetCondition
 use sd_models::vae::{AutoencoderKl, AutoencoderKlConfig};
 
 const NAMES: [&str; 6] = ["peak", "unet32", "unet64", "vae32", "clip", "control64"];
+/// SDXL's UNet (minutes per pass, 5-10 GB of weights): only when named.
+const XL_NAMES: [&str; 2] = ["xl64", "xl128"];
 
 struct Options {
     names: Vec<String>,
@@ -69,8 +73,10 @@ fn options() -> Options {
             }
             // cargo bench passes --bench; criterion-style filters are plain names.
             "--bench" => {}
-            name if NAMES.contains(&name) => o.names.push(name.to_string()),
-            other => panic!("unknown argument {other:?}; names are {NAMES:?}"),
+            name if NAMES.contains(&name) || XL_NAMES.contains(&name) => {
+                o.names.push(name.to_string());
+            }
+            other => panic!("unknown argument {other:?}; names are {NAMES:?} and {XL_NAMES:?}"),
         }
     }
     if o.names.is_empty() {
@@ -193,6 +199,43 @@ fn run_one(name: &str, o: &Options) {
                 &backend,
                 || {
                     std::hint::black_box(unet.forward(&backend, &x, &[500.0], &text).unwrap());
+                },
+            );
+        }
+        "xl64" | "xl128" => {
+            // 64x64 latents, batch 1 (a 512x512 image); 128x128, batch 2 (a 1024x1024 image
+            // with guidance).
+            let (hw, batch) = if name == "xl64" { (64, 1) } else { (128, 2) };
+            let config = Unet2DConditionConfig::stable_diffusion_xl().unwrap();
+            let unet = Unet2DConditionModel::from_source(&backend, &weights, config).unwrap();
+            let x = backend
+                .upload(&data(batch * 4 * hw * hw, 0.3), &[batch, 4, hw, hw])
+                .unwrap();
+            let text = backend
+                .upload(&data(batch * 77 * 2048, 0.4), &[batch, 77, 2048])
+                .unwrap();
+            let pooled = backend
+                .upload(&data(batch * 1280, 0.7), &[batch, 1280])
+                .unwrap();
+            let side = (8 * hw) as f64;
+            let ids: Vec<f64> = (0..batch)
+                .flat_map(|_| [side, side, 0.0, 0.0, side, side])
+                .collect();
+            let extra = UnetConditioning {
+                text_embeds: Some(&pooled),
+                time_ids: Some(&ids),
+                ..UnetConditioning::default()
+            };
+            measure(
+                name,
+                &format!("SDXL UNet {hw}x{hw} batch {batch} ({dt} weights, {products})"),
+                o,
+                &backend,
+                || {
+                    std::hint::black_box(
+                        unet.forward_with(&backend, &x, &[500.0], &text, &extra)
+                            .unwrap(),
+                    );
                 },
             );
         }

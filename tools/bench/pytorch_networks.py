@@ -11,6 +11,12 @@ Names: unet32 (UNet, 32x32 latent, batch 2), unet64 (64x64, batch 1), vae32 (VAE
 32x32 latent), clip (77 tokens). Each runs in a child process of its own, f32 and then under
 bf16 autocast (oneDNN; what PyTorch users run for speed on a CPU), and prints the median
 of --runs timed passes after one warm-up pass, and the child's peak resident memory.
+
+Only when named: xl64 and xl128, SDXL base's UNet (presets/sdxl) at a 64x64 latent, batch 1,
+and at 128x128, batch 2 (one guided step of a 1024x1024 image), with pooled embeddings and
+size ids; they run with the whole model in bfloat16 (`model.to(torch.bfloat16)`, what fits
+a 24 GiB machine beside the other), the counterpart of `networks -- xl128 --dtype bf16
+--bf16`.
 """
 
 import argparse
@@ -25,17 +31,34 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PRESETS = ROOT / "crates/sd-models/presets/sd15"
 NAMES = ["unet32", "unet64", "vae32", "clip"]
+XL_NAMES = ["xl64", "xl128"]
 
 
-def preset(name):
-    config = json.loads((PRESETS / name).read_text())
+def preset(name, folder=PRESETS):
+    config = json.loads((folder / name).read_text())
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def build(name):
+def build(name, bf16_model=False):
     import torch
 
     torch.manual_seed(0)
+    if name in XL_NAMES:
+        from diffusers import UNet2DConditionModel
+
+        hw, batch = (64, 1) if name == "xl64" else (128, 2)
+        dtype = torch.bfloat16 if bf16_model else torch.float32
+        config = preset("unet.json", ROOT / "crates/sd-models/presets/sdxl")
+        model = UNet2DConditionModel(**config).eval().to(dtype)
+        x = torch.randn(batch, 4, hw, hw, dtype=dtype)
+        text = torch.randn(batch, 77, 2048, dtype=dtype)
+        side = 8.0 * hw
+        added = {
+            "text_embeds": torch.randn(batch, 1280, dtype=dtype),
+            "time_ids": torch.tensor([[side, side, 0.0, 0.0, side, side]] * batch, dtype=dtype),
+        }
+        t = torch.tensor([500.0] * batch)
+        return lambda: model(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
     if name.startswith("unet"):
         from diffusers import UNet2DConditionModel
 
@@ -67,7 +90,8 @@ def child(name, runs, threads, autocast):
     import torch
 
     torch.set_num_threads(threads)
-    forward = build(name)
+    bf16_model = name in XL_NAMES
+    forward = build(name, bf16_model)
     ctx = (
         torch.autocast("cpu", dtype=torch.bfloat16)
         if autocast
@@ -81,7 +105,7 @@ def child(name, runs, threads, autocast):
             forward()
             times.append(time.perf_counter() - t0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    mode = "bf16 autocast" if autocast else "f32"
+    mode = "bf16 model" if bf16_model else "bf16 autocast" if autocast else "f32"
     print(
         f"{name:<7} torch {torch.__version__} {mode:<13} {statistics.median(times) * 1e3:9.1f} ms"
         f"  (runs: {', '.join(f'{t * 1e3:.0f}' for t in times)} ms)  peak RSS {rss:.2f} GiB",
@@ -101,7 +125,7 @@ def main():
         child(args.names[0], args.runs, args.threads, args.autocast)
         return
     for name in args.names:
-        for autocast in [False, True]:
+        for autocast in [False] if name in XL_NAMES else [False, True]:
             cmd = [sys.executable, __file__, "--child", name, "--runs", str(args.runs),
                    "--threads", str(args.threads)]
             if autocast:

@@ -29,6 +29,8 @@ pub enum LoraTarget {
     Unet,
     /// The (first) text encoder.
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 /// One low-rank update, as the file names it.
@@ -92,9 +94,12 @@ fn invalid(path: &Path, message: String) -> Error {
 /// `prefix.<module>.<suffix>` split into the target, the module (as the network names it;
 /// a kohya path for kohya keys), whether it is a kohya key, and the part.
 fn split_key(key: &str) -> Option<(LoraTarget, String, bool, &'static str)> {
-    const KOHYA: [(&str, LoraTarget); 2] = [
+    const KOHYA: [(&str, LoraTarget); 4] = [
         ("lora_unet_", LoraTarget::Unet),
         ("lora_te_", LoraTarget::TextEncoder),
+        // SDXL's two text encoders.
+        ("lora_te1_", LoraTarget::TextEncoder),
+        ("lora_te2_", LoraTarget::TextEncoder2),
     ];
     for (prefix, target) in KOHYA {
         if let Some(rest) = key.strip_prefix(prefix) {
@@ -115,6 +120,8 @@ fn split_key(key: &str) -> Option<(LoraTarget, String, bool, &'static str)> {
     // UNet attention processors alone name no network.
     let (target, rest) = if let Some(rest) = key.strip_prefix("unet.") {
         (LoraTarget::Unet, rest)
+    } else if let Some(rest) = key.strip_prefix("text_encoder_2.") {
+        (LoraTarget::TextEncoder2, rest)
     } else if let Some(rest) = key.strip_prefix("text_encoder.") {
         (LoraTarget::TextEncoder, rest)
     } else if ["down_blocks.", "mid_block.", "up_blocks."]
@@ -149,10 +156,10 @@ fn split_key(key: &str) -> Option<(LoraTarget, String, bool, &'static str)> {
         let projection = match (target, projection) {
             (LoraTarget::Unet, "to_q" | "to_k" | "to_v") => projection,
             (LoraTarget::Unet, "to_out") => "to_out.0",
-            (LoraTarget::TextEncoder, "to_q") => "q_proj",
-            (LoraTarget::TextEncoder, "to_k") => "k_proj",
-            (LoraTarget::TextEncoder, "to_v") => "v_proj",
-            (LoraTarget::TextEncoder, "to_out") => "out_proj",
+            (_, "to_q") => "q_proj",
+            (_, "to_k") => "k_proj",
+            (_, "to_v") => "v_proj",
+            (_, "to_out") => "out_proj",
             _ => return None,
         };
         return Some((target, format!("{parent}.{projection}"), false, part));
@@ -227,6 +234,7 @@ impl Lora {
         let network = |target: LoraTarget| match target {
             LoraTarget::Unet => "unet",
             LoraTarget::TextEncoder => "text_encoder",
+            LoraTarget::TextEncoder2 => "text_encoder_2",
         };
         let rslora = |target: LoraTarget| {
             meta.as_ref()
@@ -341,6 +349,10 @@ pub struct LoraPatches {
     text_model: bool,
     by_path: HashMap<String, Vec<Arc<Update>>>,
     by_kohya: HashMap<String, Vec<Arc<Update>>>,
+    /// Other names of the network's modules (diffusers path -> path), tried for kohya names:
+    /// SDXL's UNet in Stability's names (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`),
+    /// as kohya's SDXL scripts name it.
+    aliases: HashMap<String, String>,
     unknown: Vec<String>,
 }
 
@@ -351,7 +363,7 @@ impl LoraPatches {
     /// [`Error::Config`] for a multiplier that is not finite.
     pub fn new(loras: &[Lora], target: LoraTarget) -> Result<Self> {
         let mut patches = LoraPatches {
-            text_model: target == LoraTarget::TextEncoder,
+            text_model: target != LoraTarget::Unet,
             ..LoraPatches::default()
         };
         for lora in loras {
@@ -398,6 +410,15 @@ impl LoraPatches {
         Ok(patches)
     }
 
+    /// The same updates, kohya names also matched against `aliases` (diffusers module path ->
+    /// another name of the module, such as the original Stability names of SDXL's UNet,
+    /// which kohya's SDXL LoRAs use).
+    #[must_use]
+    pub fn with_aliases(mut self, aliases: HashMap<String, String>) -> Self {
+        self.aliases = aliases;
+        self
+    }
+
     /// Whether no update applies.
     pub fn is_empty(&self) -> bool {
         self.by_path.is_empty() && self.by_kohya.is_empty()
@@ -417,11 +438,16 @@ impl LoraPatches {
             true => format!("text_model.{module}"),
             false => module.to_owned(),
         };
+        let alias = self
+            .aliases
+            .get(&full)
+            .and_then(|a| self.by_kohya.get(&a.replace('.', "_")));
         let updates: Vec<&Arc<Update>> = self
             .by_path
             .get(&full)
             .into_iter()
             .chain(self.by_kohya.get(&full.replace('.', "_")))
+            .chain(alias)
             .flatten()
             .collect();
         if updates.is_empty() {

@@ -361,3 +361,89 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The refiner: the second text encoder alone, aesthetic-score ids, image-to-image.
+#[test]
+fn sdxl_refiner_matches_diffusers() {
+    let p = StableDiffusion::from_dir(
+        CpuBackend::new(),
+        dir().join("refiner"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    assert!(p.is_xl() && p.text_encoder_2().is_none());
+    assert!(!p.force_zeros_for_empty_prompt());
+    check("refiner", &p);
+    // LoRAs are refused on it, leaving it as it was.
+    let mut p = p;
+    let lora = common::fixtures::root().join("lora/kohya.safetensors");
+    let lora = sd_models::lora::Lora::open(lora).unwrap();
+    assert!(p.set_loras(&[lora], false).is_err());
+}
+
+/// SDXL LoRAs: kohya's (the UNet in Stability's original module names, `lora_te1_` /
+/// `lora_te2_`) and diffusers / PEFT's (`unet.`, `text_encoder.`, `text_encoder_2.`),
+/// against diffusers' `load_lora_weights` + `fuse_lora`.
+#[test]
+fn sdxl_loras_match_diffusers() {
+    let lora_dir = dir().join("lora");
+    let meta = read_json(&lora_dir.join("cases.json"));
+    let expected = read_tensors(&lora_dir.join("expected.safetensors"));
+    let inputs = read_tensors(&dir().join("unet.safetensors"));
+    let mut p = pipe();
+    let b = *p.backend();
+    let up = |k: &str| {
+        let (s, v) = &inputs[k];
+        b.upload(v, s).unwrap()
+    };
+    let (sample, hidden, text) = (
+        up("inputs.sample"),
+        up("inputs.encoder_hidden_states"),
+        up("inputs.text_embeds"),
+    );
+    let ids: Vec<f64> = inputs["inputs.time_ids"]
+        .1
+        .iter()
+        .map(|&v| f64::from(v))
+        .collect();
+    for case in ["kohya", "peft"] {
+        let c = &meta["cases"][case];
+        let scale = c["fuse_lora"]["lora_scale"].as_f64().unwrap();
+        let lora = sd_models::lora::Lora::open(lora_dir.join(c["file"].as_str().unwrap()))
+            .unwrap()
+            .with_multiplier(scale);
+        let report = p.set_loras(&[lora], true).unwrap();
+        let extra = UnetConditioning {
+            text_embeds: Some(&text),
+            time_ids: Some(&ids),
+            ..UnetConditioning::default()
+        };
+        let y = p
+            .unet()
+            .forward_with(&b, &sample, &[999.0], &hidden, &extra)
+            .unwrap();
+        let ey = rel_l2(
+            &b.download(&y).unwrap(),
+            &expected[&format!("{case}.unet_out")].1,
+        );
+        let e = p
+            .encode_prompt_pair("a red fox in the snow", None, &Params::default())
+            .unwrap();
+        let et = rel_l2(
+            &b.download(&e.context).unwrap(),
+            &expected[&format!("{case}.prompt_embeds")].1,
+        );
+        let ep = rel_l2(
+            &b.download(e.pooled.as_ref().unwrap()).unwrap(),
+            &expected[&format!("{case}.pooled_prompt_embeds")].1,
+        );
+        println!(
+            "{case}: {} updates; unet {ey:.2e} text {et:.2e} pooled {ep:.2e}",
+            report.matched
+        );
+        assert!(
+            ey < 1e-5 && et < 1e-5 && ep < 1e-5,
+            "{case}: {ey} {et} {ep}"
+        );
+    }
+}

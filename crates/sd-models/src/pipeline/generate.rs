@@ -690,7 +690,7 @@ impl<B: Backend> StableDiffusion<B> {
             params.negative_prompt.as_str(),
             xl.negative_prompt_2.as_deref(),
         );
-        let zero_negative = self.second.is_some()
+        let zero_negative = self.is_xl()
             && self.xl.force_zeros_for_empty_prompt
             && negative.0.is_empty()
             && negative.1.is_none_or(str::is_empty);
@@ -836,45 +836,49 @@ impl<B: Backend> StableDiffusion<B> {
         let rows = |chunks: &[WeightedChunk]| -> Vec<Vec<u32>> {
             chunks.iter().map(|c| c.ids.clone()).collect()
         };
-        let (context, pooled) = match (&self.second, chunks_2) {
-            (Some((_, encoder_2)), Some(chunks_2)) => {
-                let penultimate = |encoder: &crate::clip::ClipTextModel<B>,
-                                   out: &crate::clip::ClipTextOutput<B>|
-                 -> Result<B::Tensor> {
-                    let states = out.hidden_states.len();
-                    match states.checked_sub(clip_skip + 2) {
-                        Some(i) => Ok(out.hidden_states[i].clone()),
-                        None => Err(Error::Config {
-                            what: "clip_skip".into(),
-                            message: format!(
-                                "{} skips all {} layers (SDXL uses the layer before the last \
-                                 clip_skip + 1)",
-                                clip_skip,
-                                encoder.layers.len()
-                            ),
-                        }),
-                    }
-                };
-                let out_1 = self.text_encoder.forward(b, &rows(chunks))?;
-                let h1 = weighted(penultimate(&self.text_encoder, &out_1)?, chunks)?;
-                let out_2 = encoder_2.forward(b, &rows(chunks_2))?;
-                let h2 = weighted(penultimate(encoder_2, &out_2)?, chunks_2)?;
-                let pooled = match &out_2.text_embeds {
-                    Some(t) => b.slice(t, 0, 0, 1)?,
-                    None => {
-                        return Err(Error::Config {
-                            what: "text_encoder_2".into(),
-                            message: "no text_projection for the pooled embedding".into(),
-                        });
-                    }
-                };
-                (b.concat(&[&h1, &h2], 2)?, Some(pooled))
-            }
-            _ => {
-                let e = self.text_encoder.encode(b, &rows(chunks), clip_skip)?;
-                (weighted(e, chunks)?, None)
-            }
-        };
+        if !self.is_xl() {
+            let e = self.text_encoder.encode(b, &rows(chunks), clip_skip)?;
+            let context = weighted(e, chunks)?;
+            let shape = b.shape(&context).to_vec();
+            let context = b.reshape(&context, &[1, shape[0] * shape[1], shape[2]])?;
+            return Ok(PromptEmbeds {
+                context,
+                pooled: None,
+            });
+        }
+        // SDXL: each encoder's hidden state before its last `clip_skip + 1` layers, joined
+        // along the width; the pooled embedding from the last encoder's projection (the
+        // refiner has the second encoder alone).
+        let mut encoders = vec![(&self.text_encoder, chunks)];
+        if let (Some((_, encoder_2)), Some(chunks_2)) = (&self.second, chunks_2) {
+            encoders.push((encoder_2, chunks_2));
+        }
+        let mut hidden = Vec::with_capacity(encoders.len());
+        let mut pooled = None;
+        for (encoder, chunks) in encoders {
+            let out = encoder.forward(b, &rows(chunks))?;
+            let states = out.hidden_states.len();
+            let i = states
+                .checked_sub(clip_skip + 2)
+                .ok_or_else(|| Error::Config {
+                    what: "clip_skip".into(),
+                    message: format!(
+                        "{clip_skip} skips all {} layers (SDXL uses the layer before the last \
+                     clip_skip + 1)",
+                        encoder.layers.len()
+                    ),
+                })?;
+            hidden.push(weighted(out.hidden_states[i].clone(), chunks)?);
+            pooled = out.text_embeds;
+        }
+        let pooled = pooled.ok_or_else(|| Error::Config {
+            what: "text encoder".into(),
+            message: "SDXL's last text encoder has no text_projection for the pooled embedding"
+                .into(),
+        })?;
+        let refs: Vec<&B::Tensor> = hidden.iter().collect();
+        let context = b.concat(&refs, 2)?;
+        let pooled = Some(b.slice(&pooled, 0, 0, 1)?);
         let shape = b.shape(&context).to_vec();
         let context = b.reshape(&context, &[1, shape[0] * shape[1], shape[2]])?;
         Ok(PromptEmbeds { context, pooled })

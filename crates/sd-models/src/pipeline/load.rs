@@ -168,25 +168,35 @@ impl<B: Backend> StableDiffusion<B> {
         };
         let xl = named("text_encoder_2")
             || (!index.contains_key("text_encoder_2") && dir.join("text_encoder_2").is_dir());
+        // The SDXL refiner has the second text encoder alone (`text_encoder: [null, null]`).
+        let refiner = xl
+            && index
+                .get("text_encoder")
+                .is_some_and(|v| v.get(0).is_some_and(Value::is_null));
         if options.check_weights {
-            let components: &[&str] = if xl {
-                &["text_encoder", "text_encoder_2", "unet", "vae"]
-            } else {
-                &["text_encoder", "unet", "vae"]
+            let components: &[&str] = match (xl, refiner) {
+                (true, true) => &["text_encoder_2", "unet", "vae"],
+                (true, false) => &["text_encoder", "text_encoder_2", "unet", "vae"],
+                _ => &["text_encoder", "unet", "vae"],
             };
             for component in components {
                 check_finite(&find_weights(dir.join(component), &variants)?)?;
             }
         }
+        let (first_tokenizer, first_encoder) = if refiner {
+            ("tokenizer_2", "text_encoder_2")
+        } else {
+            ("tokenizer", "text_encoder")
+        };
         let tokenizer_dir = options
             .tokenizer
             .clone()
-            .unwrap_or_else(|| dir.join("tokenizer"));
+            .unwrap_or_else(|| dir.join(first_tokenizer));
         let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
         let (strict, dtype) = (options.strict, options.weights);
         let text_encoder = ClipTextModel::from_dir_as(
             &backend,
-            dir.join("text_encoder"),
+            dir.join(first_encoder),
             &variants,
             strict,
             dtype,
@@ -207,7 +217,7 @@ impl<B: Backend> StableDiffusion<B> {
         };
         let vae =
             AutoencoderKl::from_dir_as(&backend, dir.join("vae"), &variants, strict, vae_dtype)?;
-        let second = if xl {
+        let second = if xl && !refiner {
             let tokenizer_2 = ClipTokenizer::from_dir(dir.join("tokenizer_2"))?;
             let text_encoder_2 = ClipTextModel::from_dir_as(
                 &backend,

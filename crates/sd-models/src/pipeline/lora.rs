@@ -15,9 +15,32 @@ use crate::pipeline::StableDiffusion;
 use crate::pipeline::load::{Origin, component_config};
 use crate::unet::{Unet2DConditionConfig, Unet2DConditionModel};
 use crate::weights::OpenOptions;
-use crate::weights::compvis::Component;
+use crate::weights::compvis::{Component, SingleFile, original_unet_module_names};
 
-type Networks<B> = (Unet2DConditionModel<B>, ClipTextModel<B>);
+/// The UNet's diffusers config of the files a pipeline came from.
+fn origin_unet_config(origin: &Origin) -> Result<serde_json::Map<String, serde_json::Value>> {
+    match origin {
+        Origin::Folder(dir, _) => {
+            let path = dir.join("unet").join("config.json");
+            let text = crate::files::read_regular_string(&path)?;
+            serde_json::from_str(&text).map_err(|e| Error::Config {
+                what: path.display().to_string(),
+                message: e.to_string(),
+            })
+        }
+        Origin::SingleFile(path, options) => {
+            let file: SingleFile = options.single_file.clone().open(path)?;
+            Ok(file.config(Component::Unet).cloned().unwrap_or_default())
+        }
+    }
+}
+
+/// The UNet, the text encoder and SDXL's second text encoder.
+type Networks<B> = (
+    Unet2DConditionModel<B>,
+    ClipTextModel<B>,
+    Option<ClipTextModel<B>>,
+);
 
 impl<B: Backend> StableDiffusion<B> {
     /// Applies `loras` (each at its [`Lora::multiplier`]) in place of those applied before,
@@ -37,13 +60,40 @@ impl<B: Backend> StableDiffusion<B> {
                       StableDiffusion::load to apply LoRAs"
                 .into(),
         })?;
-        let unet_patches = Arc::new(LoraPatches::new(loras, LoraTarget::Unet)?);
-        let text_patches = Arc::new(LoraPatches::new(loras, LoraTarget::TextEncoder)?);
-        let (unet, mut text_encoder) = self.load_patched(&origin, &unet_patches, &text_patches)?;
+        if self.is_xl() && self.second.is_none() {
+            return Err(Error::Config {
+                what: "LoRA".into(),
+                message: "LoRAs on the SDXL refiner (its one text encoder is the second) are \
+                          not supported"
+                    .into(),
+            });
+        }
+        let patches = [
+            LoraTarget::Unet,
+            LoraTarget::TextEncoder,
+            LoraTarget::TextEncoder2,
+        ]
+        .map(|t| LoraPatches::new(loras, t));
+        let [unet_patches, text_patches, text_2_patches] = patches;
+        // kohya's SDXL LoRAs name the UNet's modules by their original (Stability) names.
+        let aliases = original_unet_module_names(&origin_unet_config(&origin)?)?;
+        let unet_patches = Arc::new(unet_patches?.with_aliases(aliases));
+        let (text_patches, text_2_patches) = (Arc::new(text_patches?), Arc::new(text_2_patches?));
+        let (unet, mut text_encoder, text_encoder_2) =
+            self.load_patched(&origin, &unet_patches, &text_patches, &text_2_patches)?;
         let mut report = unet_patches.report();
-        let text = text_patches.report();
-        report.matched += text.matched;
-        report.unmatched.extend(text.unmatched);
+        let mut parts = vec![text_patches.report()];
+        if text_encoder_2.is_some() {
+            parts.push(text_2_patches.report());
+        } else {
+            // No second encoder: its updates matched nothing.
+            let second = text_2_patches.report();
+            report.unmatched.extend(second.unmatched);
+        }
+        for part in parts {
+            report.matched += part.matched;
+            report.unmatched.extend(part.unmatched);
+        }
         report.unmatched.sort();
         if strict && !report.unmatched.is_empty() {
             return Err(Error::Config {
@@ -63,6 +113,9 @@ impl<B: Backend> StableDiffusion<B> {
         }
         self.unet = unet;
         self.text_encoder = text_encoder;
+        if let (Some(second), Some(encoder)) = (self.second.as_mut(), text_encoder_2) {
+            second.1 = encoder;
+        }
         Ok(report)
     }
 
@@ -72,9 +125,15 @@ impl<B: Backend> StableDiffusion<B> {
         origin: &Origin,
         unet_patches: &Arc<LoraPatches>,
         text_patches: &Arc<LoraPatches>,
+        text_2_patches: &Arc<LoraPatches>,
     ) -> Result<Networks<B>> {
         let b = &self.backend;
-        let (u, t) = (unet_patches.clone(), text_patches.clone());
+        let (u, t, t2) = (
+            unet_patches.clone(),
+            text_patches.clone(),
+            text_2_patches.clone(),
+        );
+        let xl = self.second.is_some();
         match origin {
             Origin::Folder(dir, options) => {
                 let variants = options.variants();
@@ -94,7 +153,20 @@ impl<B: Backend> StableDiffusion<B> {
                     .load_folder(&text_dir, &variants, |store| {
                         ClipTextModel::load(b, store, config, dtype)
                     })?;
-                Ok((unet, text_encoder))
+                let text_encoder_2 = if xl {
+                    let dir = dir.join("text_encoder_2");
+                    let config = ClipTextConfig::from_file(dir.join("config.json"))?;
+                    Some(
+                        OpenOptions::new()
+                            .patch(move |k, x| t2.patch(k, x))
+                            .load_folder(&dir, &variants, |store| {
+                                ClipTextModel::load(b, store, config, dtype)
+                            })?,
+                    )
+                } else {
+                    None
+                };
+                Ok((unet, text_encoder, text_encoder_2))
             }
             Origin::SingleFile(path, options) => {
                 let mut file = options
@@ -112,6 +184,11 @@ impl<B: Backend> StableDiffusion<B> {
                 file.store_mut(Component::TextEncoder)
                     .ok_or_else(|| missing(Component::TextEncoder))?
                     .set_patch(move |k, x| t.patch(k, x));
+                if xl {
+                    file.store_mut(Component::TextEncoder2)
+                        .ok_or_else(|| missing(Component::TextEncoder2))?
+                        .set_patch(move |k, x| t2.patch(k, x));
+                }
                 let what = |c: &str| format!("{}: {c} config", path.display());
                 let config = Unet2DConditionConfig::from_json(
                     &component_config(&file, path, Component::Unet)?,
@@ -126,7 +203,19 @@ impl<B: Backend> StableDiffusion<B> {
                     .text_encoder()
                     .ok_or_else(|| missing(Component::TextEncoder))?;
                 let text_encoder = ClipTextModel::load(b, store, config, options.weights)?;
-                Ok((unet, text_encoder))
+                let text_encoder_2 = if xl {
+                    let config = ClipTextConfig::from_json(
+                        &component_config(&file, path, Component::TextEncoder2)?,
+                        &what("text_encoder_2"),
+                    )?;
+                    let store = file
+                        .text_encoder_2()
+                        .ok_or_else(|| missing(Component::TextEncoder2))?;
+                    Some(ClipTextModel::load(b, store, config, options.weights)?)
+                } else {
+                    None
+                };
+                Ok((unet, text_encoder, text_encoder_2))
             }
         }
     }

@@ -224,6 +224,22 @@ impl<B: Backend> StableDiffusion<B> {
                     ));
                 }
             }
+            // The refiner: the second encoder alone, with its projection.
+            (Some((input, time_dim)), None)
+                if self.xl.requires_aesthetics_score
+                    && self.text_encoder.text_projection.is_some()
+                    && u.cross_attention_dim(0) == Some(first) =>
+            {
+                let pooled = self.text_encoder.config().projection_dim;
+                let ids = self.xl.time_id_count();
+                if input != pooled + ids * time_dim {
+                    return fail(format!(
+                        "the UNet's projection_class_embeddings_input_dim {input} is not the \
+                         pooled embedding's {pooled} plus {ids} micro-conditioning ids of \
+                         {time_dim}"
+                    ));
+                }
+            }
             (Some(_), None) => {
                 return fail(
                     "the UNet is SDXL's (addition_embed_type \"text_time\"): it needs the \
@@ -462,12 +478,15 @@ impl<B: Backend> StableDiffusion<B> {
         &self.text_encoder
     }
 
-    /// SDXL's second tokenizer and text encoder.
+    /// SDXL's second tokenizer and text encoder (the refiner's one encoder is
+    /// [`text_encoder`](Self::text_encoder)).
     pub fn text_encoder_2(&self) -> Option<(&ClipTokenizer, &ClipTextModel<B>)> {
         self.second.as_ref().map(|(t, e)| (t, e))
     }
 
-    /// Whether this is an SDXL pipeline (a UNet with the `"text_time"` added embedding).
+    /// Whether this is an SDXL pipeline (a UNet with the `"text_time"` added embedding): the
+    /// base model, or the refiner (`requires_aesthetics_score`, the second text encoder
+    /// alone, held as [`text_encoder`](Self::text_encoder)).
     pub fn is_xl(&self) -> bool {
         self.unet.config().text_time_dims().is_some()
     }

@@ -421,6 +421,28 @@ impl Unet2DConditionConfig {
         )
     }
 
+    /// Stable Diffusion XL base's UNet (`presets/sdxl/unet.json`): no attention in the first
+    /// level, 1, 2 and 10 transformer blocks, 64-wide heads, the `"text_time"` added
+    /// embedding; 2,567,463,684 parameters.
+    ///
+    /// ```
+    /// use sd_models::unet::Unet2DConditionConfig;
+    ///
+    /// let config = Unet2DConditionConfig::stable_diffusion_xl()?;
+    /// assert_eq!(config.text_time_dims(), Some((2816, 256)));
+    /// assert_eq!(config.mid_transformer_layers(), Some(10));
+    /// # Ok::<(), sd_models::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// None in practice: the preset is parsed and validated like any config (and tested).
+    pub fn stable_diffusion_xl() -> Result<Self> {
+        Self::from_json(
+            include_str!("../../presets/sdxl/unet.json"),
+            "presets/sdxl/unet.json",
+        )
+    }
+
     /// Stable Diffusion 2.1's UNet (`presets/sd21/unet.json`): heads of 64 channels, linear
     /// projections, upcast attention; 865,910,724 parameters.
     ///

@@ -654,6 +654,16 @@ fn plan(shapes: &Shapes<'_>, options: &SingleFileOptions) -> Result<SingleFilePl
     })
 }
 
+/// The original (ldm / sgm) module path of each module of a UNet, by its diffusers path
+/// (`down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in`), for the UNet whose
+/// diffusers `config.json` is `config`: the names kohya's SDXL LoRAs use.
+///
+/// # Errors
+/// [`Error::Config`] for a config that is not a Stable Diffusion UNet's.
+pub fn original_unet_module_names(config: &Map<String, Value>) -> Result<HashMap<String, String>> {
+    unet::original_module_names(&reader("UNet", Component::Unet, config))
+}
+
 /// A component's final config, read back for its key map.
 fn reader<'a>(what: &str, component: Component, map: &'a Map<String, Value>) -> ConfigReader<'a> {
     ConfigReader {

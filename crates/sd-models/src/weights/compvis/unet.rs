@@ -529,3 +529,24 @@ pub(crate) fn encoder_keys(
     );
     resnet(table, &d("middle_block.2"), &mid.push("resnets.1"), false);
 }
+
+/// The original (ldm / sgm) module path of each module of a UNet of `config` (a diffusers
+/// `config.json`), by its diffusers path: `down_blocks.1.attentions.0.proj_in` ->
+/// `input_blocks.4.1.proj_in`. What kohya's SDXL LoRAs name modules by.
+///
+/// # Errors
+/// As [`keys`]: a config that is not a Stable Diffusion UNet's.
+pub(crate) fn original_module_names(
+    config: &ConfigReader<'_>,
+) -> Result<std::collections::HashMap<String, String>> {
+    let table = keys(config)?;
+    Ok(table
+        .keys
+        .iter()
+        .filter_map(|k| {
+            let module = k.key.strip_suffix(".weight")?;
+            let original = k.file_key.strip_prefix(PREFIX)?.strip_suffix(".weight")?;
+            Some((module.to_owned(), original.to_owned()))
+        })
+        .collect())
+}
