@@ -705,15 +705,9 @@ impl<B: Backend> StableDiffusion<B> {
         if chunked.len() > 1 {
             // Chunked prompts of different lengths: pad the shorter with empty chunks.
             let chunks = chunked.iter().map(|c| c.0.len()).max().unwrap_or(1);
-            let empty = |t: &ClipTokenizer| -> Result<WeightedChunk> {
-                Ok(WeightedChunk {
-                    ids: t.encode("")?,
-                    weights: vec![1.0; t.max_length()],
-                })
-            };
-            let empty_1 = empty(&self.tokenizer)?;
+            let empty_1 = empty_chunk(&self.tokenizer)?;
             let empty_2 = match &self.second {
-                Some((t, _)) => Some(empty(t)?),
+                Some((t, _)) => Some(empty_chunk(t)?),
                 None => None,
             };
             for (c1, c2) in &mut chunked {
@@ -767,14 +761,8 @@ impl<B: Backend> StableDiffusion<B> {
         // A second prompt of another length: both in as many chunks.
         let chunks = first.len().max(second.len());
         let mut first = first;
-        let empty = |t: &ClipTokenizer| -> Result<WeightedChunk> {
-            Ok(WeightedChunk {
-                ids: t.encode("")?,
-                weights: vec![1.0; t.max_length()],
-            })
-        };
-        first.resize(chunks, empty(&self.tokenizer)?);
-        second.resize(chunks, empty(tokenizer_2)?);
+        first.resize(chunks, empty_chunk(&self.tokenizer)?);
+        second.resize(chunks, empty_chunk(tokenizer_2)?);
         Ok((first, Some(second)))
     }
 
@@ -836,13 +824,15 @@ impl<B: Backend> StableDiffusion<B> {
         let rows = |chunks: &[WeightedChunk]| -> Vec<Vec<u32>> {
             chunks.iter().map(|c| c.ids.clone()).collect()
         };
+        // `[chunks, L, D]` as one sequence `[1, chunks * L, D]`.
+        let flat = |context: &B::Tensor| -> Result<B::Tensor> {
+            let shape = b.shape(context).to_vec();
+            b.reshape(context, &[1, shape[0] * shape[1], shape[2]])
+        };
         if !self.is_xl() {
             let e = self.text_encoder.encode(b, &rows(chunks), clip_skip)?;
-            let context = weighted(e, chunks)?;
-            let shape = b.shape(&context).to_vec();
-            let context = b.reshape(&context, &[1, shape[0] * shape[1], shape[2]])?;
             return Ok(PromptEmbeds {
-                context,
+                context: flat(&weighted(e, chunks)?)?,
                 pooled: None,
             });
         }
@@ -878,10 +868,10 @@ impl<B: Backend> StableDiffusion<B> {
         })?;
         let refs: Vec<&B::Tensor> = hidden.iter().collect();
         let context = b.concat(&refs, 2)?;
-        let pooled = Some(b.slice(&pooled, 0, 0, 1)?);
-        let shape = b.shape(&context).to_vec();
-        let context = b.reshape(&context, &[1, shape[0] * shape[1], shape[2]])?;
-        Ok(PromptEmbeds { context, pooled })
+        Ok(PromptEmbeds {
+            context: flat(&context)?,
+            pooled: Some(b.slice(&pooled, 0, 0, 1)?),
+        })
     }
 
     /// A prompt's text embeddings `[1, chunks * 77, D]` as the UNet sees them, with the
@@ -1459,6 +1449,14 @@ impl<B: Backend> StableDiffusion<B> {
             Outcome::Stopped(generation)
         })
     }
+}
+
+/// The chunk of an empty prompt, all weights 1: what pads prompts to as many chunks.
+fn empty_chunk(tokenizer: &ClipTokenizer) -> Result<WeightedChunk> {
+    Ok(WeightedChunk {
+        ids: tokenizer.encode("")?,
+        weights: vec![1.0; tokenizer.max_length()],
+    })
 }
 
 fn seeded(params: &Params) -> RngNoise<rand::rngs::StdRng> {

@@ -102,6 +102,16 @@ pub(crate) fn scheduler_error(what: &str, e: sd_schedulers::Error) -> Error {
     }
 }
 
+/// The dtype the VAE is loaded in for weights asked in `dtype`: f32 for a VAE that
+/// overflows in half precision (`force_upcast`, SDXL's) where the weights would stay in it.
+fn vae_dtype(config: &AutoencoderKlConfig, dtype: LoadDType) -> LoadDType {
+    if config.force_upcast && dtype == LoadDType::Stored {
+        LoadDType::F32
+    } else {
+        dtype
+    }
+}
+
 fn scheduler_config(json: &str, what: &str) -> Result<SchedulerConfig> {
     SchedulerConfig::from_json(json).map_err(|e| scheduler_error(what, e))
 }
@@ -210,11 +220,7 @@ impl<B: Backend> StableDiffusion<B> {
         )?;
         // `force_upcast`: a VAE that overflows in half precision (SDXL's) is kept in f32.
         let vae_config = AutoencoderKlConfig::from_file(dir.join("vae").join("config.json"))?;
-        let vae_dtype = if vae_config.force_upcast && dtype == LoadDType::Stored {
-            LoadDType::F32
-        } else {
-            dtype
-        };
+        let vae_dtype = vae_dtype(&vae_config, dtype);
         let vae =
             AutoencoderKl::from_dir_as(&backend, dir.join("vae"), &variants, strict, vae_dtype)?;
         let second = if xl && !refiner {
@@ -319,11 +325,7 @@ impl<B: Backend> StableDiffusion<B> {
         let vae_config =
             AutoencoderKlConfig::from_json(&config_json(Component::Vae)?, &what("vae"))?;
         let vae_store = file.vae().ok_or_else(|| missing(Component::Vae))?;
-        let vae_dtype = if vae_config.force_upcast && options.weights == LoadDType::Stored {
-            LoadDType::F32
-        } else {
-            options.weights
-        };
+        let vae_dtype = vae_dtype(&vae_config, options.weights);
         let vae = AutoencoderKl::load(&backend, vae_store, vae_config, vae_dtype)?;
         let text_config = ClipTextConfig::from_json(
             &config_json(Component::TextEncoder)?,

@@ -15,25 +15,7 @@ use crate::pipeline::StableDiffusion;
 use crate::pipeline::load::{Origin, component_config};
 use crate::unet::{Unet2DConditionConfig, Unet2DConditionModel};
 use crate::weights::OpenOptions;
-use crate::weights::compvis::{Component, SingleFile, original_unet_module_names};
-
-/// The UNet's diffusers config of the files a pipeline came from.
-fn origin_unet_config(origin: &Origin) -> Result<serde_json::Map<String, serde_json::Value>> {
-    match origin {
-        Origin::Folder(dir, _) => {
-            let path = dir.join("unet").join("config.json");
-            let text = crate::files::read_regular_string(&path)?;
-            serde_json::from_str(&text).map_err(|e| Error::Config {
-                what: path.display().to_string(),
-                message: e.to_string(),
-            })
-        }
-        Origin::SingleFile(path, options) => {
-            let file: SingleFile = options.single_file.clone().open(path)?;
-            Ok(file.config(Component::Unet).cloned().unwrap_or_default())
-        }
-    }
-}
+use crate::weights::compvis::{Component, original_unet_module_names};
 
 /// The UNet, the text encoder and SDXL's second text encoder.
 type Networks<B> = (
@@ -75,12 +57,9 @@ impl<B: Backend> StableDiffusion<B> {
         ]
         .map(|t| LoraPatches::new(loras, t));
         let [unet_patches, text_patches, text_2_patches] = patches;
-        // kohya's SDXL LoRAs name the UNet's modules by their original (Stability) names.
-        let aliases = original_unet_module_names(&origin_unet_config(&origin)?)?;
-        let unet_patches = Arc::new(unet_patches?.with_aliases(aliases));
         let (text_patches, text_2_patches) = (Arc::new(text_patches?), Arc::new(text_2_patches?));
-        let (unet, mut text_encoder, text_encoder_2) =
-            self.load_patched(&origin, &unet_patches, &text_patches, &text_2_patches)?;
+        let ((unet, mut text_encoder, text_encoder_2), unet_patches) =
+            self.load_patched(&origin, unet_patches?, &text_patches, &text_2_patches)?;
         let mut report = unet_patches.report();
         let mut parts = vec![text_patches.report()];
         if text_encoder_2.is_some() {
@@ -119,27 +98,39 @@ impl<B: Backend> StableDiffusion<B> {
         Ok(report)
     }
 
-    /// The UNet and text encoder of `origin`, their weights patched as they are read.
+    /// The UNet and text encoders of `origin`, their weights patched as they are read; and
+    /// the UNet's patches, matched also by the UNet's original module names (kohya's SDXL
+    /// LoRAs name them so), taken from the config read for the UNet.
     fn load_patched(
         &self,
         origin: &Origin,
-        unet_patches: &Arc<LoraPatches>,
+        unet_patches: LoraPatches,
         text_patches: &Arc<LoraPatches>,
         text_2_patches: &Arc<LoraPatches>,
-    ) -> Result<Networks<B>> {
+    ) -> Result<(Networks<B>, Arc<LoraPatches>)> {
         let b = &self.backend;
-        let (u, t, t2) = (
-            unet_patches.clone(),
-            text_patches.clone(),
-            text_2_patches.clone(),
-        );
+        let (t, t2) = (text_patches.clone(), text_2_patches.clone());
+        let with_aliases = |config: &serde_json::Map<String, serde_json::Value>| -> Result<_> {
+            let aliases = original_unet_module_names(config)?;
+            Ok(Arc::new(unet_patches.with_aliases(aliases)))
+        };
         let xl = self.second.is_some();
         match origin {
             Origin::Folder(dir, options) => {
                 let variants = options.variants();
                 let dtype = options.weights;
                 let unet_dir = dir.join("unet");
-                let config = Unet2DConditionConfig::from_file(unet_dir.join("config.json"))?;
+                let config_path = unet_dir.join("config.json");
+                let text = crate::files::read_regular_string(&config_path)?;
+                let map: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_str(&text).map_err(|e| Error::Config {
+                        what: config_path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                let config =
+                    Unet2DConditionConfig::from_json(&text, &config_path.display().to_string())?;
+                let unet_patches = with_aliases(&map)?;
+                let u = unet_patches.clone();
                 let unet = OpenOptions::new()
                     .rename(|k| Some(rename_legacy_attention(k)))
                     .patch(move |k, x| u.patch(k, x))
@@ -166,7 +157,7 @@ impl<B: Backend> StableDiffusion<B> {
                 } else {
                     None
                 };
-                Ok((unet, text_encoder, text_encoder_2))
+                Ok(((unet, text_encoder, text_encoder_2), unet_patches))
             }
             Origin::SingleFile(path, options) => {
                 let mut file = options
@@ -178,6 +169,11 @@ impl<B: Backend> StableDiffusion<B> {
                     what: path.display().to_string(),
                     message: format!("the checkpoint has no {c}"),
                 };
+                let unet_patches = with_aliases(
+                    file.config(Component::Unet)
+                        .ok_or_else(|| missing(Component::Unet))?,
+                )?;
+                let u = unet_patches.clone();
                 file.store_mut(Component::Unet)
                     .ok_or_else(|| missing(Component::Unet))?
                     .set_patch(move |k, x| u.patch(k, x));
@@ -215,7 +211,7 @@ impl<B: Backend> StableDiffusion<B> {
                 } else {
                     None
                 };
-                Ok((unet, text_encoder, text_encoder_2))
+                Ok(((unet, text_encoder, text_encoder_2), unet_patches))
             }
         }
     }

@@ -214,64 +214,52 @@ impl<B: Backend> StableDiffusion<B> {
             })
         };
         let first = self.text_encoder.config().hidden_size;
-        match (u.text_time_dims(), &self.second) {
-            (None, None) => {
-                if u.cross_attention_dim(0) != Some(first) {
-                    return fail(format!(
-                        "the UNet's cross_attention_dim {:?} is not the text encoder's \
-                         hidden_size {first}",
-                        u.cross_attention_dim(0)
-                    ));
-                }
-            }
-            // The refiner: the second encoder alone, with its projection.
-            (Some((input, time_dim)), None)
-                if self.xl.requires_aesthetics_score
-                    && self.text_encoder.text_projection.is_some()
-                    && u.cross_attention_dim(0) == Some(first) =>
-            {
-                let pooled = self.text_encoder.config().projection_dim;
-                let ids = self.xl.time_id_count();
-                if input != pooled + ids * time_dim {
-                    return fail(format!(
-                        "the UNet's projection_class_embeddings_input_dim {input} is not the \
-                         pooled embedding's {pooled} plus {ids} micro-conditioning ids of \
-                         {time_dim}"
-                    ));
-                }
-            }
-            (Some(_), None) => {
-                return fail(
-                    "the UNet is SDXL's (addition_embed_type \"text_time\"): it needs the \
-                     second text encoder and tokenizer (text_encoder_2/, tokenizer_2/)"
-                        .into(),
-                );
-            }
-            (None, Some(_)) => {
-                return fail(
-                    "a second text encoder was given, but the UNet is not SDXL's (no \
-                     addition_embed_type \"text_time\")"
-                        .into(),
-                );
-            }
-            (Some((input, time_dim)), Some((_, te2))) => {
-                let second = te2.config().hidden_size;
-                if u.cross_attention_dim(0) != Some(first + second) {
-                    return fail(format!(
-                        "the UNet's cross_attention_dim {:?} is not the two text encoders' \
-                         hidden sizes together ({first} + {second}): a text encoder of \
-                         another model",
-                        u.cross_attention_dim(0)
-                    ));
-                }
-                if te2.text_projection.is_none() {
+        let cross = u.cross_attention_dim(0);
+        match u.text_time_dims() {
+            None => {
+                if self.second.is_some() {
                     return fail(
-                        "the second text encoder has no text_projection \
-                         (CLIPTextModelWithProjection), which gives SDXL's pooled embedding"
+                        "a second text encoder was given, but the UNet is not SDXL's (no \
+                         addition_embed_type \"text_time\")"
                             .into(),
                     );
                 }
-                let pooled = te2.config().projection_dim;
+                if cross != Some(first) {
+                    return fail(format!(
+                        "the UNet's cross_attention_dim {cross:?} is not the text encoder's \
+                         hidden_size {first}"
+                    ));
+                }
+            }
+            Some((input, time_dim)) => {
+                // SDXL: the base has both encoders, the refiner
+                // (`requires_aesthetics_score`) the second alone; the last one pools.
+                let (widths, pooling) = match &self.second {
+                    Some((_, te2)) => (first + te2.config().hidden_size, te2),
+                    None if self.xl.requires_aesthetics_score => (first, &self.text_encoder),
+                    None => {
+                        return fail(
+                            "the UNet is SDXL's (addition_embed_type \"text_time\"): it needs \
+                             the second text encoder and tokenizer (text_encoder_2/, \
+                             tokenizer_2/)"
+                                .into(),
+                        );
+                    }
+                };
+                if cross != Some(widths) {
+                    return fail(format!(
+                        "the UNet's cross_attention_dim {cross:?} is not the text encoders' \
+                         hidden sizes together ({widths}): a text encoder of another model"
+                    ));
+                }
+                if pooling.text_projection.is_none() {
+                    return fail(
+                        "SDXL's last text encoder has no text_projection \
+                         (CLIPTextModelWithProjection), which gives the pooled embedding"
+                            .into(),
+                    );
+                }
+                let pooled = pooling.config().projection_dim;
                 let ids = self.xl.time_id_count();
                 if input != pooled + ids * time_dim {
                     return fail(format!(
