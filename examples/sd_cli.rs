@@ -341,6 +341,14 @@ pub struct Common {
     /// SDXL: the crop's top-left corner the model is told of, TOP,LEFT in pixels.
     #[arg(long, value_parser = parse_pair, default_value = "0,0")]
     pub crop_top_left: (usize, usize),
+    /// SDXL text-to-image: a refiner model (folder or single file) that finishes each
+    /// image: the base runs the schedule up to --refiner-start and hands its latents over
+    /// (diffusers' denoising_end / denoising_start).
+    #[arg(long)]
+    pub refiner: Option<PathBuf>,
+    /// With --refiner: the fraction of the schedule after which the refiner takes over.
+    #[arg(long, default_value_t = 0.8)]
+    pub refiner_start: f64,
     /// Inference steps.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
@@ -577,8 +585,10 @@ impl Common {
                     LoadDType::F32
                 };
                 let backend = CpuBackend::new().with_precision(precision)?;
+                let refiner = self.load_refiner(&backend, weights)?;
                 self.run_on(
                     self.load(backend, weights, controls)?,
+                    refiner,
                     work,
                     controls,
                     &outputs,
@@ -593,8 +603,10 @@ impl Common {
                 let options = CudaOptions::new(self.gpu).with_upload_dtype(dtype);
                 let backend = CudaBackend::with_options(options)?;
                 eprintln!("device:        {} ({dtype})", backend.device_name());
+                let refiner = self.load_refiner(&backend, weights)?;
                 self.run_on(
                     self.load(backend, weights, controls)?,
+                    refiner,
                     work,
                     controls,
                     &outputs,
@@ -610,11 +622,15 @@ impl Common {
     fn run_on<B: Backend>(
         &self,
         mut pipe: StableDiffusion<B>,
+        refiner: Option<StableDiffusion<B>>,
         work: &Work,
         controls: Option<&ControlArgs>,
         outputs: &[PathBuf],
     ) -> Result<(), Box<dyn Error>> {
         let mut params = self.params();
+        if refiner.is_some() && !matches!(work, Work::TextToImage { .. }) {
+            return Err("--refiner finishes text-to-image only".into());
+        }
         self.apply_loras(&mut pipe, &mut params)?;
         let tokenizer = pipe.tokenizer();
         let window = tokenizer.max_length() - 2;
@@ -698,7 +714,36 @@ impl Common {
             params.seed = self.seed.wrapping_add(k as u64);
             let (bar, progress) = progress_bar();
             let outcome = match (work, &image, &mask) {
-                (Work::TextToImage { .. }, _, _) => pipe.txt2img(&params, progress)?,
+                (Work::TextToImage { .. }, _, _) => match &refiner {
+                    None => pipe.txt2img(&params, progress)?,
+                    Some(refiner) => {
+                        let base = Params {
+                            denoising_end: Some(self.refiner_start),
+                            latents_only: true,
+                            ..params.clone()
+                        };
+                        let Some(handoff) = pipe.txt2img(&base, progress)?.into_generation() else {
+                            return Err("cancelled".into());
+                        };
+                        bar.finish();
+                        eprintln!("refiner:       from {} of the schedule", self.refiner_start);
+                        let (refiner_bar, progress) = progress_bar();
+                        let finish = Params {
+                            denoising_start: Some(self.refiner_start),
+                            ..params.clone()
+                        };
+                        let latents = &handoff.latents;
+                        let outcome = refiner.img2img_latents(
+                            &finish,
+                            latents,
+                            handoff.latent_shape,
+                            1.0,
+                            progress,
+                        )?;
+                        refiner_bar.finish();
+                        outcome
+                    }
+                },
                 (Work::ImageToImage { strength, .. }, Some(image), _) => {
                     pipe.img2img(&params, image, *strength, progress)?
                 }
@@ -766,29 +811,7 @@ impl Common {
         controls: Option<&ControlArgs>,
     ) -> Result<StableDiffusion<B>, Box<dyn Error>> {
         let t0 = Instant::now();
-        let mut single_file = SingleFileOptions::new().ema(self.ema);
-        if let Some(kind) = self.kind {
-            let inpainting = false;
-            single_file = single_file.kind(match kind {
-                KindArg::Sdxl => ModelKind::Sdxl,
-                _ => ModelKind::new(kind == KindArg::Sd2, inpainting),
-            });
-        }
-        for text in &self.config_overrides {
-            let (component, fields) = config_override(text)?;
-            single_file = single_file.override_config(component, fields);
-        }
-        if let Some(p) = self.prediction_type {
-            single_file = single_file.prediction_type(p.into());
-        }
-        let options = LoadOptions {
-            single_file,
-            fp16_variant: self.fp16,
-            strict: false,
-            check_weights: self.check_weights,
-            tokenizer: self.tokenizer.clone(),
-            weights,
-        };
+        let options = self.load_options(weights)?;
         let mut pipe = StableDiffusion::load(backend, &self.model, &options)?;
         for net in controls.map(|c| c.nets.as_slice()).unwrap_or_default() {
             pipe = pipe.load_controlnet(net, &options)?;
@@ -826,6 +849,51 @@ impl Common {
         }
         eprintln!("load:          {}", secs(t0.elapsed()));
         Ok(pipe)
+    }
+
+    /// The `--refiner` model, if one is given, on a copy of `backend`.
+    fn load_refiner<B: Backend>(
+        &self,
+        backend: &B,
+        weights: LoadDType,
+    ) -> Result<Option<StableDiffusion<B>>, Box<dyn Error>> {
+        let Some(path) = &self.refiner else {
+            return Ok(None);
+        };
+        let t0 = Instant::now();
+        let refiner = StableDiffusion::load(backend.clone(), path, &self.load_options(weights)?)?;
+        if !refiner.is_xl() {
+            return Err(format!("--refiner {}: not an SDXL model", path.display()).into());
+        }
+        eprintln!("refiner load:  {}", secs(t0.elapsed()));
+        Ok(Some(refiner))
+    }
+
+    /// The load options of the command line, with the weights kept in `weights`.
+    fn load_options(&self, weights: LoadDType) -> Result<LoadOptions, Box<dyn Error>> {
+        let mut single_file = SingleFileOptions::new().ema(self.ema);
+        if let Some(kind) = self.kind {
+            let inpainting = false;
+            single_file = single_file.kind(match kind {
+                KindArg::Sdxl => ModelKind::Sdxl,
+                _ => ModelKind::new(kind == KindArg::Sd2, inpainting),
+            });
+        }
+        for text in &self.config_overrides {
+            let (component, fields) = config_override(text)?;
+            single_file = single_file.override_config(component, fields);
+        }
+        if let Some(p) = self.prediction_type {
+            single_file = single_file.prediction_type(p.into());
+        }
+        Ok(LoadOptions {
+            single_file,
+            fp16_variant: self.fp16,
+            strict: false,
+            check_weights: self.check_weights,
+            tokenizer: self.tokenizer.clone(),
+            weights,
+        })
     }
 }
 

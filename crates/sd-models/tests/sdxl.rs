@@ -447,3 +447,177 @@ fn sdxl_loras_match_diffusers() {
         );
     }
 }
+
+/// Base to refiner (diffusers' "ensemble of experts"): the base stops at `denoising_end` with
+/// its latents undecoded, the refiner starts from them at `denoising_start` (no noise added),
+/// and the same latents with a strength instead are noised as an image's; every stage with
+/// diffusers' noise replayed, against diffusers' latents and images.
+#[test]
+fn sdxl_base_to_refiner_handoff_matches_diffusers() {
+    let base = pipe();
+    let refiner = StableDiffusion::from_dir(
+        CpuBackend::new(),
+        dir().join("refiner"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    for name in ["handoff", "handoff_heun"] {
+        let cases = dir().join("cases");
+        let meta = read_json(&cases.join(format!("{name}.json")));
+        let tensors = read_tensors(&cases.join(format!("{name}.safetensors")));
+        let (shape, base_latents) = &tensors["base.latents"];
+        let shape: [usize; 4] = shape.as_slice().try_into().unwrap();
+        for stage in meta["stages"].as_array().unwrap() {
+            let label = stage["stage"].as_str().unwrap();
+            let a = &stage["args"];
+            let count = stage["noise_tensors"].as_u64().unwrap() as usize;
+            let mut noise = sd_schedulers::ReplayNoise::new(
+                (0..count)
+                    .map(|k| tensors[&format!("{label}.noise.{k}")].1.clone())
+                    .collect(),
+            );
+            let params = Params {
+                prompt: a["prompt"].as_str().unwrap().into(),
+                steps: a["num_inference_steps"].as_u64().unwrap() as usize,
+                guidance_scale: a["guidance_scale"].as_f64().unwrap(),
+                sampler: sd_models::pipeline::SamplerChoice::Name(
+                    stage["sampler"].as_str().unwrap().into(),
+                ),
+                denoising_end: a["denoising_end"].as_f64(),
+                denoising_start: a["denoising_start"].as_f64(),
+                latents_only: label == "base",
+                ..Params::default()
+            };
+            let (p, task) = if label == "base" {
+                (&base, Task::TextToImage)
+            } else {
+                let task = Task::Latents {
+                    latents: base_latents,
+                    shape,
+                    strength: a["strength"].as_f64().unwrap(),
+                };
+                (&refiner, task)
+            };
+            let mut steps = Vec::new();
+            let g = finished(
+                p.generate(&params, task, &mut noise, &mut |s| {
+                    steps.push(s.timestep);
+                    Control::Continue
+                })
+                .unwrap(),
+            );
+            let what = format!("{name}/{label}");
+            assert_eq!(noise.used(), count, "{what}: noise used in order");
+            let expected_steps: Vec<f64> = stage["unet_timesteps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_f64().unwrap())
+                .collect();
+            assert_eq!(steps.len(), expected_steps.len(), "{what}: steps run");
+            for (ours, theirs) in steps.iter().zip(&expected_steps) {
+                assert!(
+                    (ours - theirs).abs() < 1e-3,
+                    "{what}: {steps:?} {expected_steps:?}"
+                );
+            }
+            let (ours, expected) = if label == "base" {
+                assert!(
+                    g.images.is_empty() && g.pixels.is_empty(),
+                    "{what}: decoded"
+                );
+                (g.latents, base_latents.clone())
+            } else {
+                let image = &tensors[&format!("{label}.image")];
+                (g.pixels, common::fixtures::channels_first(image))
+            };
+            assert_eq!(ours.len(), expected.len(), "{what}");
+            let max = ours
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            println!("{what}: {} steps, max {max:.2e}", steps.len());
+            assert!(max < 1e-4, "{what}: max {max}");
+        }
+    }
+}
+
+/// The handoff's options are checked before any work: fractions outside (0, 1), a start not
+/// before the end, a start for text-to-image or inpainting, latents of another shape.
+#[test]
+fn handoff_options_are_checked() {
+    let p = pipe();
+    let params = Params {
+        prompt: "a fox".into(),
+        steps: 2,
+        width: Some(64),
+        height: Some(64),
+        ..Params::default()
+    };
+    fn go(_: &sd_models::pipeline::Progress<'_>) -> Control {
+        Control::Continue
+    }
+    for (start, end, what) in [
+        (None, Some(0.0), "denoising_end"),
+        (None, Some(1.0), "denoising_end"),
+        (None, Some(f64::NAN), "denoising_end"),
+        (Some(1.5), None, "denoising_start"),
+        (Some(0.8), Some(0.5), "denoising_start"),
+    ] {
+        let bad = Params {
+            denoising_start: start,
+            denoising_end: end,
+            ..params.clone()
+        };
+        let latents = vec![0.0; 4 * 8 * 8];
+        let err = p
+            .img2img_latents(&bad, &latents, [1, 4, 8, 8], 0.5, go)
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Config { what: w, .. } if w == what),
+            "{start:?} {end:?}: {err}"
+        );
+    }
+    let start_only = Params {
+        denoising_start: Some(0.5),
+        ..params.clone()
+    };
+    let err = p.txt2img(&start_only, go).unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { what, .. } if what == "denoising_start"),
+        "{err}"
+    );
+    let image = sd_models::pipeline::Image::filled(64, 64, [9, 9, 9]).unwrap();
+    let mask = sd_models::pipeline::Mask::from_image(&image);
+    let err = p.inpaint(&start_only, &image, &mask, 1.0, go).unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { what, .. } if what == "denoising_start"),
+        "{err}"
+    );
+    // Latents of another channel count, count, or of fewer values than their shape.
+    for (shape, len) in [
+        ([1, 3, 8, 8], 3 * 64),
+        ([3, 4, 8, 8], 3 * 4 * 64),
+        ([1, 4, 8, 8], 4 * 64 - 1),
+        ([1, 4, 0, 8], 0),
+        ([1, 4, usize::MAX, 8], 4),
+    ] {
+        let err = p
+            .img2img_latents(&params, &vec![0.0; len], shape, 0.5, go)
+            .unwrap_err();
+        assert!(matches!(err, Error::Shape { .. }), "{shape:?}: {err}");
+    }
+    // A width that differs from the latents'.
+    let wide = Params {
+        width: Some(128),
+        ..params.clone()
+    };
+    let err = p
+        .img2img_latents(&wide, &vec![0.0; 4 * 64], [1, 4, 8, 8], 0.5, go)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { what, .. } if what == "width"),
+        "{err}"
+    );
+}

@@ -1,7 +1,7 @@
 //! The one denoising loop every pipeline runs, and the pieces it calls.
 //!
 //! ```text
-//! for each step i from `start`:
+//! for each step i in `start..end`:
 //!     x_in   = sampler.scale_model_input(x, i)
 //!     eps    = predict(i, t_i, x_in)           guidance, a NoisePredictor (UNet, ControlNets)
 //!     x      = sampler.step(i, eps, x)
@@ -318,6 +318,9 @@ pub(crate) struct Run<'a> {
     pub noise: &'a mut dyn NoiseSource,
     /// The first step run (image tasks skip the first ones).
     pub start: usize,
+    /// The step after the last one run (the schedule's length, or less with diffusers'
+    /// `denoising_end`).
+    pub end: usize,
     /// `[N, C, h, w]`.
     pub shape: [usize; 4],
     /// Stop with [`Error::NonFinite`] when a step's latents are not all finite.
@@ -338,14 +341,16 @@ pub(crate) fn denoise(
         sampler,
         noise,
         start,
+        end,
         shape,
         check_finite,
     } = run;
     let timesteps = sampler.timesteps().to_vec();
-    let total = timesteps.len().saturating_sub(start);
+    let end = end.min(timesteps.len());
+    let total = end.saturating_sub(start);
     let mut scaled = vec![0.0; latents.len()];
     let mut steps_run = 0;
-    for (i, &t) in timesteps.iter().enumerate().skip(start) {
+    for (i, &t) in timesteps.iter().enumerate().take(end).skip(start) {
         sampler
             .scale_model_input(&latents, i, &mut scaled)
             .map_err(|e| scheduler_error("scale_model_input", e))?;

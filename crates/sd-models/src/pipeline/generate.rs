@@ -97,6 +97,19 @@ pub struct Params {
     pub guess_mode: bool,
     /// SDXL's second prompts and micro-conditioning (ignored by SD 1.x/2.x models).
     pub sdxl: SdxlParams,
+    /// diffusers' `denoising_end`, in (0, 1): stop once this fraction of the schedule has
+    /// been denoised (counted in training timesteps, as diffusers), leaving the rest to
+    /// another model: SDXL's base hands its latents to the refiner this way (with
+    /// [`latents_only`](Self::latents_only)). `None` runs every step.
+    pub denoising_end: Option<f64>,
+    /// diffusers' `denoising_start`, in (0, 1), for image tasks: the image (or latents) is
+    /// taken as already denoised up to this fraction of the schedule, so the steps before it
+    /// are skipped, no noise is added and the task's `strength` is ignored. The refiner's
+    /// half of a base-to-refiner handoff ([`StableDiffusion::img2img_latents`]).
+    pub denoising_start: Option<f64>,
+    /// Return the final latents without decoding them (diffusers' `output_type="latent"`):
+    /// [`Generation::images`] and [`Generation::pixels`] are then empty.
+    pub latents_only: bool,
 }
 
 /// SDXL's extra inputs, with diffusers' defaults. Sizes are `(height, width)` in pixels, as
@@ -324,6 +337,9 @@ impl Default for Params {
             controls: Vec::new(),
             guess_mode: false,
             sdxl: SdxlParams::default(),
+            denoising_end: None,
+            denoising_start: None,
+            latents_only: false,
         }
     }
 }
@@ -350,6 +366,18 @@ pub enum Task<'a> {
         /// The mask, of the image's size.
         mask: &'a Mask,
         /// As for image-to-image; 1 starts the repainted region from pure noise.
+        strength: f64,
+    },
+    /// Image-to-image from latents at the UNet's scale instead of an image (no VAE
+    /// encoding): the [`Generation::latents`] of another run, such as SDXL's base stopped
+    /// at [`Params::denoising_end`] for the refiner to finish from
+    /// [`Params::denoising_start`] (diffusers' img2img pipelines given a latent `image`).
+    Latents {
+        /// `[1 or N, C, h, w]` values (one entry is repeated for every image).
+        latents: &'a [f32],
+        /// Their shape.
+        shape: [usize; 4],
+        /// As for image-to-image (ignored with [`Params::denoising_start`]).
         strength: f64,
     },
 }
@@ -530,6 +558,64 @@ impl<B: Backend> StableDiffusion<B> {
         mut callback: impl FnMut(&Progress<'_>) -> Control,
     ) -> Result<Outcome> {
         let task = Task::ImageToImage { image, strength };
+        self.generate(params, task, &mut seeded(params), &mut callback)
+    }
+
+    /// Image-to-image from latents `[1 or N, C, h, w]` at the UNet's scale ([`Task::Latents`])
+    /// with the seeded generator of [`Params::seed`]: SDXL's base-to-refiner handoff, as
+    /// diffusers' "ensemble of experts":
+    ///
+    /// ```no_run
+    /// # fn main() -> sd_models::Result<()> {
+    /// use sd_models::cpu::CpuBackend;
+    /// use sd_models::pipeline::{Control, LoadOptions, Params, StableDiffusion};
+    ///
+    /// let options = LoadOptions::default();
+    /// let base = StableDiffusion::load(CpuBackend::new(), "sdxl-base", &options)?;
+    /// let refiner = StableDiffusion::load(CpuBackend::new(), "sdxl-refiner", &options)?;
+    /// let prompt = "a lighthouse at dusk".to_string();
+    /// let handoff = Params {
+    ///     prompt,
+    ///     denoising_end: Some(0.8),
+    ///     latents_only: true,
+    ///     ..Params::default()
+    /// };
+    /// let base_out = base
+    ///     .txt2img(&handoff, |_| Control::Continue)?
+    ///     .into_generation()
+    ///     .expect("not cancelled");
+    /// let finish = Params {
+    ///     denoising_end: None,
+    ///     denoising_start: Some(0.8),
+    ///     latents_only: false,
+    ///     ..handoff
+    /// };
+    /// let image = refiner
+    ///     .img2img_latents(&finish, &base_out.latents, base_out.latent_shape, 1.0, |_| {
+    ///         Control::Continue
+    ///     })?
+    ///     .into_generation()
+    ///     .expect("not cancelled");
+    /// image.images[0].save("lighthouse.png")?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`StableDiffusion::generate`].
+    pub fn img2img_latents(
+        &self,
+        params: &Params,
+        latents: &[f32],
+        shape: [usize; 4],
+        strength: f64,
+        mut callback: impl FnMut(&Progress<'_>) -> Control,
+    ) -> Result<Outcome> {
+        let task = Task::Latents {
+            latents,
+            shape,
+            strength,
+        };
         self.generate(params, task, &mut seeded(params), &mut callback)
     }
 
@@ -1078,9 +1164,9 @@ impl<B: Backend> StableDiffusion<B> {
                 ),
             ));
         }
-        let (image, strength) = match *task {
+        let (input, strength) = match *task {
             Task::TextToImage => (None, 1.0),
-            Task::ImageToImage { image, strength } => (Some(image), strength),
+            Task::ImageToImage { image, strength } => (Some(image_size(image)), strength),
             Task::Inpaint {
                 image,
                 mask,
@@ -1097,8 +1183,13 @@ impl<B: Backend> StableDiffusion<B> {
                         found: format!("{}x{}", mask.width(), mask.height()),
                     });
                 }
-                (Some(image), strength)
+                (Some(image_size(image)), strength)
             }
+            Task::Latents {
+                latents,
+                shape,
+                strength,
+            } => (Some(self.check_latents(params, latents, shape)?), strength),
         };
         if !(0.0..=1.0).contains(&strength) {
             return Err(config_error(
@@ -1106,14 +1197,14 @@ impl<B: Backend> StableDiffusion<B> {
                 format!("{strength} is outside [0, 1]"),
             ));
         }
+        self.check_denoising_window(params, task)?;
         let (dw, dh) = self.default_size();
-        let (w, h) = match image {
+        let (w, h) = match input {
             None => (params.width.unwrap_or(dw), params.height.unwrap_or(dh)),
-            Some(img) => {
-                for (what, given, actual) in [
-                    ("width", params.width, img.width()),
-                    ("height", params.height, img.height()),
-                ] {
+            Some((iw, ih)) => {
+                for (what, given, actual) in
+                    [("width", params.width, iw), ("height", params.height, ih)]
+                {
                     if let Some(g) = given.filter(|&g| g != actual) {
                         return Err(config_error(
                             what,
@@ -1123,7 +1214,7 @@ impl<B: Backend> StableDiffusion<B> {
                         ));
                     }
                 }
-                (img.width(), img.height())
+                (iw, ih)
             }
         };
         params.limits.check_size(w, h)?;
@@ -1141,6 +1232,112 @@ impl<B: Backend> StableDiffusion<B> {
         }
         self.check_controls(params, w, h)?;
         Ok((w, h, strength))
+    }
+
+    /// The pixel size of [`Task::Latents`]' latents, after checking their shape against the
+    /// model and the image count.
+    fn check_latents(
+        &self,
+        params: &Params,
+        latents: &[f32],
+        shape: [usize; 4],
+    ) -> Result<(usize, usize)> {
+        let [n, c, lh, lw] = shape;
+        let channels = self.vae.config().latent_channels;
+        let len = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let f = self.vae_scale_factor();
+        let fits = c == channels
+            && (n == 1 || n == params.num_images)
+            && lh > 0
+            && lw > 0
+            && len == Some(latents.len());
+        match (fits, lw.checked_mul(f), lh.checked_mul(f)) {
+            (true, Some(w), Some(h)) => Ok((w, h)),
+            _ => Err(Error::Shape {
+                op: "img2img_latents",
+                expected: format!(
+                    "latents [1 or num_images ({}), {channels}, h, w] of as many values",
+                    params.num_images
+                ),
+                found: format!("shape {shape:?} with {} values", latents.len()),
+            }),
+        }
+    }
+
+    /// Checks [`Params::denoising_start`] and [`Params::denoising_end`]: each in (0, 1), the
+    /// start before the end, a start only for the image-to-image tasks.
+    fn check_denoising_window(&self, params: &Params, task: &Task<'_>) -> Result<()> {
+        for (what, v) in [
+            ("denoising_start", params.denoising_start),
+            ("denoising_end", params.denoising_end),
+        ] {
+            if let Some(v) = v.filter(|v| !(*v > 0.0 && *v < 1.0)) {
+                return Err(config_error(
+                    what,
+                    format!("{v} is not strictly between 0 and 1"),
+                ));
+            }
+        }
+        if let (Some(start), Some(end)) = (params.denoising_start, params.denoising_end)
+            && start >= end
+        {
+            return Err(config_error(
+                "denoising_start",
+                format!("{start} is not before denoising_end {end}"),
+            ));
+        }
+        if params.denoising_start.is_some()
+            && !matches!(task, Task::ImageToImage { .. } | Task::Latents { .. })
+        {
+            return Err(config_error(
+                "denoising_start",
+                "only image-to-image (from an image or latents) starts part-way through the \
+                 schedule"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The steps `start..end` of `sampler`'s schedule a task runs: image tasks skip the first
+    /// ones by strength (or up to [`Params::denoising_start`]), [`Params::denoising_end`]
+    /// drops the last ones. The cut-offs are diffusers': a fraction `f` of the schedule ends
+    /// at the training timestep `round(T - f T)` (rounding half to even, as Python); a start
+    /// keeps the timesteps below it, one more for a second-order sampler whose count is even
+    /// (so that it never starts between a step's two evaluations), an end those at or above
+    /// it.
+    fn schedule_window(
+        &self,
+        params: &Params,
+        task: &Task<'_>,
+        sampler: &dyn Sampler,
+        strength: f64,
+    ) -> Result<(usize, usize)> {
+        let timesteps = sampler.timesteps();
+        let train = self.scheduler.num_train_timesteps.unwrap_or(1000) as f64;
+        let cutoff = |fraction: f64| (train - fraction * train).round_ties_even();
+        let start = match (task, params.denoising_start) {
+            (Task::TextToImage, _) => 0,
+            (_, Some(fraction)) => {
+                let c = cutoff(fraction);
+                let mut kept = timesteps.iter().filter(|&&t| t < c).count();
+                if sampler.order() == 2 && kept.is_multiple_of(2) {
+                    kept += 1;
+                }
+                timesteps.len().saturating_sub(kept)
+            }
+            (_, None) => sampler
+                .start_index(strength)
+                .map_err(|e| scheduler_error("strength", e))?,
+        };
+        let end = match params.denoising_end {
+            Some(fraction) => {
+                let c = cutoff(fraction);
+                start + timesteps[start..].iter().filter(|&&t| t >= c).count()
+            }
+            None => timesteps.len(),
+        };
+        Ok((start, end))
     }
 
     fn check_controls(&self, params: &Params, w: usize, h: usize) -> Result<()> {
@@ -1208,12 +1405,7 @@ impl<B: Backend> StableDiffusion<B> {
         let mut timings = Timings::default();
         let mut sampler = self.sampler(params)?;
         let timesteps = sampler.timesteps().to_vec();
-        let start = match task {
-            Task::TextToImage => 0,
-            _ => sampler
-                .start_index(strength)
-                .map_err(|e| scheduler_error("strength", e))?,
-        };
+        let (start, end) = self.schedule_window(params, &task, sampler.as_ref(), strength)?;
 
         let guidance = params.guidance_scale > 1.0;
         let t0 = Instant::now();
@@ -1239,33 +1431,43 @@ impl<B: Backend> StableDiffusion<B> {
         // 1. The image's latents.
         let t0 = Instant::now();
         let (pixels, mask) = match task {
-            Task::TextToImage => (None, None),
+            Task::TextToImage | Task::Latents { .. } => (None, None),
             Task::ImageToImage { image, .. } => (Some(image.to_chw_signed()), None),
             Task::Inpaint { image, mask, .. } => (Some(image.to_chw_signed()), Some(mask)),
         };
         let encode_image = match task {
-            Task::TextToImage => false,
+            Task::TextToImage | Task::Latents { .. } => false,
             Task::ImageToImage { .. } => true,
             Task::Inpaint { .. } => !inpainting_unet || strength < 1.0,
         };
-        let image_latents = match &pixels {
-            Some(p) if encode_image => Some(repeat(&self.encode_image(p, w, h, noise)?, n)),
+        let image_latents = match (&pixels, task) {
+            (Some(p), _) if encode_image => Some(repeat(&self.encode_image(p, w, h, noise)?, n)),
+            // One entry for every image, or one each.
+            (_, Task::Latents { latents, .. }) => {
+                Some(repeat(latents, n * per_image / latents.len()))
+            }
             _ => None,
         };
         if pixels.is_some() {
             timings.image_encoding = t0.elapsed();
         }
 
-        // 2. The initial noise and latents.
-        let init_noise = fill(noise, n * per_image)?;
+        // 2. The initial noise and latents; none is drawn for latents taken as already
+        // noised (diffusers' `add_noise=False` with `denoising_start`).
+        let add_noise = params.denoising_start.is_none();
+        let init_noise = if add_noise {
+            fill(noise, n * per_image)?
+        } else {
+            Vec::new()
+        };
         let pure_noise = match task {
             Task::TextToImage => true,
-            Task::ImageToImage { .. } => false,
+            Task::ImageToImage { .. } | Task::Latents { .. } => false,
             Task::Inpaint { .. } => strength == 1.0,
         };
         let latents = match &image_latents {
             Some(x0) if !pure_noise => {
-                if start < timesteps.len() {
+                if add_noise && start < timesteps.len() {
                     let mut out = vec![0.0; x0.len()];
                     sampler
                         .add_noise(x0, &init_noise, start, &mut out)
@@ -1395,8 +1597,9 @@ impl<B: Backend> StableDiffusion<B> {
             let (Some(m), Some(x0), true) = (&mask_latent, &image_latents, blend) else {
                 return Ok(());
             };
-            // Blend the known region back, noised to the next step's level.
-            let known = if i + 1 < timesteps.len() {
+            // Blend the known region back, noised to the next step's level (clean after the
+            // last step run).
+            let known = if i + 1 < end {
                 let mut out = vec![0.0; x0.len()];
                 sampler
                     .add_noise(x0, &init_noise, i + 1, &mut out)
@@ -1416,6 +1619,7 @@ impl<B: Backend> StableDiffusion<B> {
             sampler: sampler.as_mut(),
             noise,
             start,
+            end,
             shape,
             check_finite: !params.keep_non_finite,
         };
@@ -1427,7 +1631,11 @@ impl<B: Backend> StableDiffusion<B> {
         }
 
         let t0 = Instant::now();
-        let (images, pixels) = self.decode_in(&latents, shape, params.vae_tiling, chunk)?;
+        let (images, pixels) = if params.latents_only {
+            (Vec::new(), Vec::new())
+        } else {
+            self.decode_in(&latents, shape, params.vae_tiling, chunk)?
+        };
         if !params.keep_non_finite && !all_finite(&pixels) {
             return Err(Error::NonFinite {
                 stage: "after decoding",
@@ -1449,6 +1657,11 @@ impl<B: Backend> StableDiffusion<B> {
             Outcome::Stopped(generation)
         })
     }
+}
+
+/// An image's `(width, height)`.
+fn image_size(image: &Image) -> (usize, usize) {
+    (image.width(), image.height())
 }
 
 /// The chunk of an empty prompt, all weights 1: what pads prompts to as many chunks.

@@ -343,6 +343,7 @@ impl<B: Backend> PixelDiffusion<B> {
             sampler: sampler.as_mut(),
             noise,
             start: 0,
+            end: usize::MAX,
             shape,
             check_finite: !params.keep_non_finite,
         };
