@@ -336,7 +336,7 @@ fn mismatched_parts_and_bad_sizes_are_typed_errors() {
         matches!(&e, Error::Config { what, .. } if what.contains("width")),
         "{e}"
     );
-    // Textual inversion is refused for now, and changes nothing.
+    // A one-encoder (SD 1.x) embedding is refused on SDXL, and changes nothing.
     let mut p = pipe();
     let ti = common::fixtures::root().join("textual_inversion");
     let file = std::fs::read_dir(&ti)
@@ -620,4 +620,73 @@ fn handoff_options_are_checked() {
         matches!(&err, Error::Config { what, .. } if what == "width"),
         "{err}"
     );
+}
+
+/// SDXL textual inversion: a file with `clip_l` and `clip_g` vectors, each half in its text
+/// encoder (the refiner takes `clip_g` alone), against diffusers' `load_textual_inversion`
+/// called for each encoder and `encode_prompt`; an SDXL file on an SD 1.x model is refused.
+#[test]
+fn sdxl_textual_inversion_matches_diffusers() {
+    let ti_dir = dir().join("textual_inversion");
+    let meta = read_json(&ti_dir.join("cases.json"));
+    let t = read_tensors(&ti_dir.join("expected.safetensors"));
+    let file = ti_dir.join("xl_style.safetensors");
+    let token = meta["token"].as_str().unwrap();
+    let mut base = pipe();
+    let mut refiner = StableDiffusion::from_dir(
+        CpuBackend::new(),
+        dir().join("refiner"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    // The file's name is the default token; the fixture names it.
+    for p in [&mut base, &mut refiner] {
+        let tokens = p.load_textual_inversion(&file, Some(token)).unwrap();
+        assert_eq!(tokens, [token.to_owned(), format!("{token}_1")]);
+        // Twice is an error (the token is taken) that changes nothing.
+        assert!(p.load_textual_inversion(&file, Some(token)).is_err());
+    }
+    let ids = |key: &str| -> Vec<u32> { t[key].1.iter().map(|&v| v as u32).collect() };
+    for (key, case) in meta["cases"].as_object().unwrap() {
+        let p = if case["pipeline"] == "base" {
+            &base
+        } else {
+            &refiner
+        };
+        let prompt = case["prompt"].as_str().unwrap();
+        let expanded = p.expand_embeddings(prompt);
+        let t2 = match p.text_encoder_2() {
+            Some((t2, _)) => {
+                assert_eq!(
+                    p.tokenizer().encode(&expanded).unwrap(),
+                    ids(&format!("{key}.ids_1"))
+                );
+                t2
+            }
+            None => p.tokenizer(),
+        };
+        assert_eq!(t2.encode(&expanded).unwrap(), ids(&format!("{key}.ids_2")));
+        let e = p
+            .encode_prompt_pair(prompt, None, &Params::default())
+            .unwrap();
+        let b = p.backend();
+        for (got, name) in [
+            (&e.context, "prompt_embeds"),
+            (e.pooled.as_ref().unwrap(), "pooled_prompt_embeds"),
+        ] {
+            let err = rel_l2(&b.download(got).unwrap(), &t[&format!("{key}.{name}")].1);
+            println!("{key}.{name}: {err:.2e}");
+            assert!(err < 1e-5, "{key}.{name}: {err:e}");
+        }
+    }
+    // An SDXL embedding on a one-encoder model: refused, nothing changed.
+    let mut sd1 = StableDiffusion::from_dir(
+        CpuBackend::new(),
+        common::fixtures::root().join("pipeline/sd1"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let e = sd1.load_textual_inversion(&file, None).unwrap_err();
+    assert!(matches!(e, Error::Config { .. }), "{e}");
+    assert!(sd1.embeddings().is_empty());
 }

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | diffusers (`learned_embeds.safetensors`) | one key, the token itself: `{"<cat-toy>": [dim] or [n, dim]}` | the key, unless one is given |
 //! | AUTOMATIC1111 | `emb_params` `[n, dim]`, or `string_to_param.*` | the one given, else the file's name |
+//! | SDXL (AUTOMATIC1111, ComfyUI, diffusers' documentation) | `clip_l` `[n, 768]` for the first text encoder, `clip_g` `[n, 1280]` for the second | the one given, else the file's name |
 //!
 //! A file of `n` vectors adds the tokens `tok`, `tok_1`, ..., `tok_{n-1}`, and a prompt's
 //! `tok` stands for all of them ([`TextualInversion::expand`], diffusers'
@@ -27,6 +28,9 @@ pub struct TextualInversion {
     pub count: usize,
     /// The width of each vector (the text encoder's `hidden_size`).
     pub dim: usize,
+    /// SDXL files: the second text encoder's vectors (`clip_g`, `count x width` values) and
+    /// their width; [`vectors`](Self::vectors) are then the first encoder's (`clip_l`).
+    pub second: Option<(Vec<f32>, usize)>,
 }
 
 fn invalid(path: &Path, message: String) -> Error {
@@ -58,6 +62,23 @@ impl TextualInversion {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
         };
+        if keys[..] == ["clip_g", "clip_l"] {
+            let (first, count, dim) = read_vectors(&file, path, "clip_l")?;
+            let (second, count_2, dim_2) = read_vectors(&file, path, "clip_g")?;
+            if count != count_2 {
+                return Err(invalid(
+                    path,
+                    format!("clip_l holds {count} vectors and clip_g {count_2}"),
+                ));
+            }
+            return Ok(TextualInversion {
+                token: token.map_or_else(stem, str::to_owned),
+                vectors: first,
+                count,
+                dim,
+                second: Some((second, dim_2)),
+            });
+        }
         let (key, name) = match keys[..] {
             ["emb_params"] => ("emb_params", token.map_or_else(stem, str::to_owned)),
             [key] if key.starts_with("string_to_param") => {
@@ -69,38 +90,20 @@ impl TextualInversion {
                     path,
                     format!(
                         "not a textual inversion file: expected one tensor (the token, \
-                         `emb_params` or `string_to_param.*`), found {} keys",
+                         `emb_params` or `string_to_param.*`) or SDXL's `clip_l` and `clip_g`, \
+                         found {} keys",
                         keys.len()
                     ),
                 ));
             }
         };
-        let info = file
-            .info(key)
-            .ok_or_else(|| invalid(path, format!("{key} cannot be read")))?;
-        let (count, dim) = match *info.shape {
-            [dim] => (1, dim),
-            [n, dim] => (n, dim),
-            ref other => {
-                return Err(invalid(
-                    path,
-                    format!("{key} has shape {other:?}; expected [dim] or [n, dim]"),
-                ));
-            }
-        };
-        if count == 0 || dim == 0 {
-            return Err(invalid(path, format!("{key} holds no vector")));
-        }
-        let shape = info.shape.to_vec();
-        let vectors = file.load(key, &shape, LoadDType::F32)?.into_f32_vec();
-        if !vectors.iter().all(|v| v.is_finite()) {
-            return Err(invalid(path, format!("{key} holds NaN or infinite values")));
-        }
+        let (vectors, count, dim) = read_vectors(&file, path, key)?;
         Ok(TextualInversion {
             token: name,
             vectors,
             count,
             dim,
+            second: None,
         })
     }
 
@@ -128,4 +131,30 @@ impl TextualInversion {
         }
         prompt.replace(&self.token, &self.tokens().join(" "))
     }
+}
+
+/// The `[dim]` or `[n, dim]` vectors of `key`: their values, count and width.
+fn read_vectors(file: &WeightFile, path: &Path, key: &str) -> Result<(Vec<f32>, usize, usize)> {
+    let info = file
+        .info(key)
+        .ok_or_else(|| invalid(path, format!("{key} cannot be read")))?;
+    let (count, dim) = match *info.shape {
+        [dim] => (1, dim),
+        [n, dim] => (n, dim),
+        ref other => {
+            return Err(invalid(
+                path,
+                format!("{key} has shape {other:?}; expected [dim] or [n, dim]"),
+            ));
+        }
+    };
+    if count == 0 || dim == 0 {
+        return Err(invalid(path, format!("{key} holds no vector")));
+    }
+    let shape = info.shape.to_vec();
+    let vectors = file.load(key, &shape, LoadDType::F32)?.into_f32_vec();
+    if !vectors.iter().all(|v| v.is_finite()) {
+        return Err(invalid(path, format!("{key} holds NaN or infinite values")));
+    }
+    Ok((vectors, count, dim))
 }

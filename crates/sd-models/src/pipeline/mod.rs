@@ -375,59 +375,69 @@ impl<B: Backend> StableDiffusion<B> {
 
     /// Adds a textual inversion embedding ([`TextualInversion::open`]): its tokens to the
     /// tokenizer and its vectors to the text encoder's embedding table, so that prompts can
-    /// name it (`a photo of <cat-toy>`). Returns the tokens added.
+    /// name it (`a photo of <cat-toy>`). SDXL takes files with `clip_l` and `clip_g`
+    /// vectors: each half goes to its encoder (the refiner, with the second encoder alone,
+    /// takes `clip_g`), as diffusers' `load_textual_inversion` called for each. Returns the
+    /// tokens added.
     ///
     /// # Errors
     /// Those of [`TextualInversion::open`]; [`Error::Config`] for vectors of another width
-    /// than the text encoder's, or on an SDXL pipeline (its two-encoder embeddings are not
-    /// supported yet); [`Error::Tokenizer`] for a token already in the vocabulary. Nothing is
-    /// changed when it fails.
+    /// than the text encoder's, an SDXL file on another model or a one-encoder file on SDXL;
+    /// [`Error::Tokenizer`] for a token already in the vocabulary. Nothing is changed when it
+    /// fails.
     pub fn load_textual_inversion(
         &mut self,
         path: impl AsRef<std::path::Path>,
         token: Option<&str>,
     ) -> Result<Vec<String>> {
         let path = path.as_ref();
-        if self.second.is_some() {
-            return Err(Error::Config {
-                what: format!("{} (textual inversion)", path.display()),
-                message: "embeddings for SDXL's two text encoders (clip_l / clip_g) are not \
-                          supported yet"
-                    .into(),
-            });
-        }
         let ti = TextualInversion::open(path, token)?;
-        let width = self.text_encoder.config().hidden_size;
-        if ti.dim != width {
-            return Err(Error::Config {
-                what: format!("{} (textual inversion)", path.display()),
-                message: format!(
-                    "its vectors are {} wide; this text encoder's are {width} (an embedding for \
-                     another model)",
+        let config_error = |message: String| Error::Config {
+            what: format!("{} (textual inversion)", path.display()),
+            message,
+        };
+        // The vectors for the `text_encoder` slot, and for SDXL's second encoder.
+        let (first, second) = match (&ti.second, self.is_xl(), self.second.is_some()) {
+            (None, false, _) => ((&ti.vectors, ti.dim), None),
+            (Some(g), true, true) => ((&ti.vectors, ti.dim), Some((&g.0, g.1))),
+            // The refiner: the second encoder alone, in the first slot.
+            (Some(g), true, false) => ((&g.0, g.1), None),
+            (Some(_), false, _) => {
+                return Err(config_error(
+                    "an SDXL embedding (clip_l and clip_g vectors) on a model with one text \
+                     encoder"
+                        .into(),
+                ));
+            }
+            (None, true, _) => {
+                return Err(config_error(format!(
+                    "an embedding of {}-wide vectors for one text encoder; SDXL's files hold \
+                     clip_l and clip_g vectors for its two",
                     ti.dim
-                ),
-            });
-        }
-        let table = &self.text_encoder.embeddings.token_embedding;
-        let first = table.rows();
+                )));
+            }
+        };
         let tokens = ti.tokens();
-        // Checked on a copy, so that a failure leaves the tokenizer as it was.
-        let mut tokenizer = self.tokenizer.clone();
-        let ids = tokenizer.add_tokens(&tokens)?;
-        if ids
-            .iter()
-            .enumerate()
-            .any(|(i, &id)| id as usize != first + i)
-        {
-            return Err(Error::Tokenizer(format!(
-                "the tokenizer gave {tokens:?} the ids {ids:?}, not the text encoder's next rows \
-                 from {first} (a tokenizer and text encoder that do not belong together)"
-            )));
-        }
+        let tokenizer = add_embedding_tokens(&self.tokenizer, &self.text_encoder, &tokens, first)
+            .map_err(|e| with_path(e, path))?;
+        let tokenizer_2 = match (&self.second, second) {
+            (Some((t, encoder)), Some(vectors)) => Some(
+                add_embedding_tokens(t, encoder, &tokens, vectors)
+                    .map_err(|e| with_path(e, path))?,
+            ),
+            _ => None,
+        };
+        // Every check passed: the vectors join the tables.
         self.text_encoder
             .embeddings
             .token_embedding
-            .append_rows(&ti.vectors)?;
+            .append_rows(first.0)?;
+        if let (Some((t, encoder)), Some(vectors), Some(new)) =
+            (self.second.as_mut(), second, tokenizer_2)
+        {
+            encoder.embeddings.token_embedding.append_rows(vectors.0)?;
+            *t = new;
+        }
         self.tokenizer = tokenizer;
         self.embeddings.push(ti);
         Ok(tokens)
@@ -540,5 +550,51 @@ impl<B: Backend> StableDiffusion<B> {
             .map_or((64, 64), |s| s.height_width());
         let f = self.vae_scale_factor();
         (w * f, h * f)
+    }
+}
+
+/// `tokenizer` with `tokens` added, checked against `encoder`: the vectors (`values`,
+/// `width`) must be the encoder's width and the new ids its next rows.
+fn add_embedding_tokens<B: Backend>(
+    tokenizer: &ClipTokenizer,
+    encoder: &ClipTextModel<B>,
+    tokens: &[String],
+    (_, width): (&Vec<f32>, usize),
+) -> Result<ClipTokenizer> {
+    let hidden = encoder.config().hidden_size;
+    if width != hidden {
+        return Err(Error::Config {
+            what: "textual inversion".into(),
+            message: format!(
+                "its vectors are {width} wide; this text encoder's are {hidden} (an embedding \
+                 for another model)"
+            ),
+        });
+    }
+    let first = encoder.embeddings.token_embedding.rows();
+    // On a copy, so that a failure leaves the tokenizer as it was.
+    let mut tokenizer = tokenizer.clone();
+    let ids = tokenizer.add_tokens(tokens)?;
+    if ids
+        .iter()
+        .enumerate()
+        .any(|(i, &id)| id as usize != first + i)
+    {
+        return Err(Error::Tokenizer(format!(
+            "the tokenizer gave {tokens:?} the ids {ids:?}, not the text encoder's next rows \
+             from {first} (a tokenizer and text encoder that do not belong together)"
+        )));
+    }
+    Ok(tokenizer)
+}
+
+/// `e` naming the embedding file where it names no file.
+fn with_path(e: Error, path: &std::path::Path) -> Error {
+    match e {
+        Error::Config { what, message } if what == "textual inversion" => Error::Config {
+            what: format!("{} (textual inversion)", path.display()),
+            message,
+        },
+        other => other,
     }
 }
