@@ -7,9 +7,15 @@
 //! | kohya / AUTOMATIC1111 | `lora_unet_<module path, dots as underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`; `lora_te_...` for the text encoder | the `.alpha` tensor, else the rank |
 //! | diffusers / PEFT | `unet.<module path>.lora_A.weight` (down), `.lora_B.weight` (up); `text_encoder.` | `lora_alpha` (or the `alpha_pattern` regular expressions, matched as PEFT does) of the `lora_adapter_metadata` diffusers writes, else the rank |
 //! | diffusers before PEFT | `unet.<path>.processor.to_q_lora.down.weight` (`to_out_lora` for `to_out.0`), `unet.<path>.lora.down.weight`, `text_encoder.<path>.lora_linear_layer.down.weight` (and `.up.`); attention-processor files without the `unet.` prefix | as for PEFT |
+//! | LyCORIS LoHa | kohya's names (or diffusers' with `unet.`) with `.hada_w1_a`, `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b` (and the Tucker cores `.hada_t1`, `.hada_t2` of convolutions) | `.alpha` over the rank of `hada_w1_b`, else 1 |
+//! | LyCORIS LoKr | as LoHa with `.lokr_w1` or `.lokr_w1_a` + `.lokr_w1_b`, `.lokr_w2` or `.lokr_w2_a` + `.lokr_w2_b` (and `.lokr_t2`) | `.alpha` over the rank of the decomposed factor (`w2`'s first); none when both factors are full |
 //!
 //! Linear layers take `down [r, in]`, `up [out, r]`; convolutions `down [r, in, kh, kw]`,
-//! `up [out, r, 1, 1]` (LoCon), the update `up @ down` reshaped to the kernel. A kohya path
+//! `up [out, r, 1, 1]` (LoCon), the update `up @ down` reshaped to the kernel. LoHa's update
+//! is the elementwise product `(w1_a @ w1_b) * (w2_a @ w2_b)`, LoKr's the Kronecker product
+//! `kron(w1, w2)` (each factor a matrix or a product `a @ b`), both reshaped to the weight, as
+//! LyCORIS and AUTOMATIC1111 define them; a Tucker core `t [r, r, kh, kw]` with `a [r, out]`,
+//! `b [r, in]` gives the factor `sum_ij t[i, j] a[i, out] b[j, in]`. A kohya path
 //! is matched against the network's own module names (`down_blocks.0.attentions.0.
 //! transformer_blocks.0.attn1.to_q` is `down_blocks_0_attentions_0_transformer_blocks_0_
 //! attn1_to_q`), never by replacing every `_`, which names such as `transformer_blocks` and
@@ -33,7 +39,129 @@ pub enum LoraTarget {
     TextEncoder2,
 }
 
-/// One low-rank update, as the file names it.
+/// One factor of a LyCORIS update, in f32.
+#[derive(Debug, Clone)]
+pub enum LoraFactor {
+    /// A full matrix `[rows, cols]` (or `[rows, c, kh, kw]`).
+    Full(Arc<HostTensor>),
+    /// `a [rows, r] @ b [r, cols]`.
+    Product {
+        /// `[rows, r]`.
+        a: Arc<HostTensor>,
+        /// `[r, cols]` (a convolution's `cols` flattened as `in * kh * kw`).
+        b: Arc<HostTensor>,
+    },
+    /// A Tucker (CP) decomposition of a convolution's factor:
+    /// `[out, in, kh, kw] = sum_ij core[i, j] a[i, out] b[j, in]`.
+    Tucker {
+        /// `[r1, r2, kh, kw]`.
+        core: Arc<HostTensor>,
+        /// `[r1, out]`.
+        a: Arc<HostTensor>,
+        /// `[r2, in]`.
+        b: Arc<HostTensor>,
+    },
+}
+
+impl LoraFactor {
+    /// The rank of a decomposed factor (`None` for a full matrix).
+    pub fn rank(&self) -> Option<usize> {
+        match self {
+            LoraFactor::Full(_) => None,
+            LoraFactor::Product { b, .. } | LoraFactor::Tucker { b, .. } => {
+                b.shape().first().copied()
+            }
+        }
+    }
+
+    /// `(rows, cols)` of the factor as a matrix (a convolution's columns are `in * kh * kw`).
+    fn dims(&self) -> (usize, usize) {
+        let rest = |t: &HostTensor| t.shape().iter().skip(1).product::<usize>();
+        let dim = |t: &HostTensor, i: usize| t.shape().get(i).copied().unwrap_or(0);
+        match self {
+            LoraFactor::Full(t) => (dim(t, 0), rest(t)),
+            LoraFactor::Product { a, b } => (dim(a, 0), rest(b)),
+            LoraFactor::Tucker { core, a, b } => {
+                (dim(a, 1), dim(b, 1) * dim(core, 2) * dim(core, 3))
+            }
+        }
+    }
+
+    /// The factor as a row-major `[rows, cols]` matrix.
+    fn matrix(&self) -> Result<Vec<f32>> {
+        let values = |t: &HostTensor| t.as_f32().unwrap_or(&[]).to_vec();
+        let (rows, cols) = self.dims();
+        match self {
+            LoraFactor::Full(t) => Ok(values(t)),
+            LoraFactor::Product { a, b } => {
+                let r = b.shape().first().copied().unwrap_or(0);
+                let mut out = vec![0.0; rows * cols];
+                crate::cpu::add_product(rows, cols, r, &values(a), &values(b), &mut out)?;
+                Ok(out)
+            }
+            LoraFactor::Tucker { core, a, b } => {
+                let dim = |t: &HostTensor, i: usize| t.shape().get(i).copied().unwrap_or(0);
+                let (r1, r2) = (dim(core, 0), dim(core, 1));
+                let (channels, kernel) = (dim(b, 1), dim(core, 2) * dim(core, 3));
+                let (core, a, b) = (values(core), values(a), values(b));
+                // temp[i, c, p] = sum_j core[i, j, p] b[j, c]
+                let mut temp = vec![0.0f32; r1 * channels * kernel];
+                for i in 0..r1 {
+                    for j in 0..r2 {
+                        let t = &core[(i * r2 + j) * kernel..][..kernel];
+                        for c in 0..channels {
+                            let bj = b[j * channels + c];
+                            let out = &mut temp[(i * channels + c) * kernel..][..kernel];
+                            for (o, &tv) in out.iter_mut().zip(t) {
+                                *o += tv * bj;
+                            }
+                        }
+                    }
+                }
+                // out[o, (c, p)] = sum_i a[i, o] temp[i, (c, p)]
+                let mut at = vec![0.0f32; rows * r1];
+                for i in 0..r1 {
+                    for o in 0..rows {
+                        at[o * r1 + i] = a[i * rows + o];
+                    }
+                }
+                let mut out = vec![0.0; rows * cols];
+                crate::cpu::add_product(rows, cols, r1, &at, &temp, &mut out)?;
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// How a module's update is made from the file's matrices.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum LoraFactors {
+    /// LoRA and LoCon: `up @ down`, down `[r, in]` or `[r, in, kh, kw]`, up `[out, r]` or
+    /// `[out, r, 1, 1]`.
+    LowRank {
+        /// `[r, in]` or `[r, in, kh, kw]`.
+        down: Arc<HostTensor>,
+        /// `[out, r]` or `[out, r, 1, 1]`.
+        up: Arc<HostTensor>,
+    },
+    /// LyCORIS LoHa: `w1 * w2`, elementwise.
+    Hadamard {
+        /// The first factor.
+        w1: LoraFactor,
+        /// The second factor.
+        w2: LoraFactor,
+    },
+    /// LyCORIS LoKr: `kron(w1, w2)`.
+    Kronecker {
+        /// The outer factor `[a, b]`.
+        w1: LoraFactor,
+        /// The inner factor `[c, d]` (or `[c, d, kh, kw]`).
+        w2: LoraFactor,
+    },
+}
+
+/// One update, as the file names it.
 #[derive(Debug, Clone)]
 pub struct LoraModule {
     /// The network it patches.
@@ -43,10 +171,8 @@ pub struct LoraModule {
     pub name: String,
     /// Whether `name` is a kohya path (dots replaced by underscores).
     pub kohya: bool,
-    /// `[r, in]` or `[r, in, kh, kw]`, in f32.
-    pub down: Arc<HostTensor>,
-    /// `[out, r]` or `[out, r, 1, 1]`, in f32.
-    pub up: Arc<HostTensor>,
+    /// The matrices, in f32, and how they make the update.
+    pub factors: LoraFactors,
     /// `alpha`, if the file gives one (else the rank: scale 1).
     pub alpha: Option<f64>,
     /// Rank-stabilised LoRA (PEFT's `use_rslora`): the scale is `alpha / sqrt(rank)`.
@@ -54,21 +180,55 @@ pub struct LoraModule {
 }
 
 impl LoraModule {
-    /// The rank `r`.
-    pub fn rank(&self) -> usize {
-        self.down.shape().first().copied().unwrap_or(0)
+    /// The rank `alpha` is divided by: LoRA's `r`, LoHa's `hada_w1_b` rows, LoKr's decomposed
+    /// factor's (`w2`'s, else `w1`'s); `None` for LoKr with both factors full.
+    pub fn rank(&self) -> Option<usize> {
+        match &self.factors {
+            LoraFactors::LowRank { down, .. } => down.shape().first().copied(),
+            LoraFactors::Hadamard { w1, .. } => w1.rank(),
+            LoraFactors::Kronecker { w1, w2 } => w2.rank().or_else(|| w1.rank()),
+        }
     }
 
-    /// `alpha / rank` (`alpha / sqrt(rank)` for rank-stabilised LoRA).
+    /// `alpha / rank` (`alpha / sqrt(rank)` for rank-stabilised LoRA); 1 without an alpha or
+    /// a rank (LoKr of two full factors), as LyCORIS and AUTOMATIC1111.
     pub fn scale(&self) -> f64 {
-        let r = self.rank().max(1) as f64;
-        let alpha = self.alpha.unwrap_or(r);
+        let (Some(r), Some(alpha)) = (self.rank(), self.alpha) else {
+            return 1.0;
+        };
+        let r = r.max(1) as f64;
         if self.rslora {
             alpha / r.sqrt()
         } else {
             alpha / r
         }
     }
+}
+
+/// LyCORIS's parts after the module path: LoHa's Hadamard and LoKr's Kronecker factors.
+const LYCORIS_PARTS: [&str; 13] = [
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "hada_t1",
+    "hada_t2",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_t2",
+];
+
+/// `key` without `.part` for one of LyCORIS's parts.
+fn lycoris_part(key: &str) -> Option<(&str, &'static str)> {
+    LYCORIS_PARTS.iter().find_map(|&part| {
+        key.strip_suffix(part)
+            .and_then(|m| m.strip_suffix('.'))
+            .map(|m| (m, part))
+    })
 }
 
 /// A LoRA file.
@@ -112,6 +272,9 @@ fn split_key(key: &str) -> Option<(LoraTarget, String, bool, &'static str)> {
                     return Some((target, module.to_owned(), true, part));
                 }
             }
+            if let Some((module, part)) = lycoris_part(rest) {
+                return Some((target, module.to_owned(), true, part));
+            }
         }
     }
     // diffusers: PEFT's `lora_A`/`lora_B`, and the names diffusers wrote before PEFT
@@ -133,6 +296,9 @@ fn split_key(key: &str) -> Option<(LoraTarget, String, bool, &'static str)> {
     } else {
         return None;
     };
+    if let Some((module, part)) = lycoris_part(rest) {
+        return Some((target, module.to_owned(), false, part));
+    }
     for (suffix, part) in [
         (".lora_A.weight", "down"),
         (".lora_B.weight", "up"),
@@ -181,6 +347,104 @@ fn pattern_alpha(
         .and_then(|(_, v)| v.as_f64())
 }
 
+/// A LyCORIS factor of module `name` stored whole (`full`) or as `a @ b`, through a Tucker
+/// core `core` if the file gives one; its parts taken out of `parts`.
+fn factor(
+    name: &str,
+    parts: &mut HashMap<&'static str, HostTensor>,
+    full: Option<&str>,
+    a: &str,
+    b: &str,
+    core: Option<&str>,
+) -> std::result::Result<LoraFactor, String> {
+    let shape = |t: &HostTensor| t.shape().to_vec();
+    if let Some((key, t)) = full.and_then(|k| parts.remove(k).map(|t| (k, t))) {
+        if t.shape().len() < 2 {
+            return Err(format!("module {name}: {key} is {:?}", shape(&t)));
+        }
+        return Ok(LoraFactor::Full(Arc::new(t)));
+    }
+    let (Some(ta), Some(tb)) = (parts.remove(a), parts.remove(b)) else {
+        return Err(format!("module {name} lacks {a} or {b}"));
+    };
+    let (sa, sb) = (shape(&ta), shape(&tb));
+    if let Some(tc) = core.and_then(|k| parts.remove(k)) {
+        let sc = shape(&tc);
+        if sc.len() != 4 || sa.len() != 2 || sb.len() != 2 || sa[0] != sc[0] || sb[0] != sc[1] {
+            return Err(format!(
+                "module {name}: the Tucker core {sc:?} does not join {a} {sa:?} and {b} {sb:?}"
+            ));
+        }
+        return Ok(LoraFactor::Tucker {
+            core: Arc::new(tc),
+            a: Arc::new(ta),
+            b: Arc::new(tb),
+        });
+    }
+    if sa.len() != 2 || sb.len() < 2 || sa[1] != sb[0] || sa[1] == 0 {
+        return Err(format!(
+            "module {name}: {a} {sa:?} and {b} {sb:?} are not of one rank"
+        ));
+    }
+    Ok(LoraFactor::Product {
+        a: Arc::new(ta),
+        b: Arc::new(tb),
+    })
+}
+
+/// How a module's parts make its update, the parts used taken out of `parts`; the message
+/// says what is missing or does not fit.
+fn factors_of(
+    name: &str,
+    parts: &mut HashMap<&'static str, HostTensor>,
+) -> std::result::Result<LoraFactors, String> {
+    let shape = |t: &HostTensor| t.shape().to_vec();
+    if parts.contains_key("down") || parts.contains_key("up") {
+        let (Some(down), Some(up)) = (parts.remove("down"), parts.remove("up")) else {
+            return Err(format!("module {name} lacks its down or its up matrix"));
+        };
+        let rank = down.shape().first().copied().unwrap_or(0);
+        let up_rank = up.shape().get(1).copied().unwrap_or(0);
+        if rank == 0 || rank != up_rank || down.shape().len() < 2 {
+            return Err(format!(
+                "module {name}: down {:?} and up {:?} are not of one rank",
+                shape(&down),
+                shape(&up)
+            ));
+        }
+        return Ok(LoraFactors::LowRank {
+            down: Arc::new(down),
+            up: Arc::new(up),
+        });
+    }
+    let hadamard = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
+    if hadamard.iter().any(|k| parts.contains_key(k)) {
+        let w1 = factor(name, parts, None, "hada_w1_a", "hada_w1_b", Some("hada_t1"))?;
+        let w2 = factor(name, parts, None, "hada_w2_a", "hada_w2_b", Some("hada_t2"))?;
+        if w1.dims() != w2.dims() {
+            return Err(format!(
+                "module {name}: LoHa's two factors are {:?} and {:?}",
+                w1.dims(),
+                w2.dims()
+            ));
+        }
+        return Ok(LoraFactors::Hadamard { w1, w2 });
+    }
+    if !parts.keys().any(|k| k.starts_with("lokr_")) {
+        return Err(format!("module {name} lacks its down or its up matrix"));
+    }
+    let w1 = factor(name, parts, Some("lokr_w1"), "lokr_w1_a", "lokr_w1_b", None)?;
+    let w2 = factor(
+        name,
+        parts,
+        Some("lokr_w2"),
+        "lokr_w2_a",
+        "lokr_w2_b",
+        Some("lokr_t2"),
+    )?;
+    Ok(LoraFactors::Kronecker { w1, w2 })
+}
+
 impl Lora {
     /// Reads a LoRA `.safetensors` file of either layout (told from its keys, never from its
     /// name), at multiplier 1.
@@ -196,7 +460,7 @@ impl Lora {
             return Err(invalid(path, message));
         }
         let file = WeightFile::open(path)?;
-        type Parts = (Option<HostTensor>, Option<HostTensor>, Option<f64>);
+        type Parts = (HashMap<&'static str, HostTensor>, Option<f64>);
         let mut found: BTreeMap<(LoraTarget, String, bool), Parts> = BTreeMap::new();
         let mut unknown = Vec::new();
         let mut keys: Vec<&str> = file.keys().collect();
@@ -208,20 +472,16 @@ impl Lora {
             };
             let shape = file.info(key).map(|i| i.shape.to_vec()).unwrap_or_default();
             let tensor = file.load(key, &shape, LoadDType::F32)?;
-            let entry = found
-                .entry((target, module, kohya))
-                .or_insert((None, None, None));
-            match part {
-                "down" => entry.0 = Some(tensor),
-                "up" => entry.1 = Some(tensor),
-                _ => {
-                    let alpha = tensor
-                        .as_f32()
-                        .and_then(|v| (v.len() == 1).then(|| f64::from(v[0])))
-                        .filter(|a| a.is_finite())
-                        .ok_or_else(|| invalid(path, format!("{key} is not one finite number")))?;
-                    entry.2 = Some(alpha);
-                }
+            let entry = found.entry((target, module, kohya)).or_default();
+            if part == "alpha" {
+                let alpha = tensor
+                    .as_f32()
+                    .and_then(|v| (v.len() == 1).then(|| f64::from(v[0])))
+                    .filter(|a| a.is_finite())
+                    .ok_or_else(|| invalid(path, format!("{key} is not one finite number")))?;
+                entry.1 = Some(alpha);
+            } else {
+                entry.0.insert(part, tensor);
             }
         }
         // PEFT files keep alpha in their metadata: `lora_adapter_metadata`, a JSON object with
@@ -252,7 +512,7 @@ impl Lora {
                 .filter(|a| a.is_finite())
         };
         let mut modules = Vec::with_capacity(found.len());
-        for ((target, name, kohya), (down, up, alpha)) in found {
+        for ((target, name, kohya), (mut parts, alpha)) in found {
             let alpha = alpha.or_else(|| {
                 if kohya {
                     None
@@ -260,38 +520,22 @@ impl Lora {
                     peft_alpha(target, &name)
                 }
             });
-            let (Some(down), Some(up)) = (down, up) else {
-                return Err(invalid(
-                    path,
-                    format!("module {name} lacks its down or its up matrix"),
-                ));
-            };
-            let rank = down.shape().first().copied().unwrap_or(0);
-            let up_rank = up.shape().get(1).copied().unwrap_or(0);
-            if rank == 0 || rank != up_rank || down.shape().len() < 2 {
-                return Err(invalid(
-                    path,
-                    format!(
-                        "module {name}: down {:?} and up {:?} are not of one rank",
-                        down.shape(),
-                        up.shape()
-                    ),
-                ));
-            }
             let finite =
                 |t: &HostTensor| t.as_f32().is_some_and(|v| v.iter().all(|x| x.is_finite()));
-            if !finite(&down) || !finite(&up) {
+            if !parts.values().all(finite) {
                 return Err(invalid(
                     path,
                     format!("module {name} holds NaN or infinity"),
                 ));
             }
+            let factors = factors_of(&name, &mut parts).map_err(|m| invalid(path, m))?;
+            // Parts no form of update takes (a Tucker core beside a full factor).
+            unknown.extend(parts.keys().map(|part| format!("{name}.{part}")));
             modules.push(LoraModule {
                 target,
                 name,
                 kohya,
-                down: Arc::new(down),
-                up: Arc::new(up),
+                factors,
                 alpha,
                 rslora: !kohya && rslora(target),
             });
@@ -299,7 +543,8 @@ impl Lora {
         if modules.is_empty() {
             return Err(invalid(
                 path,
-                "no LoRA update in it (no lora_down/lora_up or lora_A/lora_B keys)".into(),
+                "no LoRA update in it (no lora_down/lora_up, lora_A/lora_B, hada_ or lokr_ keys)"
+                    .into(),
             ));
         }
         Ok(Lora {
@@ -328,14 +573,75 @@ pub struct LoraReport {
     pub unmatched: Vec<String>,
 }
 
-/// One update of a module: `scale * up @ down`.
+/// One update of a module: `scale` times what its factors make.
 #[derive(Debug)]
 struct Update {
     scale: f32,
-    down: Arc<HostTensor>,
-    up: Arc<HostTensor>,
+    factors: LoraFactors,
     key: String,
     used: std::sync::atomic::AtomicBool,
+}
+
+impl Update {
+    /// Adds the update to `w`, the weight of `module` of shape `shape` as a row-major
+    /// `[out, fan_in]` f32 matrix.
+    fn add_to(&self, w: &mut [f32], module: &str, shape: &[usize]) -> Result<()> {
+        let out = shape.first().copied().unwrap_or(0);
+        let fan_in: usize = shape.iter().skip(1).product();
+        let mismatch = |found: (usize, usize)| Error::Config {
+            what: format!("{} (LoRA)", self.key),
+            message: format!(
+                "its update is [{}, {}] but {module} is {shape:?}: a LoRA for another model",
+                found.0, found.1
+            ),
+        };
+        match &self.factors {
+            LoraFactors::LowRank { down, up } => {
+                let (d, u) = (down.as_f32().unwrap_or(&[]), up.as_f32().unwrap_or(&[]));
+                let r = down.shape().first().copied().unwrap_or(0);
+                let down_in: usize = down.shape().iter().skip(1).product();
+                let up_out = up.shape().first().copied().unwrap_or(0);
+                if up_out != out || down_in != fan_in || u.len() != out * r || d.len() != r * fan_in
+                {
+                    return Err(mismatch((up_out, down_in)));
+                }
+                // w[o, i] += sum_k (scale * up[o, k]) down[k, i], on the GEMM.
+                let scaled: Vec<f32> = u.iter().map(|&x| self.scale * x).collect();
+                crate::cpu::add_product(out, fan_in, r, &scaled, d, w)?;
+            }
+            LoraFactors::Hadamard { w1, w2 } => {
+                if w1.dims() != (out, fan_in) {
+                    return Err(mismatch(w1.dims()));
+                }
+                let (m1, m2) = (w1.matrix()?, w2.matrix()?);
+                for ((v, a), b) in w.iter_mut().zip(&m1).zip(&m2) {
+                    *v += self.scale * a * b;
+                }
+            }
+            LoraFactors::Kronecker { w1, w2 } => {
+                let ((a, b), (c, d)) = (w1.dims(), w2.dims());
+                if a * c != out || b * d != fan_in {
+                    return Err(mismatch((a * c, b * d)));
+                }
+                let (m1, m2) = (w1.matrix()?, w2.matrix()?);
+                // w[i c + k, j d + m] += scale w1[i, j] w2[k, m]: a 4-D w2 [c, d', kh, kw]
+                // after a w1 of unit kernel is the same product on the flattened columns.
+                for i in 0..a {
+                    for k in 0..c {
+                        let row = &mut w[(i * c + k) * fan_in..][..fan_in];
+                        let inner = &m2[k * d..][..d];
+                        for j in 0..b {
+                            let x = self.scale * m1[i * b + j];
+                            for (v, &y) in row[j * d..][..d].iter_mut().zip(inner) {
+                                *v += x * y;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The updates of some LoRAs for one network, by the module path they name (diffusers
@@ -394,8 +700,7 @@ impl LoraPatches {
                 };
                 let update = Arc::new(Update {
                     scale: (lora.multiplier * m.scale()) as f32,
-                    down: m.down.clone(),
-                    up: m.up.clone(),
+                    factors: m.factors.clone(),
                     key: format!("{}: {}", lora.path.display(), m.name),
                     used: std::sync::atomic::AtomicBool::new(false),
                 });
@@ -455,27 +760,9 @@ impl LoraPatches {
         }
         let shape = tensor.shape().to_vec();
         let dtype = tensor.dtype();
-        let out = shape.first().copied().unwrap_or(0);
-        let fan_in: usize = shape.iter().skip(1).product();
         let mut w = tensor.into_f32_vec();
         for u in updates {
-            let (down, up) = (u.down.as_f32().unwrap_or(&[]), u.up.as_f32().unwrap_or(&[]));
-            let r = u.down.shape().first().copied().unwrap_or(0);
-            let down_in: usize = u.down.shape().iter().skip(1).product();
-            let up_out = u.up.shape().first().copied().unwrap_or(0);
-            if up_out != out || down_in != fan_in || up.len() != out * r || down.len() != r * fan_in
-            {
-                return Err(Error::Config {
-                    what: format!("{} (LoRA)", u.key),
-                    message: format!(
-                        "its update is [{up_out}, {down_in}] but {module} is {shape:?}: a LoRA \
-                         for another model"
-                    ),
-                });
-            }
-            // w[o, i] += sum_k (scale * up[o, k]) down[k, i], on the GEMM.
-            let scaled: Vec<f32> = up.iter().map(|&x| u.scale * x).collect();
-            crate::cpu::add_product(out, fan_in, r, &scaled, down, &mut w)?;
+            u.add_to(&mut w, module, &shape)?;
             u.used.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let data = match dtype {
@@ -606,6 +893,29 @@ mod tests {
                 "text_encoder.encoder.layers.0.mlp.fc2.lora_linear_layer.up.weight",
                 Some((te, "encoder.layers.0.mlp.fc2", false, "up")),
             ),
+            // LyCORIS: LoHa and LoKr parts after kohya's (or diffusers') module names.
+            (
+                "lora_unet_mid_block_resnets_0_conv1.hada_t1",
+                Some((unet, "mid_block_resnets_0_conv1", true, "hada_t1")),
+            ),
+            (
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lokr_w1_a",
+                Some((
+                    te,
+                    "text_model_encoder_layers_0_self_attn_q_proj",
+                    true,
+                    "lokr_w1_a",
+                )),
+            ),
+            (
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lokr_w2",
+                Some((unet, "down_blocks_0_attentions_0_proj_in", true, "lokr_w2")),
+            ),
+            (
+                "unet.mid_block.attentions.0.proj_out.lokr_w1",
+                Some((unet, "mid_block.attentions.0.proj_out", false, "lokr_w1")),
+            ),
+            ("lora_unet_mid_block_resnets_0_conv1hada_t1", None),
             ("unet.conv_in.weight", None),
             ("down_blocks.0.resnets.0.conv1.weight", None),
             ("unet.x.processor.to_z_lora.down.weight", None),

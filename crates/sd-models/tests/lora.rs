@@ -343,3 +343,75 @@ fn fused_loras_match_diffusers() {
     assert!(Lora::open(dir.join("rank_mismatch.safetensors")).is_err());
     assert_eq!(run(&p), before);
 }
+
+/// LyCORIS LoHa and LoKr files in kohya's names (fixtures/lora/lycoris, written by
+/// tools/fixtures/generate.py lycoris): the Hadamard and Kronecker updates, flat and Tucker
+/// convolutions, LoKr with full and decomposed factors, alone, at a multiplier and together,
+/// against the reference's merged networks (diffusers' LoKr loading and PEFT's LoHa layers
+/// where they take the file, the float64 formula elsewhere).
+#[test]
+fn lycoris_loha_and_lokr_match_the_reference() {
+    use common::fixtures::{read_json, read_tensors};
+    use sd_models::backend::conformance::rel_l2;
+    let dir = root().join("lora/lycoris");
+    let meta = read_json(&dir.join("cases.json"));
+    let expected = read_tensors(&dir.join("expected.safetensors"));
+    let mut p = pipe();
+    let b = *p.backend();
+    let input = |name: &str| {
+        let (shape, v) = &expected[name];
+        b.upload(v, shape).unwrap()
+    };
+    let ids: Vec<u32> = expected["inputs.ids"].1.iter().map(|&v| v as u32).collect();
+    let (sample, text) = (
+        input("inputs.sample"),
+        input("inputs.encoder_hidden_states"),
+    );
+    let t = meta["timestep"].as_f64().unwrap();
+    let run = |p: &StableDiffusion<CpuBackend>| {
+        let hidden = p
+            .text_encoder()
+            .encode(&b, std::slice::from_ref(&ids), 0)
+            .unwrap();
+        let y = p.unet().forward(&b, &sample, &[t], &text).unwrap();
+        (b.download(&hidden).unwrap(), b.download(&y).unwrap())
+    };
+    let (h, y) = run(&p);
+    assert!(rel_l2(&h, &expected["base.text_hidden"].1) < 1e-5);
+    assert!(rel_l2(&y, &expected["base.unet_out"].1) < 1e-5);
+    let cases = meta["cases"].as_object().unwrap();
+    assert!(cases.len() >= 4);
+    for (case, c) in cases {
+        let loras: Vec<Lora> = c["loads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                Lora::open(dir.join(l["file"].as_str().unwrap()))
+                    .unwrap()
+                    .with_multiplier(l["multiplier"].as_f64().unwrap())
+            })
+            .collect();
+        let report = p.set_loras(&loras, true).unwrap();
+        let (h, y) = run(&p);
+        let eh = rel_l2(&h, &expected[&format!("{case}.text_hidden")].1);
+        let ey = rel_l2(&y, &expected[&format!("{case}.unet_out")].1);
+        let moved = rel_l2(
+            &expected["base.unet_out"].1,
+            &expected[&format!("{case}.unet_out")].1,
+        );
+        println!(
+            "{case}: {} updates; text {eh:.2e}, unet {ey:.2e} (the LoRA moves it {moved:.2e})",
+            report.matched
+        );
+        assert!(eh < 1e-5 && ey < 1e-5, "{case}: text {eh:e}, unet {ey:e}");
+    }
+    // Factors that do not fit: typed errors, the pipeline as it was.
+    let before = run(&p);
+    let e = Lora::open(dir.join("bad_hadamard.safetensors")).unwrap_err();
+    assert!(matches!(e, Error::Config { .. }), "{e}");
+    let wrong = Lora::open(dir.join("lokr_wrong_shape.safetensors")).unwrap();
+    let e = p.set_loras(&[wrong], false).unwrap_err();
+    assert!(e.to_string().contains("another model"), "{e}");
+    assert_eq!(run(&p), before);
+}
