@@ -250,39 +250,72 @@ fn bad_loras_are_typed_errors_that_change_nothing() {
     assert_eq!(outputs(&p), base);
 }
 
+/// A reference folder's inputs and outputs (`cases.json`, `expected.safetensors`: the
+/// text encoder's ids, the UNet's inputs, and each case's outputs).
+struct Reference {
+    meta: serde_json::Value,
+    expected: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl Reference {
+    fn read(dir: &std::path::Path) -> Self {
+        use common::fixtures::{read_json, read_tensors};
+        Reference {
+            meta: read_json(&dir.join("cases.json")),
+            expected: read_tensors(&dir.join("expected.safetensors")),
+        }
+    }
+
+    /// The text encoder's last hidden state for the ids and the UNet's output for the inputs.
+    fn run(&self, p: &StableDiffusion<CpuBackend>) -> (Vec<f32>, Vec<f32>) {
+        let b = p.backend();
+        let input = |name: &str| {
+            let (shape, v) = &self.expected[name];
+            b.upload(v, shape).unwrap()
+        };
+        let ids: Vec<u32> = self.expected["inputs.ids"]
+            .1
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
+        let t = self.meta["timestep"].as_f64().unwrap();
+        let hidden = p
+            .text_encoder()
+            .encode(b, std::slice::from_ref(&ids), 0)
+            .unwrap();
+        let y = p
+            .unet()
+            .forward(
+                b,
+                &input("inputs.sample"),
+                &[t],
+                &input("inputs.encoder_hidden_states"),
+            )
+            .unwrap();
+        (b.download(&hidden).unwrap(), b.download(&y).unwrap())
+    }
+
+    /// The relative errors of `(hidden, unet)` against `case`'s outputs.
+    fn errors(&self, case: &str, (h, y): &(Vec<f32>, Vec<f32>)) -> (f64, f64) {
+        use sd_models::backend::conformance::rel_l2;
+        (
+            rel_l2(h, &self.expected[&format!("{case}.text_hidden")].1),
+            rel_l2(y, &self.expected[&format!("{case}.unet_out")].1),
+        )
+    }
+}
+
 /// diffusers' `load_lora_weights` + `fuse_lora` on the tiny pipeline (fixtures/lora, written
 /// by tools/fixtures/generate.py lora): the UNet's prediction and the text encoder's output
 /// after fusing, against ours after `set_loras` with the same multipliers.
 #[test]
 fn fused_loras_match_diffusers() {
-    use common::fixtures::{read_json, read_tensors};
-    use sd_models::backend::conformance::rel_l2;
     let dir = root().join("lora");
-    let meta = read_json(&dir.join("cases.json"));
-    let expected = read_tensors(&dir.join("expected.safetensors"));
+    let reference = Reference::read(&dir);
+    let meta = &reference.meta;
     let mut p = pipe();
-    let b = *p.backend();
-    let input = |name: &str| {
-        let (shape, v) = &expected[name];
-        b.upload(v, shape).unwrap()
-    };
-    let ids: Vec<u32> = expected["inputs.ids"].1.iter().map(|&v| v as u32).collect();
-    let (sample, text) = (
-        input("inputs.sample"),
-        input("inputs.encoder_hidden_states"),
-    );
-    let t = meta["timestep"].as_f64().unwrap();
-    let run = |p: &StableDiffusion<CpuBackend>| {
-        let hidden = p
-            .text_encoder()
-            .encode(&b, std::slice::from_ref(&ids), 0)
-            .unwrap();
-        let y = p.unet().forward(&b, &sample, &[t], &text).unwrap();
-        (b.download(&hidden).unwrap(), b.download(&y).unwrap())
-    };
-    let (h, y) = run(&p);
-    assert!(rel_l2(&h, &expected["base.text_hidden"].1) < 1e-5);
-    assert!(rel_l2(&y, &expected["base.unet_out"].1) < 1e-5);
+    let (eh, ey) = reference.errors("base", &reference.run(&p));
+    assert!(eh < 1e-5 && ey < 1e-5);
     for case in ["peft", "kohya", "two"] {
         let c = &meta["cases"][case];
         let scale = c["fuse_lora"]["lora_scale"].as_f64().unwrap();
@@ -300,9 +333,7 @@ fn fused_loras_match_diffusers() {
             })
             .collect();
         let report = p.set_loras(&loras, true).unwrap();
-        let (h, y) = run(&p);
-        let eh = rel_l2(&h, &expected[&format!("{case}.text_hidden")].1);
-        let ey = rel_l2(&y, &expected[&format!("{case}.unet_out")].1);
+        let (eh, ey) = reference.errors(case, &reference.run(&p));
         println!(
             "{case}: {} updates; text {eh:.2e}, unet {ey:.2e}",
             report.matched
@@ -314,9 +345,8 @@ fn fused_loras_match_diffusers() {
         .unwrap()
         .with_multiplier(0.7);
     assert_eq!(p.set_loras(&[old], true).unwrap().matched, 43);
-    let (h, y) = run(&p);
-    assert!(rel_l2(&h, &expected["peft.text_hidden"].1) < 1e-5);
-    assert!(rel_l2(&y, &expected["peft.unet_out"].1) < 1e-5);
+    let (eh, ey) = reference.errors("peft", &reference.run(&p));
+    assert!(eh < 1e-5 && ey < 1e-5);
     // So does the same file under the names diffusers wrote before PEFT (attention
     // processors' `to_q_lora`, `lora.down`, `lora_linear_layer`), which diffusers fuses to the
     // same weights (checked by the fixture script).
@@ -333,15 +363,14 @@ fn fused_loras_match_diffusers() {
     };
     assert_eq!(names(&old), names(&peft));
     assert_eq!(p.set_loras(&[old], true).unwrap().matched, 43);
-    let (h, y) = run(&p);
-    assert!(rel_l2(&h, &expected["peft.text_hidden"].1) < 1e-5);
-    assert!(rel_l2(&y, &expected["peft.unet_out"].1) < 1e-5);
+    let (eh, ey) = reference.errors("peft", &reference.run(&p));
+    assert!(eh < 1e-5 && ey < 1e-5);
     // The files diffusers refuses are refused here too, leaving the pipeline as it was.
-    let before = run(&p);
+    let before = reference.run(&p);
     let wrong = Lora::open(dir.join("wrong_shape.safetensors")).unwrap();
     assert!(p.set_loras(&[wrong], false).is_err());
     assert!(Lora::open(dir.join("rank_mismatch.safetensors")).is_err());
-    assert_eq!(run(&p), before);
+    assert_eq!(reference.run(&p), before);
 }
 
 /// LyCORIS LoHa and LoKr files in kohya's names (fixtures/lora/lycoris, written by
@@ -351,34 +380,12 @@ fn fused_loras_match_diffusers() {
 /// where they take the file, the float64 formula elsewhere).
 #[test]
 fn lycoris_loha_and_lokr_match_the_reference() {
-    use common::fixtures::{read_json, read_tensors};
-    use sd_models::backend::conformance::rel_l2;
     let dir = root().join("lora/lycoris");
-    let meta = read_json(&dir.join("cases.json"));
-    let expected = read_tensors(&dir.join("expected.safetensors"));
+    let reference = Reference::read(&dir);
+    let (meta, expected) = (&reference.meta, &reference.expected);
     let mut p = pipe();
-    let b = *p.backend();
-    let input = |name: &str| {
-        let (shape, v) = &expected[name];
-        b.upload(v, shape).unwrap()
-    };
-    let ids: Vec<u32> = expected["inputs.ids"].1.iter().map(|&v| v as u32).collect();
-    let (sample, text) = (
-        input("inputs.sample"),
-        input("inputs.encoder_hidden_states"),
-    );
-    let t = meta["timestep"].as_f64().unwrap();
-    let run = |p: &StableDiffusion<CpuBackend>| {
-        let hidden = p
-            .text_encoder()
-            .encode(&b, std::slice::from_ref(&ids), 0)
-            .unwrap();
-        let y = p.unet().forward(&b, &sample, &[t], &text).unwrap();
-        (b.download(&hidden).unwrap(), b.download(&y).unwrap())
-    };
-    let (h, y) = run(&p);
-    assert!(rel_l2(&h, &expected["base.text_hidden"].1) < 1e-5);
-    assert!(rel_l2(&y, &expected["base.unet_out"].1) < 1e-5);
+    let (eh, ey) = reference.errors("base", &reference.run(&p));
+    assert!(eh < 1e-5 && ey < 1e-5);
     let cases = meta["cases"].as_object().unwrap();
     assert!(cases.len() >= 4);
     for (case, c) in cases {
@@ -393,10 +400,8 @@ fn lycoris_loha_and_lokr_match_the_reference() {
             })
             .collect();
         let report = p.set_loras(&loras, true).unwrap();
-        let (h, y) = run(&p);
-        let eh = rel_l2(&h, &expected[&format!("{case}.text_hidden")].1);
-        let ey = rel_l2(&y, &expected[&format!("{case}.unet_out")].1);
-        let moved = rel_l2(
+        let (eh, ey) = reference.errors(case, &reference.run(&p));
+        let moved = sd_models::backend::conformance::rel_l2(
             &expected["base.unet_out"].1,
             &expected[&format!("{case}.unet_out")].1,
         );
@@ -407,11 +412,11 @@ fn lycoris_loha_and_lokr_match_the_reference() {
         assert!(eh < 1e-5 && ey < 1e-5, "{case}: text {eh:e}, unet {ey:e}");
     }
     // Factors that do not fit: typed errors, the pipeline as it was.
-    let before = run(&p);
+    let before = reference.run(&p);
     let e = Lora::open(dir.join("bad_hadamard.safetensors")).unwrap_err();
     assert!(matches!(e, Error::Config { .. }), "{e}");
     let wrong = Lora::open(dir.join("lokr_wrong_shape.safetensors")).unwrap();
     let e = p.set_loras(&[wrong], false).unwrap_err();
     assert!(e.to_string().contains("another model"), "{e}");
-    assert_eq!(run(&p), before);
+    assert_eq!(reference.run(&p), before);
 }

@@ -548,19 +548,32 @@ async fn txt2img(
 ) -> Result<Json<ImagesResponse>, ApiError> {
     let (r, raw): (Txt2ImgRequest, _) = parse(&body)?;
     let (dw, dh) = state.default_size;
+    let planned = plan(&state, &r, (r.width.unwrap_or(dw), r.height.unwrap_or(dh)))?;
+    answer(&state, "txt2img", &r, raw, planned, Input::Text).await
+}
+
+/// Runs a planned AUTOMATIC1111 request and answers with its images and `info`.
+async fn answer(
+    state: &AppState,
+    kind: &'static str,
+    request: &Txt2ImgRequest,
+    raw: serde_json::Value,
+    planned: Planned,
+    input: Input,
+) -> Result<Json<ImagesResponse>, ApiError> {
     let Planned {
         params,
         seeds,
         loras,
-    } = plan(&state, &r, (r.width.unwrap_or(dw), r.height.unwrap_or(dh)))?;
+    } = planned;
     let spec = JobSpec {
-        kind: "txt2img",
+        kind,
         params: params.clone(),
         seeds: seeds.clone(),
-        input: Input::Text,
+        input,
         loras,
     };
-    let out = submit(&state, spec).await?;
+    let out = submit(state, spec).await?;
     let images = out
         .images
         .iter()
@@ -569,7 +582,7 @@ async fn txt2img(
     Ok(Json(ImagesResponse {
         images,
         parameters: raw,
-        info: info(&state, &r, &params, &seeds, out.interrupted),
+        info: info(state, request, &params, &seeds, out.interrupted),
     }))
 }
 
@@ -590,11 +603,7 @@ async fn img2img(
         c.width.unwrap_or((image.width() / m * m).max(m)),
         c.height.unwrap_or((image.height() / m * m).max(m)),
     );
-    let Planned {
-        params,
-        seeds,
-        loras,
-    } = plan(&state, c, size)?;
+    let planned = plan(&state, c, size)?;
     if !(0.0..=1.0).contains(&r.denoising_strength) {
         return Err(ApiError::bad(format!(
             "denoising_strength = {} is outside [0, 1]",
@@ -615,28 +624,12 @@ async fn img2img(
         }
         _ => None,
     };
-    let spec = JobSpec {
-        kind: "img2img",
-        params: params.clone(),
-        seeds: seeds.clone(),
-        input: Input::Image {
-            image,
-            strength: r.denoising_strength,
-            mask,
-        },
-        loras,
+    let input = Input::Image {
+        image,
+        strength: r.denoising_strength,
+        mask,
     };
-    let out = submit(&state, spec).await?;
-    let images = out
-        .images
-        .iter()
-        .map(png_base64)
-        .collect::<Result<_, _>>()?;
-    Ok(Json(ImagesResponse {
-        images,
-        parameters: raw,
-        info: info(&state, c, &params, &seeds, out.interrupted),
-    }))
+    answer(&state, "img2img", c, raw, planned, input).await
 }
 
 async fn progress(
