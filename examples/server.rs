@@ -57,6 +57,10 @@ struct Cli {
     /// Where `<lora:NAME:WEIGHT>` in prompts finds NAME.safetensors.
     #[arg(long)]
     lora_dir: Option<PathBuf>,
+    /// A ControlNet (folder or file) driven by the ControlNet extension's units of each
+    /// request (`alwayson_scripts.controlnet.args`, module "none"). Repeatable.
+    #[arg(long = "controlnet")]
+    controlnets: Vec<PathBuf>,
     /// Keep half-precision weights in half precision (half the memory).
     #[arg(long)]
     fp16: bool,
@@ -93,7 +97,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         ..LoadOptions::default()
     };
     let t0 = std::time::Instant::now();
-    let pipe = StableDiffusion::load(backend, &cli.model, &options)?;
+    let mut pipe = StableDiffusion::load(backend, &cli.model, &options)?;
+    for net in &cli.controlnets {
+        pipe = pipe.load_controlnet(net, &options)?;
+    }
     let name = cli
         .model
         .file_stem()

@@ -35,6 +35,41 @@ pub struct Txt2ImgRequest {
     pub height: Option<usize>,
     /// CLIP layers to skip, from `override_settings.CLIP_stop_at_last_layers` (1: none).
     pub override_settings: serde_json::Map<String, serde_json::Value>,
+    /// Scripts' arguments; `controlnet.args` (the ControlNet extension's units) drives the
+    /// server's ControlNets.
+    pub alwayson_scripts: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One unit of the ControlNet extension's `alwayson_scripts.controlnet.args`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ControlNetUnit {
+    /// Whether the unit acts.
+    pub enabled: bool,
+    /// The control image, base64 (the extension also calls it `input_image`).
+    #[serde(alias = "input_image")]
+    pub image: Option<String>,
+    /// The preprocessor: only `"none"` (the image is the control image itself).
+    pub module: Option<String>,
+    /// The residuals' scale.
+    pub weight: f64,
+    /// The fraction of the steps before which it does not act.
+    pub guidance_start: f64,
+    /// The fraction of the steps after which it stops acting.
+    pub guidance_end: f64,
+}
+
+impl Default for ControlNetUnit {
+    fn default() -> Self {
+        ControlNetUnit {
+            enabled: true,
+            image: None,
+            module: None,
+            weight: 1.0,
+            guidance_start: 0.0,
+            guidance_end: 1.0,
+        }
+    }
 }
 
 impl Default for Txt2ImgRequest {
@@ -52,6 +87,7 @@ impl Default for Txt2ImgRequest {
             width: None,
             height: None,
             override_settings: serde_json::Map::new(),
+            alwayson_scripts: serde_json::Map::new(),
         }
     }
 }

@@ -45,13 +45,13 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sd_models::Backend;
 use sd_models::pipeline::{
-    Image, ImageLimits, Limits, Mask, Params, SamplerChoice, StableDiffusion,
+    ControlImage, Image, ImageLimits, Limits, Mask, Params, SamplerChoice, StableDiffusion,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{
-    GenerationInfo, Health, ImagesResponse, Img2ImgRequest, ModelItem, OpenAiImage, OpenAiRequest,
-    OpenAiResponse, ProgressResponse, ProgressState, SamplerItem, Txt2ImgRequest,
+    ControlNetUnit, GenerationInfo, Health, ImagesResponse, Img2ImgRequest, ModelItem, OpenAiImage,
+    OpenAiRequest, OpenAiResponse, ProgressResponse, ProgressState, SamplerItem, Txt2ImgRequest,
 };
 use crate::worker::{Input, Job, JobControl, JobError, JobSpec, Shared};
 
@@ -116,6 +116,8 @@ struct AppState {
     samplers: Vec<String>,
     default_size: (usize, usize),
     size_multiple: usize,
+    /// The pipeline's ControlNets: each request gives one unit each.
+    controlnets: usize,
 }
 
 /// The server: a router over the pipeline's worker thread.
@@ -131,24 +133,46 @@ struct ApiError {
     status: StatusCode,
     detail: String,
     retry_after: Option<u64>,
+    /// Shaped as OpenAI's clients read errors: `{"error": {"message", "type", ...}}`.
+    openai: bool,
 }
 
 impl ApiError {
-    fn bad(detail: impl Into<String>) -> Self {
+    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
+            status,
             detail: detail.into(),
             retry_after: None,
+            openai: false,
         }
+    }
+
+    fn bad(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, detail)
+    }
+
+    /// The same error for an OpenAI client.
+    fn openai(mut self) -> Self {
+        self.openai = true;
+        self
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "error": self.status.canonical_reason().unwrap_or("error"),
-            "detail": self.detail,
-        });
+        let reason = self.status.canonical_reason().unwrap_or("error");
+        let body = if self.openai {
+            let kind = match self.status {
+                StatusCode::UNAUTHORIZED => "authentication_error",
+                StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
+                _ => "server_error",
+            };
+            serde_json::json!({
+                "error": {"message": self.detail, "type": kind, "param": null, "code": null},
+            })
+        } else {
+            serde_json::json!({"error": reason, "detail": self.detail})
+        };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
@@ -192,6 +216,7 @@ impl App {
                 .collect(),
             default_size: pipe.default_size(),
             size_multiple: pipe.size_multiple(),
+            controlnets: pipe.controlnets().len(),
             options,
             shared: shared.clone(),
             jobs: tx,
@@ -218,9 +243,12 @@ impl App {
             .route("/sdapi/v1/progress", get(progress))
             .route("/sdapi/v1/interrupt", post(interrupt))
             .route("/sdapi/v1/samplers", get(samplers))
+            .route("/sdapi/v1/schedulers", get(schedulers))
+            .route("/sdapi/v1/scripts", get(scripts))
             .route("/sdapi/v1/sd-models", get(sd_models_list))
             .route("/sdapi/v1/options", get(get_options).post(set_options))
             .route("/v1/images/generations", post(openai_generations))
+            .fallback(not_found)
             .layer(middleware::from_fn_with_state(state.clone(), authorize))
             .layer(DefaultBodyLimit::max(state.options.body_limit))
             .with_state(state)
@@ -288,14 +316,17 @@ async fn authorize(
         false
     };
     if ok {
-        Ok(next.run(request).await)
-    } else {
-        Err(ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            detail: "a valid API key is needed (Authorization: Bearer KEY)".into(),
-            retry_after: None,
-        })
+        return Ok(next.run(request).await);
     }
+    let e = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "a valid API key is needed (Authorization: Bearer KEY)",
+    );
+    Err(if request.uri().path().starts_with("/v1/") {
+        e.openai()
+    } else {
+        e
+    })
 }
 
 /// Equality whose time does not depend on where the bytes first differ.
@@ -367,12 +398,22 @@ fn plan(state: &AppState, r: &Txt2ImgRequest, size: (usize, usize)) -> Result<Pl
             r.cfg_scale
         )));
     }
-    let sampler = match (&r.sampler_name, r.scheduler.as_deref()) {
-        (None, _) => SamplerChoice::Model,
-        (Some(name), Some(s)) if s.eq_ignore_ascii_case("karras") && !name.contains("Karras") => {
+    let karras = match r.scheduler.as_deref() {
+        None => false,
+        Some(s) if s.eq_ignore_ascii_case("automatic") => false,
+        Some(s) if s.eq_ignore_ascii_case("karras") => true,
+        Some(s) => {
+            return Err(ApiError::bad(format!(
+                "scheduler {s:?}: \"automatic\" or \"karras\" (GET /sdapi/v1/schedulers)"
+            )));
+        }
+    };
+    let sampler = match &r.sampler_name {
+        None => SamplerChoice::Model,
+        Some(name) if karras && !name.contains("Karras") => {
             SamplerChoice::Name(format!("{name} Karras"))
         }
-        (Some(name), _) => SamplerChoice::Name(name.clone()),
+        Some(name) => SamplerChoice::Name(name.clone()),
     };
     if let SamplerChoice::Name(name) = &sampler {
         let known = state.samplers.iter().any(|s| {
@@ -389,6 +430,7 @@ fn plan(state: &AppState, r: &Txt2ImgRequest, size: (usize, usize)) -> Result<Pl
         .get("CLIP_stop_at_last_layers")
         .and_then(serde_json::Value::as_u64)
         .map_or(0, |v| v.saturating_sub(1) as usize);
+    let controls = control_images(state, r, size)?;
     let (prompt, loras) = sd_models::clip::extract_loras(&r.prompt);
     let first = if r.seed < 0 {
         random_seed()
@@ -408,6 +450,7 @@ fn plan(state: &AppState, r: &Txt2ImgRequest, size: (usize, usize)) -> Result<Pl
         clip_skip,
         // AUTOMATIC1111 reads its weighting syntax.
         prompt_weighting: true,
+        controls,
         limits: Limits {
             max_side: o.max_side,
             max_pixels: o.max_side * o.max_side,
@@ -423,14 +466,69 @@ fn plan(state: &AppState, r: &Txt2ImgRequest, size: (usize, usize)) -> Result<Pl
     })
 }
 
+/// The control images of the ControlNet extension's units (`alwayson_scripts.controlnet.args`,
+/// the enabled ones), one for each of the server's ControlNets, resized to the output.
+fn control_images(
+    state: &AppState,
+    r: &Txt2ImgRequest,
+    (w, h): (usize, usize),
+) -> Result<Vec<ControlImage>, ApiError> {
+    // The extension's name, whatever its case (clients send "ControlNet").
+    let script = r
+        .alwayson_scripts
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("controlnet"))
+        .map(|(_, v)| v);
+    let units: Vec<ControlNetUnit> = match script.and_then(|c| c.get("args")) {
+        None => Vec::new(),
+        Some(args) => serde_json::from_value(args.clone())
+            .map_err(|e| ApiError::bad(format!("alwayson_scripts.controlnet.args: {e}")))?,
+    };
+    let units: Vec<ControlNetUnit> = units.into_iter().filter(|u| u.enabled).collect();
+    if units.len() != state.controlnets {
+        return Err(ApiError::bad(format!(
+            "{} ControlNet units (alwayson_scripts.controlnet.args) for the server's {} \
+             ControlNets: one each",
+            units.len(),
+            state.controlnets
+        )));
+    }
+    units
+        .iter()
+        .enumerate()
+        .map(|(k, u)| {
+            if let Some(m) = u
+                .module
+                .as_deref()
+                .filter(|m| !m.eq_ignore_ascii_case("none"))
+            {
+                return Err(ApiError::bad(format!(
+                    "ControlNet unit {k}: preprocessor {m:?} is not run by the server; send the \
+                     control image itself with module \"none\""
+                )));
+            }
+            let text = u
+                .image
+                .as_deref()
+                .ok_or_else(|| ApiError::bad(format!("ControlNet unit {k} has no image")))?;
+            let image = decode_image(state, &format!("ControlNet unit {k}"), text)?;
+            Ok(ControlImage {
+                image: resized(image, w, h)?,
+                scale: u.weight,
+                start: u.guidance_start,
+                end: u.guidance_end,
+            })
+        })
+        .collect()
+}
+
 /// Queues a job and waits for its answer; the job is cancelled if this future is dropped.
 async fn submit(state: &AppState, spec: JobSpec) -> Result<worker::JobOutput, ApiError> {
     if state.shared.shutting_down.load(Ordering::SeqCst) {
-        return Err(ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            detail: "the server is shutting down".into(),
-            retry_after: None,
-        });
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        ));
     }
     let control = Arc::new(JobControl::default());
     let guard = CancelOnDrop(control.clone());
@@ -444,14 +542,14 @@ async fn submit(state: &AppState, spec: JobSpec) -> Result<worker::JobOutput, Ap
     if let Err(e) = state.jobs.try_send(job) {
         state.shared.queued.fetch_sub(1, Ordering::SeqCst);
         let full = matches!(e, mpsc::error::TrySendError::Full(_));
+        let detail = if full {
+            format!("the queue is full ({} waiting)", state.options.queue)
+        } else {
+            "the worker has stopped".into()
+        };
         return Err(ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            detail: if full {
-                format!("the queue is full ({} waiting)", state.options.queue)
-            } else {
-                "the worker has stopped".into()
-            },
             retry_after: full.then_some(state.options.retry_after),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, detail)
         });
     }
     let result = answer.await;
@@ -460,25 +558,18 @@ async fn submit(state: &AppState, spec: JobSpec) -> Result<worker::JobOutput, Ap
     match result {
         Ok(Ok(out)) => Ok(out),
         Ok(Err(JobError::BadRequest(m))) => Err(ApiError::bad(m)),
-        Ok(Err(JobError::Failed(m))) => Err(ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            detail: m,
-            retry_after: None,
-        }),
-        Ok(Err(JobError::Cancelled)) | Err(_) => Err(ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            detail: "the request was cancelled (the server is stopping)".into(),
-            retry_after: None,
-        }),
+        Ok(Err(JobError::Failed(m))) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m)),
+        Ok(Err(JobError::Cancelled)) | Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the request was cancelled (the server is stopping)",
+        )),
     }
 }
 
 fn png_base64(image: &Image) -> Result<String, ApiError> {
-    let png = image.to_png().map_err(|e| ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        detail: e.to_string(),
-        retry_after: None,
-    })?;
+    let png = image
+        .to_png()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(STANDARD.encode(png))
 }
 
@@ -675,17 +766,48 @@ async fn interrupt(State(state): State<Arc<AppState>>) -> Json<serde_json::Value
     Json(serde_json::json!({}))
 }
 
+/// The samplers by their UI names (diffusers' class names are accepted too, but not listed).
 async fn samplers(State(state): State<Arc<AppState>>) -> Json<Vec<SamplerItem>> {
     Json(
         state
             .samplers
             .iter()
+            .filter(|name| !name.ends_with("Scheduler"))
             .map(|name| SamplerItem {
                 name: name.clone(),
                 aliases: Vec::new(),
                 options: serde_json::Map::new(),
             })
             .collect(),
+    )
+}
+
+/// The noise schedules a request's `scheduler` may name (AUTOMATIC1111 1.9+).
+async fn schedulers() -> Json<serde_json::Value> {
+    Json(serde_json::json!([
+        {"name": "automatic", "label": "Automatic", "aliases": null, "default_rho": -1,
+         "need_inner_model": false},
+        {"name": "karras", "label": "Karras", "aliases": null, "default_rho": 7.0,
+         "need_inner_model": false},
+    ]))
+}
+
+/// The scripts a request may drive: the ControlNet extension's units when the server has
+/// ControlNets.
+async fn scripts(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let names: Vec<&str> = if state.controlnets > 0 {
+        vec!["controlnet"]
+    } else {
+        Vec::new()
+    };
+    Json(serde_json::json!({"txt2img": names, "img2img": names}))
+}
+
+/// FastAPI's answer for an unknown route.
+async fn not_found() -> (StatusCode, Json<serde_json::Value>) {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({"detail": "Not Found"})),
     )
 }
 
@@ -720,7 +842,11 @@ async fn openai_generations(
     State(state): State<Arc<AppState>>,
     body: axum::body::Bytes,
 ) -> Result<Json<OpenAiResponse>, ApiError> {
-    let (r, _): (OpenAiRequest, _) = parse(&body)?;
+    openai_answer(&state, &body).await.map_err(ApiError::openai)
+}
+
+async fn openai_answer(state: &AppState, body: &[u8]) -> Result<Json<OpenAiResponse>, ApiError> {
+    let (r, _): (OpenAiRequest, _) = parse(body)?;
     if let Some(format) = r.response_format.as_deref()
         && format != "b64_json"
     {
@@ -744,7 +870,7 @@ async fn openai_generations(
         params,
         seeds,
         loras,
-    } = plan(&state, &request, size)?;
+    } = plan(state, &request, size)?;
     let spec = JobSpec {
         kind: "txt2img",
         params: params.clone(),
@@ -752,7 +878,7 @@ async fn openai_generations(
         input: Input::Text,
         loras,
     };
-    let out = submit(&state, spec).await?;
+    let out = submit(state, spec).await?;
     let data = out
         .images
         .iter()

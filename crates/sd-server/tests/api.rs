@@ -39,13 +39,23 @@ impl Drop for Server {
     }
 }
 
-fn start(configure: impl FnOnce(&mut ServerOptions)) -> Server {
-    let pipe = StableDiffusion::from_dir(
+fn tiny() -> StableDiffusion<CpuBackend> {
+    StableDiffusion::from_dir(
         CpuBackend::new(),
         fixtures().join("pipeline/sd1"),
         &LoadOptions::default(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn start(configure: impl FnOnce(&mut ServerOptions)) -> Server {
+    start_with(tiny(), configure)
+}
+
+fn start_with(
+    pipe: StableDiffusion<CpuBackend>,
+    configure: impl FnOnce(&mut ServerOptions),
+) -> Server {
     let mut options = ServerOptions::new("tiny-sd1");
     options.max_steps = 2000;
     options.lora_dir = Some(fixtures().join("lora"));
@@ -229,6 +239,16 @@ fn txt2img_img2img_and_openai_answer_with_images() {
     // The lists clients read.
     let samplers: Vec<Value> = get(s.addr, "/sdapi/v1/samplers");
     assert!(samplers.iter().any(|x| x["name"] == "DPM++ 2M Karras"));
+    assert!(!samplers.iter().any(|x| x["name"] == "DDIMScheduler"));
+    let schedulers: Vec<Value> = get(s.addr, "/sdapi/v1/schedulers");
+    assert_eq!(schedulers[1]["name"], "karras");
+    let scripts: Value = get(s.addr, "/sdapi/v1/scripts");
+    assert_eq!(scripts["txt2img"], json!([]));
+    let (status, _, b) = request(s.addr, "GET", "/sdapi/v1/nothing", &[], b"");
+    assert_eq!(
+        (status, b.as_slice()),
+        (404, br#"{"detail":"Not Found"}"#.as_slice())
+    );
     let models: Vec<Value> = get(s.addr, "/sdapi/v1/sd-models");
     assert_eq!(models[0]["model_name"], "tiny-sd1");
     let options: Value = get(s.addr, "/sdapi/v1/options");
@@ -304,6 +324,11 @@ fn bad_requests_are_400_with_the_reason() {
             br#"{"prompt": "x", "response_format": "url"}"#.to_vec(),
             "b64_json",
         ),
+        (
+            "/sdapi/v1/txt2img",
+            br#"{"scheduler": "exponential"}"#.to_vec(),
+            "karras",
+        ),
     ];
     for (path, body, needle) in cases {
         let (status, _, b) = request(s.addr, "POST", path, &[], &body);
@@ -316,6 +341,21 @@ fn bad_requests_are_400_with_the_reason() {
         );
         assert!(text.contains(needle), "{path}: {text} lacks {needle:?}");
     }
+    // OpenAI's clients read `error.message`.
+    let (status, v) = post(
+        s.addr,
+        "/v1/images/generations",
+        &json!({"prompt": "x", "size": "65x64"}),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("width = 65"),
+        "{v}"
+    );
     // A PNG that claims more pixels than the limits allow: refused before decoding.
     let mut bomb = Image::filled(8, 8, [0, 0, 0]).unwrap().to_png().unwrap();
     bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
@@ -463,4 +503,57 @@ fn shutdown_cancels_the_running_job_and_answers_it() {
     drop(s);
     let (status, v) = running.join().unwrap();
     assert_eq!(status, 503, "{v}");
+}
+
+/// The ControlNet extension's units drive the server's ControlNets.
+#[test]
+fn controlnet_units_drive_the_servers_controlnets() {
+    let pipe = tiny()
+        .load_controlnet(fixtures().join("controlnet/sd1"), &LoadOptions::default())
+        .unwrap();
+    let s = start_with(pipe, |_| {});
+    let edges = Image::filled(32, 32, [255, 255, 255]).unwrap();
+    let edges = STANDARD.encode(edges.to_png().unwrap());
+    let scripts: Value = get(s.addr, "/sdapi/v1/scripts");
+    assert_eq!(scripts["txt2img"], json!(["controlnet"]));
+    // As clients send it: "ControlNet", units with a model name and a null mask.
+    let request = |units: Value| {
+        json!({"prompt": "a house", "steps": 2, "width": 64, "height": 64, "seed": 1,
+               "alwayson_scripts": {"ControlNet": {"args": units}}})
+    };
+    let unit = |extra: Value| {
+        let mut u = json!({"image": edges, "module": "none", "weight": 0.8, "model": "None",
+                           "mask": null});
+        u.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        u
+    };
+    let (status, v) = post(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &request(json!([unit(json!({}))])),
+    );
+    assert_eq!(status, 200, "{v}");
+    let with = v["images"][0].clone();
+    let (_, v) = post(
+        s.addr,
+        "/sdapi/v1/txt2img",
+        &request(json!([unit(json!({"weight": 0.0}))])),
+    );
+    assert_ne!(v["images"][0], with, "the unit's weight acts");
+    for (units, needle) in [
+        (json!([]), "ControlNet units"),
+        (json!([unit(json!({"enabled": false}))]), "ControlNet units"),
+        (json!([unit(json!({"module": "canny"}))]), "preprocessor"),
+        (json!([{"weight": 1.0}]), "no image"),
+        (
+            json!([unit(json!({"guidance_start": 0.9, "guidance_end": 0.1}))]),
+            "window",
+        ),
+    ] {
+        let (status, v) = post(s.addr, "/sdapi/v1/txt2img", &request(units));
+        assert_eq!(status, 400, "{v}");
+        assert!(v["detail"].as_str().unwrap().contains(needle), "{v}");
+    }
 }
