@@ -25,6 +25,7 @@ pub mod files;
 pub mod lora;
 pub mod nn;
 pub mod pipeline;
+pub mod train;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -1,0 +1,544 @@
+//! The backward primitives and the optimiser of `sd_models::train` against PyTorch's
+//! autograd and `torch.optim.AdamW` (`fixtures/training`, written by
+//! `tools/fixtures/generate.py training`): each layer's input and parameter gradients for a
+//! given upstream gradient, and three AdamW steps with and without weight decay and clipping.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::fixtures::{read_json, read_tensors, root};
+use sd_models::train::grad::{self, AttentionShape, ConvShape, GroupNormShape};
+use sd_models::train::optim::{self, AdamW, AdamWState};
+
+type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+fn layers() -> (serde_json::Value, Tensors) {
+    let dir = root().join("training");
+    (
+        read_json(&dir.join("layers.json")),
+        read_tensors(&dir.join("layers.safetensors")),
+    )
+}
+
+/// The largest difference relative to the largest reference value.
+fn rel(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
+    let diff = got.iter().zip(want).fold(0.0f64, |m, (&a, &b)| {
+        m.max((f64::from(a) - f64::from(b)).abs())
+    });
+    if scale == 0.0 { diff } else { diff / scale }
+}
+
+fn close(what: &str, got: &[f32], want: &[f32]) {
+    let e = rel(got, want);
+    println!("{what}: {e:.2e}");
+    assert!(e < 5e-6, "{what}: {e:e}");
+}
+
+fn case<'a>(meta: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    meta["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+fn arg(c: &serde_json::Value, key: &str) -> serde_json::Value {
+    c["args"][key].clone()
+}
+
+#[test]
+fn convolutions_match_autograd() {
+    let (meta, t) = layers();
+    for (name, prefix) in [
+        ("conv3x3", ""),
+        ("conv3x3_stride2", "conv."),
+        ("conv3x3_stride2_odd", "conv."),
+        ("conv1x1", ""),
+        ("conv3x3_8to16", ""),
+    ] {
+        let c = case(&meta, name);
+        let x = &t[&format!("{name}.input.x")];
+        let w = &t[&format!("{name}.param.{prefix}weight")];
+        let dy = &t[&format!("{name}.grad_out")];
+        let k = w.0[2];
+        let stride = if name.contains("stride2") { 2 } else { 1 };
+        let padding = if k == 3 { 1 } else { 0 };
+        let _ = c;
+        let shape = ConvShape {
+            n: x.0[0],
+            c_in: x.0[1],
+            h: x.0[2],
+            w: x.0[3],
+            c_out: w.0[0],
+            k,
+            stride,
+            padding,
+        };
+        assert_eq!(shape.out_hw(), (dy.0[2], dy.0[3]), "{name}");
+        let (dx, dw, db) = grad::conv2d_backward(shape, &x.1, &w.1, &dy.1).unwrap();
+        close(
+            &format!("{name} dx"),
+            &dx,
+            &t[&format!("{name}.grad.input.x")].1,
+        );
+        close(
+            &format!("{name} dweight"),
+            &dw,
+            &t[&format!("{name}.grad.param.{prefix}weight")].1,
+        );
+        close(
+            &format!("{name} dbias"),
+            &db,
+            &t[&format!("{name}.grad.param.{prefix}bias")].1,
+        );
+    }
+}
+
+#[test]
+fn group_norms_silu_and_linear_layers_match_autograd() {
+    let (meta, t) = layers();
+    for (name, prefix, eps, silu) in [
+        ("group_norm", "", 1e-5, false),
+        ("group_norm_eps1e-6", "", 1e-6, false),
+        ("group_norm_silu", "norm.", 1e-5, true),
+    ] {
+        let _ = case(&meta, name);
+        let x = &t[&format!("{name}.input.x")];
+        let shape = GroupNormShape {
+            n: x.0[0],
+            c: x.0[1],
+            hw: x.0[2] * x.0[3],
+            groups: 4,
+            eps,
+        };
+        let (dx, dg, db) = grad::group_norm_backward(
+            shape,
+            &x.1,
+            &t[&format!("{name}.param.{prefix}weight")].1,
+            &t[&format!("{name}.param.{prefix}bias")].1,
+            &t[&format!("{name}.grad_out")].1,
+            silu,
+        )
+        .unwrap();
+        close(
+            &format!("{name} dx"),
+            &dx,
+            &t[&format!("{name}.grad.input.x")].1,
+        );
+        close(
+            &format!("{name} dweight"),
+            &dg,
+            &t[&format!("{name}.grad.param.{prefix}weight")].1,
+        );
+        close(
+            &format!("{name} dbias"),
+            &db,
+            &t[&format!("{name}.grad.param.{prefix}bias")].1,
+        );
+    }
+    let dx = grad::silu_backward(&t["silu.input.x"].1, &t["silu.grad_out"].1).unwrap();
+    close("silu dx", &dx, &t["silu.grad.input.x"].1);
+    for name in ["linear_2d", "linear_3d"] {
+        let x = &t[&format!("{name}.input.x")];
+        let w = &t[&format!("{name}.param.weight")];
+        let (n, k) = (w.0[0], w.0[1]);
+        let m = x.1.len() / k;
+        let (dx, dw, db) =
+            grad::linear_backward(&x.1, &w.1, &t[&format!("{name}.grad_out")].1, (m, k, n))
+                .unwrap();
+        close(
+            &format!("{name} dx"),
+            &dx,
+            &t[&format!("{name}.grad.input.x")].1,
+        );
+        close(
+            &format!("{name} dweight"),
+            &dw,
+            &t[&format!("{name}.grad.param.weight")].1,
+        );
+        close(
+            &format!("{name} dbias"),
+            &db,
+            &t[&format!("{name}.grad.param.bias")].1,
+        );
+    }
+}
+
+#[test]
+fn upsampling_embeddings_sums_and_the_loss_match_autograd() {
+    let (_, t) = layers();
+    // Upsample2D: nearest 2x, then a 3x3 convolution.
+    let x = &t["upsample_conv.input.x"];
+    let w = &t["upsample_conv.param.conv.weight"];
+    let (n, c, h, wd) = (x.0[0], x.0[1], x.0[2], x.0[3]);
+    let shape = ConvShape {
+        n,
+        c_in: c,
+        h: 2 * h,
+        w: 2 * wd,
+        c_out: w.0[0],
+        k: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let mut up = vec![0.0f32; n * c * 4 * h * wd];
+    for p in 0..n * c {
+        for y in 0..2 * h {
+            for xx in 0..2 * wd {
+                up[(p * 2 * h + y) * 2 * wd + xx] = x.1[(p * h + y / 2) * wd + xx / 2];
+            }
+        }
+    }
+    let (dup, dw, db) =
+        grad::conv2d_backward(shape, &up, &w.1, &t["upsample_conv.grad_out"].1).unwrap();
+    let dx = grad::upsample_nearest2x_backward(&dup, (n, c, h, wd)).unwrap();
+    close("upsample dx", &dx, &t["upsample_conv.grad.input.x"].1);
+    close(
+        "upsample dweight",
+        &dw,
+        &t["upsample_conv.grad.param.conv.weight"].1,
+    );
+    close(
+        "upsample dbias",
+        &db,
+        &t["upsample_conv.grad.param.conv.bias"].1,
+    );
+    // The class embedding: rows summed by label.
+    let labels: Vec<usize> = t["class_embedding.input.labels"]
+        .1
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    let table = &t["class_embedding.param.weight"];
+    let dw = grad::embedding_backward(
+        &labels,
+        &t["class_embedding.grad_out"].1,
+        table.0[0],
+        table.0[1],
+    )
+    .unwrap();
+    close(
+        "class embedding",
+        &dw,
+        &t["class_embedding.grad.param.weight"].1,
+    );
+    assert!(
+        grad::embedding_backward(&[99], &vec![0.0; table.0[1]], table.0[0], table.0[1]).is_err()
+    );
+    // A per-channel value broadcast over the image.
+    let xs = &t["add_broadcast.input.x"];
+    let dt = grad::sum_spatial(
+        &t["add_broadcast.grad_out"].1,
+        (xs.0[0], xs.0[1], xs.0[2] * xs.0[3]),
+    )
+    .unwrap();
+    close("broadcast add", &dt, &t["add_broadcast.grad.input.t"].1);
+    // The mean squared error.
+    let (loss, dpred) =
+        grad::mse_loss(&t["mse_loss.input.pred"].1, &t["mse_loss.input.target"].1).unwrap();
+    close("mse", &[loss], &t["mse_loss.output"].1);
+    let g = t["mse_loss.grad_out"].1[0];
+    let dpred: Vec<f32> = dpred.iter().map(|v| v * g).collect();
+    close("mse dpred", &dpred, &t["mse_loss.grad.input.pred"].1);
+}
+
+/// Group norm `[n, c, hw]` forward, for the composite cases.
+fn group_norm(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    (n, c, hw, groups): (usize, usize, usize, usize),
+    eps: f64,
+) -> Vec<f32> {
+    let cg = c / groups;
+    let mut out = vec![0.0; x.len()];
+    for b in 0..n {
+        for g in 0..groups {
+            let start = (b * c + g * cg) * hw;
+            let xs = &x[start..][..cg * hw];
+            let m = xs.len() as f64;
+            let mean = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / m;
+            let var = xs
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / m;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (j, &v) in xs.iter().enumerate() {
+                let ch = g * cg + j / hw;
+                out[start + j] = ((f64::from(v) - mean) * rstd * f64::from(gamma[ch])
+                    + f64::from(beta[ch])) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// `x [m, k] W^T + b`.
+fn linear(x: &[f32], w: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k)
+                .map(|l| f64::from(x[i * k + l]) * f64::from(w[j * k + l]))
+                .sum();
+            out[i * n + j] = (dot + f64::from(b[j])) as f32;
+        }
+    }
+    out
+}
+
+/// diffusers' spatial attention block, composed from the primitives: group norm, the q / k
+/// / v projections, attention, the output projection and the residual.
+#[test]
+fn the_attention_block_matches_autograd() {
+    let (meta, t) = layers();
+    let c_meta = case(&meta, "attention");
+    let x = &t["attention.input.x"];
+    let (n, c, hw) = (x.0[0], x.0[1], x.0[2] * x.0[3]);
+    let p = |name: &str| &t[&format!("attention.param.{name}")].1;
+    let heads = arg(c_meta, "heads").as_u64().unwrap() as usize;
+    let eps = arg(c_meta, "eps").as_f64().unwrap();
+    let groups = arg(c_meta, "norm_num_groups").as_u64().unwrap() as usize;
+    let head_dim = c / heads;
+    // Forward, keeping what the backward needs.
+    let normed = group_norm(
+        &x.1,
+        p("group_norm.weight"),
+        p("group_norm.bias"),
+        (n, c, hw, groups),
+        eps,
+    );
+    // [n, c, hw] -> tokens [n, hw, c]
+    let mut tokens = vec![0.0f32; normed.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for s in 0..hw {
+                tokens[(b * hw + s) * c + ch] = normed[(b * c + ch) * hw + s];
+            }
+        }
+    }
+    let m = n * hw;
+    let q = linear(&tokens, p("to_q.weight"), p("to_q.bias"), m, c, c);
+    let k = linear(&tokens, p("to_k.weight"), p("to_k.bias"), m, c, c);
+    let v = linear(&tokens, p("to_v.weight"), p("to_v.bias"), m, c, c);
+    let shape = AttentionShape {
+        batch: n,
+        len_q: hw,
+        len_k: hw,
+        heads,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    };
+    // Attention forward (for the output projection's input).
+    let mut a = vec![0.0f32; m * c];
+    for b in 0..n {
+        for h in 0..heads {
+            for i in 0..hw {
+                let qi = &q[(b * hw + i) * c + h * head_dim..][..head_dim];
+                let logits: Vec<f64> = (0..hw)
+                    .map(|j| {
+                        let kj = &k[(b * hw + j) * c + h * head_dim..][..head_dim];
+                        qi.iter()
+                            .zip(kj)
+                            .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                            .sum::<f64>()
+                            * f64::from(shape.scale)
+                    })
+                    .collect();
+                let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..head_dim {
+                    let o: f64 = (0..hw)
+                        .map(|j| e[j] / sum * f64::from(v[(b * hw + j) * c + h * head_dim + d]))
+                        .sum();
+                    a[(b * hw + i) * c + h * head_dim + d] = o as f32;
+                }
+            }
+        }
+    }
+    // Backward: out = x + to_out(a) (rescale 1).
+    let dout_img = &t["attention.grad_out"].1;
+    let mut dtok = vec![0.0f32; m * c];
+    for b in 0..n {
+        for ch in 0..c {
+            for s in 0..hw {
+                dtok[(b * hw + s) * c + ch] = dout_img[(b * c + ch) * hw + s];
+            }
+        }
+    }
+    let (da, dwo, dbo) = grad::linear_backward(&a, p("to_out.0.weight"), &dtok, (m, c, c)).unwrap();
+    let (dq, dk, dv) = grad::attention_backward(shape, &q, &k, &v, &da).unwrap();
+    let mut dtokens = vec![0.0f32; m * c];
+    let mut param_grads = vec![("to_out.0.weight", dwo), ("to_out.0.bias", dbo)];
+    for (name, d) in [("to_q", dq), ("to_k", dk), ("to_v", dv)] {
+        let (dx, dw, db) =
+            grad::linear_backward(&tokens, p(&format!("{name}.weight")), &d, (m, c, c)).unwrap();
+        for (acc, v) in dtokens.iter_mut().zip(dx) {
+            *acc += v;
+        }
+        param_grads.push((
+            if name == "to_q" {
+                "to_q.weight"
+            } else if name == "to_k" {
+                "to_k.weight"
+            } else {
+                "to_v.weight"
+            },
+            dw,
+        ));
+        param_grads.push((
+            if name == "to_q" {
+                "to_q.bias"
+            } else if name == "to_k" {
+                "to_k.bias"
+            } else {
+                "to_v.bias"
+            },
+            db,
+        ));
+    }
+    let mut dnormed = vec![0.0f32; normed.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for s in 0..hw {
+                dnormed[(b * c + ch) * hw + s] = dtokens[(b * hw + s) * c + ch];
+            }
+        }
+    }
+    let (dx_norm, dgamma, dbeta) = grad::group_norm_backward(
+        GroupNormShape {
+            n,
+            c,
+            hw,
+            groups,
+            eps,
+        },
+        &x.1,
+        p("group_norm.weight"),
+        p("group_norm.bias"),
+        &dnormed,
+        false,
+    )
+    .unwrap();
+    let dx: Vec<f32> = dx_norm.iter().zip(dout_img).map(|(a, b)| a + b).collect();
+    close("attention dx", &dx, &t["attention.grad.input.x"].1);
+    close(
+        "attention group_norm.weight",
+        &dgamma,
+        &t["attention.grad.param.group_norm.weight"].1,
+    );
+    close(
+        "attention group_norm.bias",
+        &dbeta,
+        &t["attention.grad.param.group_norm.bias"].1,
+    );
+    for (name, g) in &param_grads {
+        let want = &t[&format!("attention.grad.param.{name}")].1;
+        if *name == "to_k.bias" {
+            // Zero in exact arithmetic (a bias shared by every key shifts all logits alike).
+            assert!(g.iter().all(|v| v.abs() < 1e-5), "to_k.bias {g:?}");
+            continue;
+        }
+        close(&format!("attention {name}"), g, want);
+    }
+}
+
+#[test]
+fn adamw_clipping_schedule_and_ema_match_pytorch() {
+    let dir = root().join("training");
+    let meta = read_json(&dir.join("adamw.json"));
+    let t = read_tensors(&dir.join("adamw.safetensors"));
+    let a = &meta["adamw"];
+    let names = ["w1", "w2", "w4"];
+    for (variant, v) in a["variants"].as_object().unwrap() {
+        let opt = AdamW {
+            lr: a["lr"].as_f64().unwrap(),
+            betas: (0.9, 0.999),
+            eps: a["eps"].as_f64().unwrap(),
+            weight_decay: v["weight_decay"].as_f64().unwrap(),
+        };
+        let clip = v["clip_grad_norm"].as_f64();
+        let mut params: Vec<Vec<f32>> = names
+            .iter()
+            .map(|n| t[&format!("init.{n}")].1.clone())
+            .collect();
+        let mut states = vec![AdamWState::default(); names.len()];
+        for step in 1..=3 {
+            let mut grads: Vec<Vec<f32>> = names
+                .iter()
+                .map(|n| t[&format!("step{step}.grad.{n}")].1.clone())
+                .collect();
+            if let Some(max) = clip {
+                let mut refs: Vec<&mut [f32]> = grads.iter_mut().map(Vec::as_mut_slice).collect();
+                optim::clip_grad_norm(&mut refs, max);
+            }
+            for ((p, g), s) in params.iter_mut().zip(&grads).zip(states.iter_mut()) {
+                opt.step(opt.lr, p, g, s);
+            }
+            for (i, n) in names.iter().enumerate() {
+                let key = |what: &str| format!("{variant}.step{step}.{what}.{n}");
+                close(&key("param"), &params[i], &t[&key("param")].1);
+                close(&key("exp_avg"), &states[i].exp_avg, &t[&key("exp_avg")].1);
+                close(
+                    &key("exp_avg_sq"),
+                    &states[i].exp_avg_sq,
+                    &t[&key("exp_avg_sq")].1,
+                );
+            }
+        }
+    }
+    // The learning-rate schedule and the EMA of tools/digits/train.py.
+    let lr = &meta["lr_schedule"];
+    let (total, warmup, base) = (
+        lr["total_steps"].as_u64().unwrap() as usize,
+        lr["warmup_steps"].as_u64().unwrap() as usize,
+        lr["base_lr"].as_f64().unwrap(),
+    );
+    for (s, want) in lr["step_indices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(lr["train_py"].as_array().unwrap())
+    {
+        let got = optim::warmup_cosine_lr(s.as_u64().unwrap() as usize, warmup, total, base);
+        let want = want.as_f64().unwrap();
+        assert!(
+            (got - want).abs() <= 1e-12 + 1e-9 * want.abs(),
+            "lr at {s}: {got} {want}"
+        );
+    }
+    let ema = &meta["ema"];
+    for (k, want) in ema["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(ema["train_py_decay"].as_array().unwrap())
+    {
+        // train.py's k-th update counts from 1; step 0 in the table is its value for k = 0.
+        let got = optim::ema_decay(k.as_u64().unwrap(), ema["decay"].as_f64().unwrap());
+        assert!(
+            (got - want.as_f64().unwrap()).abs() < 1e-12,
+            "ema decay at {k}"
+        );
+    }
+    let mut shadow = t["ema.shadow0"].1.clone();
+    for k in 1..=3u64 {
+        optim::ema_update(
+            &mut shadow,
+            &t[&format!("ema.param{k}")].1,
+            optim::ema_decay(k, 0.999),
+        );
+        close(
+            &format!("ema after {k}"),
+            &shadow,
+            &t[&format!("ema.train_py.after{k}")].1,
+        );
+    }
+}
