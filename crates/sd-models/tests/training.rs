@@ -542,3 +542,65 @@ fn adamw_clipping_schedule_and_ema_match_pytorch() {
         );
     }
 }
+
+/// The whole digits UNet2DModel, run unchanged on the autodiff backend: one training batch's
+/// loss and the gradient of every parameter and of the input, against PyTorch's autograd
+/// (`unet2d.safetensors`; weights in `unet2d_init`).
+#[test]
+fn the_digits_unet_gradient_matches_autograd() {
+    use sd_models::CpuBackend;
+    use sd_models::backend::DataOps;
+    use sd_models::nn::ClassLabels;
+    use sd_models::train::autodiff::{Autodiff, NamedSource};
+    use sd_models::unet::{Unet2DConfig, Unet2DModel};
+    use sd_models::weights::{OpenOptions, Variant};
+
+    let dir = root().join("training");
+    let t = read_tensors(&dir.join("unet2d.safetensors"));
+    let ad = Autodiff::new(CpuBackend::new());
+    let init = dir.join("unet2d_init");
+    let config = Unet2DConfig::from_file(init.join("config.json")).unwrap();
+    let unet = OpenOptions::new()
+        .strict(true)
+        .load_folder(&init, &[Variant::Default], |store| {
+            Unet2DModel::from_source(&ad, &NamedSource::new(store.root(), &ad), config)
+        })
+        .unwrap();
+    let x_t = &t["x_t"];
+    let x = ad.upload(&x_t.1, &x_t.0).unwrap();
+    let timesteps: Vec<f64> = t["timesteps"].1.iter().map(|&v| f64::from(v)).collect();
+    let labels: Vec<u32> = t["class_labels"].1.iter().map(|&v| v as u32).collect();
+    let out = unet
+        .forward(&ad, &x, &timesteps, Some(ClassLabels::Ids(&labels)))
+        .unwrap();
+    let pred = ad.download(&out).unwrap();
+    close("model output", &pred, &t["model_output"].1);
+    let (loss, dpred) = grad::mse_loss(&pred, &t["noise"].1).unwrap();
+    close("loss", &[loss], &t["loss"].1);
+    let seed = ad.inner().upload(&dpred, &x_t.0).unwrap();
+    let grads = ad.backward(&out, &seed).unwrap();
+    let cpu = ad.inner();
+    let dx = cpu.download(grads.of(&x).unwrap()).unwrap();
+    close("d loss / d x_t", &dx, &t["grad.x_t"].1);
+    let mut seen = 0;
+    let mut worst = (0.0f64, String::new());
+    for (name, g) in grads.named() {
+        let want = &t[&format!("grad.param.{name}")].1;
+        let got = cpu.download(g).unwrap();
+        if name.ends_with("to_k.bias") {
+            // Zero in exact arithmetic.
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(got.iter().all(|v| v.abs() < 1e-6), "{name}: {scale}");
+        } else {
+            let e = rel(&got, want);
+            if e > worst.0 {
+                worst = (e, name.to_owned());
+            }
+            assert!(e < 5e-5, "{name}: {e:e}");
+        }
+        seen += 1;
+    }
+    println!("worst parameter gradient: {} at {:.2e}", worst.1, worst.0);
+    let expected = t.keys().filter(|k| k.starts_with("grad.param.")).count();
+    assert_eq!(seen, expected, "every parameter has a gradient");
+}

@@ -13,5 +13,6 @@
 //! `fixtures/training` (`tools/fixtures/training_fixtures.py`), and the optimiser against
 //! `torch.optim.AdamW`.
 
+pub mod autodiff;
 pub mod grad;
 pub mod optim;
