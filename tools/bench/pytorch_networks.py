@@ -39,8 +39,20 @@ def preset(name, folder=PRESETS):
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def build(name, bf16_model=False):
+def network(name, bf16_model=False):
+    """The network `name` as a module whose forward takes plain tensors and returns the output
+    tensor, with its seeded inputs: `(module, inputs)`, `module(*inputs)` being one pass.
+    openvino_networks.py converts the same module with the same inputs."""
     import torch
+
+    class Call(torch.nn.Module):
+        def __init__(self, inner, call):
+            super().__init__()
+            self.inner = inner
+            self.call = call
+
+        def forward(self, *inputs):
+            return self.call(self.inner, *inputs)
 
     torch.manual_seed(0)
     if name in XL_NAMES:
@@ -53,12 +65,13 @@ def build(name, bf16_model=False):
         x = torch.randn(batch, 4, hw, hw, dtype=dtype)
         text = torch.randn(batch, 77, 2048, dtype=dtype)
         side = 8.0 * hw
-        added = {
-            "text_embeds": torch.randn(batch, 1280, dtype=dtype),
-            "time_ids": torch.tensor([[side, side, 0.0, 0.0, side, side]] * batch, dtype=dtype),
-        }
+        pooled = torch.randn(batch, 1280, dtype=dtype)
+        ids = torch.tensor([[side, side, 0.0, 0.0, side, side]] * batch, dtype=dtype)
         t = torch.tensor([500.0] * batch)
-        return lambda: model(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+        return Call(model, lambda m, x, t, text, pooled, ids: m(
+            x, t, encoder_hidden_states=text,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False,
+        )[0]), (x, t, text, pooled, ids)
     if name.startswith("unet"):
         from diffusers import UNet2DConditionModel
 
@@ -67,13 +80,15 @@ def build(name, bf16_model=False):
         x = torch.randn(batch, 4, hw, hw)
         text = torch.randn(batch, 77, 768)
         t = torch.tensor([500.0] * batch)
-        return lambda: model(x, t, encoder_hidden_states=text).sample
+        return Call(model, lambda m, x, t, text: m(
+            x, t, encoder_hidden_states=text, return_dict=False
+        )[0]), (x, t, text)
     if name == "vae32":
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL(**preset("vae.json")).eval()
         z = torch.randn(1, 4, 32, 32)
-        return lambda: vae.decode(z).sample
+        return Call(vae, lambda m, z: m.decode(z, return_dict=False)[0]), (z,)
     if name == "clip":
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -82,8 +97,13 @@ def build(name, bf16_model=False):
             config.pop(k, None)
         model = CLIPTextModel(CLIPTextConfig(**config)).eval()
         ids = torch.tensor([[49406] + [320 + 37 * i for i in range(20)] + [49407] * 56])
-        return lambda: model(input_ids=ids).last_hidden_state
+        return Call(model, lambda m, ids: m(input_ids=ids).last_hidden_state), (ids,)
     raise SystemExit(f"unknown network {name}")
+
+
+def build(name, bf16_model=False):
+    module, inputs = network(name, bf16_model)
+    return lambda: module(*inputs)
 
 
 def child(name, runs, threads, autocast):
