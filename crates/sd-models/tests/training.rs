@@ -604,3 +604,77 @@ fn the_digits_unet_gradient_matches_autograd() {
     let expected = t.keys().filter(|k| k.starts_with("grad.param.")).count();
     assert_eq!(seen, expected, "every parameter has a gradient");
 }
+
+/// The trainer on one batch: its first loss is PyTorch's for the same batch, and AdamW steps
+/// on that batch bring the loss down; a checkpoint written by it loads as a diffusers
+/// `UNet2DModel` folder that predicts what the trainer's parameters predict.
+#[test]
+fn the_trainer_fits_a_batch_and_writes_a_loadable_checkpoint() {
+    use sd_models::CpuBackend;
+    use sd_models::backend::DataOps;
+    use sd_models::nn::ClassLabels;
+    use sd_models::train::ddpm::{Batch, DdpmTrainer, Parameters, TrainOptions};
+    use sd_models::unet::{Unet2DConfig, Unet2DModel};
+    use sd_models::weights::{OpenOptions, Variant};
+    use sd_schedulers::SchedulerConfig;
+
+    let dir = root().join("training");
+    let t = read_tensors(&dir.join("unet2d.safetensors"));
+    let init = dir.join("unet2d_init");
+    let config = Unet2DConfig::from_file(init.join("config.json")).unwrap();
+    let params = OpenOptions::new()
+        .load_folder(&init, &[Variant::Default], |store| {
+            Parameters::capture(&store.root(), &config)
+        })
+        .unwrap();
+    assert_eq!(params.count(), 1_114_081);
+    let scheduler_json =
+        std::fs::read_to_string(root().join("../assets/digits/scheduler/scheduler_config.json"))
+            .unwrap();
+    let scheduler = SchedulerConfig::from_json(&scheduler_json).unwrap();
+    let mut trainer =
+        DdpmTrainer::new(config.clone(), params, &scheduler, TrainOptions::default()).unwrap();
+    let timesteps: Vec<usize> = t["timesteps"].1.iter().map(|&v| v as usize).collect();
+    let labels: Vec<u32> = t["class_labels"].1.iter().map(|&v| v as u32).collect();
+    let batch = Batch {
+        x0: &t["x0"].1,
+        noise: &t["noise"].1,
+        timesteps: &timesteps,
+        labels: &labels,
+        shape: [4, 1, 16, 16],
+    };
+    let first = trainer.step(batch, 1e-3).unwrap();
+    close("first loss", &[first.loss as f32], &t["loss"].1);
+    let mut last = first;
+    for _ in 0..15 {
+        last = trainer.step(batch, 1e-3).unwrap();
+    }
+    println!("loss {} -> {} after 16 steps", first.loss, last.loss);
+    assert!(
+        last.loss < 0.5 * first.loss,
+        "{} -> {}",
+        first.loss,
+        last.loss
+    );
+    // The checkpoint: the weights as a diffusers folder.
+    let out = common::fixtures::scratch_dir("sd-models-training");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(init.join("config.json"), out.join("config.json")).unwrap();
+    trainer
+        .params
+        .save(&out.join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
+    let cpu = CpuBackend::new();
+    let loaded = Unet2DModel::from_dir(&cpu, &out, &[Variant::Default], true).unwrap();
+    let direct = Unet2DModel::from_source(&cpu, &trainer.params.source(), config).unwrap();
+    let x = cpu.upload(&t["x_t"].1, &[4, 1, 16, 16]).unwrap();
+    let tf: Vec<f64> = timesteps.iter().map(|&v| v as f64).collect();
+    let run = |u: &Unet2DModel<CpuBackend>| {
+        cpu.download(
+            &u.forward(&cpu, &x, &tf, Some(ClassLabels::Ids(&labels)))
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(run(&loaded), run(&direct));
+}

@@ -14,5 +14,6 @@
 //! `torch.optim.AdamW`.
 
 pub mod autodiff;
+pub mod ddpm;
 pub mod grad;
 pub mod optim;

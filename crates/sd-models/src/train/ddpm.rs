@@ -1,0 +1,433 @@
+//! Training diffusers' `UNet2DModel` (the pixel-space DDPM) with this library alone: the
+//! parameters as named `f32` tensors ([`Parameters`]), one step of the denoising objective
+//! with AdamW ([`DdpmTrainer::step`]), an exponential moving average of the weights, and
+//! checkpoints written as a diffusers `DDPMPipeline` folder that the pipelines (and
+//! diffusers) load.
+//!
+//! Each step builds the network from the current parameters on a fresh [`Autodiff`] tape
+//! (an upload of the weights, small next to the passes), runs its unchanged forward code,
+//! and takes the gradient of
+//!
+//! ```text
+//! L = 1/B sum_b w(t_b) mean( (model(x_t_b, t_b, label_b) - target_b)^2 )
+//! ```
+//!
+//! with `x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps`, the target by the
+//! scheduler's prediction type (sd-core's `training_example`) and `w` the weighting (1, or
+//! min-SNR-gamma).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use sd_core::{LossWeighting, NoiseSchedule, PredictionType};
+use sd_schedulers::SchedulerConfig;
+use sd_schedulers::config::BaseConfig;
+
+use crate::backend::DataOps;
+use crate::cpu::CpuBackend;
+use crate::error::{Error, Result};
+use crate::nn::ClassLabels;
+use crate::nn::source::WeightSource;
+use crate::train::autodiff::{Autodiff, NamedSource};
+use crate::train::optim::{self, AdamW, AdamWState};
+use crate::unet::{Unet2DConfig, Unet2DModel};
+use crate::weights::{HostData, HostTensor};
+
+/// A network's parameters by their diffusers names, in the order the network loads them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Parameters {
+    order: Vec<String>,
+    values: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl Parameters {
+    /// The parameters a network takes from `source` (as `f32`), found by building it once.
+    ///
+    /// # Errors
+    /// The network's loading errors.
+    pub fn capture<S: WeightSource>(source: &S, config: &Unet2DConfig) -> Result<Self> {
+        let captured = Arc::new(Mutex::new(Parameters::default()));
+        let recorder = Recorder {
+            inner: source.clone(),
+            prefix: String::new(),
+            out: captured.clone(),
+        };
+        Unet2DModel::from_source(&CpuBackend::new(), &recorder, config.clone())?;
+        let params = captured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        Ok(params)
+    }
+
+    /// The names, in load order.
+    pub fn names(&self) -> &[String] {
+        &self.order
+    }
+
+    /// A parameter's shape and values.
+    pub fn get(&self, name: &str) -> Option<(&[usize], &[f32])> {
+        self.values
+            .get(name)
+            .map(|(s, v)| (s.as_slice(), v.as_slice()))
+    }
+
+    /// A parameter's values, to change them.
+    pub fn values_mut(&mut self, name: &str) -> Option<&mut Vec<f32>> {
+        self.values.get_mut(name).map(|(_, v)| v)
+    }
+
+    /// The number of values.
+    pub fn count(&self) -> usize {
+        self.values.values().map(|(_, v)| v.len()).sum()
+    }
+
+    /// The parameters as a [`WeightSource`] for building a network.
+    pub fn source(&self) -> ParameterSource<'_> {
+        ParameterSource {
+            params: self,
+            prefix: String::new(),
+        }
+    }
+
+    /// Writes them as a safetensors file (`f32`, diffusers' names), replacing `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] for a file that cannot be written.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
+            .order
+            .iter()
+            .filter_map(|n| self.values.get(n).map(|(s, v)| (n, s, v)))
+            .map(|(n, s, v)| {
+                (
+                    n.clone(),
+                    s.clone(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            })
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(n, s, b)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Config {
+                what: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        let data = safetensors::serialize(views, None).map_err(|e| Error::Config {
+            what: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(path, data).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Records what a network loads from a source.
+#[derive(Clone)]
+struct Recorder<S: WeightSource> {
+    inner: S,
+    prefix: String,
+    out: Arc<Mutex<Parameters>>,
+}
+
+fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+impl<S: WeightSource> WeightSource for Recorder<S> {
+    fn push(&self, name: &str) -> Self {
+        Recorder {
+            inner: self.inner.push(name),
+            prefix: join(&self.prefix, name),
+            out: self.out.clone(),
+        }
+    }
+
+    fn index(&self, i: usize) -> Self {
+        Recorder {
+            inner: self.inner.index(i),
+            prefix: join(&self.prefix, &i.to_string()),
+            out: self.out.clone(),
+        }
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self.inner.get(name, shape)?;
+        let key = join(&self.prefix, name);
+        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        out.order.push(key.clone());
+        out.values
+            .insert(key, (t.shape().to_vec(), t.clone().into_f32_vec()));
+        Ok(t)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// [`Parameters`] as a [`WeightSource`].
+#[derive(Debug, Clone)]
+pub struct ParameterSource<'a> {
+    params: &'a Parameters,
+    prefix: String,
+}
+
+impl WeightSource for ParameterSource<'_> {
+    fn push(&self, name: &str) -> Self {
+        ParameterSource {
+            params: self.params,
+            prefix: join(&self.prefix, name),
+        }
+    }
+
+    fn index(&self, i: usize) -> Self {
+        self.push(&i.to_string())
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let key = join(&self.prefix, name);
+        let (s, v) = self.params.values.get(&key).ok_or_else(|| Error::Config {
+            what: "parameters".into(),
+            message: format!("no parameter {key}"),
+        })?;
+        if s.as_slice() != shape {
+            return Err(Error::Shape {
+                op: "parameters",
+                expected: format!("{key} of shape {shape:?}"),
+                found: format!("{s:?}"),
+            });
+        }
+        HostTensor::new(s.clone(), HostData::F32(v.clone()))
+    }
+
+    fn describe(&self) -> String {
+        if self.prefix.is_empty() {
+            "parameters".into()
+        } else {
+            self.prefix.clone()
+        }
+    }
+}
+
+/// How [`DdpmTrainer`] trains.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainOptions {
+    /// The optimiser.
+    pub adamw: AdamW,
+    /// The gradients' norm is clipped to this (`None`: not clipped).
+    pub clip_grad_norm: Option<f64>,
+    /// The weighting of the per-sample losses.
+    pub weighting: LossWeighting,
+    /// The EMA's largest decay (train.py's 0.999); `None` keeps no EMA.
+    pub ema_max_decay: Option<f64>,
+}
+
+impl Default for TrainOptions {
+    /// `tools/digits/train.py`'s: AdamW without weight decay, clipping at 1, uniform
+    /// weighting, EMA up to 0.999.
+    fn default() -> Self {
+        TrainOptions {
+            adamw: AdamW {
+                weight_decay: 0.0,
+                ..AdamW::default()
+            },
+            clip_grad_norm: Some(1.0),
+            weighting: LossWeighting::Uniform,
+            ema_max_decay: Some(0.999),
+        }
+    }
+}
+
+/// One batch: clean samples `x0 [B, C, H, W]`, their noise, timesteps and class labels.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    /// `[B, C, H, W]` clean samples.
+    pub x0: &'a [f32],
+    /// `[B, C, H, W]` noise.
+    pub noise: &'a [f32],
+    /// `B` training timesteps.
+    pub timesteps: &'a [usize],
+    /// `B` class labels for a class-conditional network (empty otherwise).
+    pub labels: &'a [u32],
+    /// `[B, C, H, W]`.
+    pub shape: [usize; 4],
+}
+
+/// Trains a `UNet2DModel` on the CPU backend; see the module documentation.
+#[derive(Debug, Clone)]
+pub struct DdpmTrainer {
+    config: Unet2DConfig,
+    /// The weights being trained.
+    pub params: Parameters,
+    /// Their exponential moving average.
+    pub ema: Option<Parameters>,
+    states: BTreeMap<String, AdamWState>,
+    schedule: NoiseSchedule,
+    prediction: PredictionType,
+    options: TrainOptions,
+    /// Optimiser steps taken.
+    pub steps: u64,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// The (weighted) loss before the update.
+    pub loss: f64,
+    /// The gradients' norm before clipping.
+    pub grad_norm: f64,
+}
+
+impl DdpmTrainer {
+    /// A trainer for a network of `config` starting from `params`, with the noise schedule
+    /// and prediction type of `scheduler`.
+    ///
+    /// # Errors
+    /// [`Error::Core`] for an impossible schedule.
+    pub fn new(
+        config: Unet2DConfig,
+        params: Parameters,
+        scheduler: &SchedulerConfig,
+        options: TrainOptions,
+    ) -> Result<Self> {
+        let base =
+            BaseConfig::diffusers_default(sd_core::TimestepSpacing::Leading).resolve(scheduler);
+        let schedule = base.noise_schedule().map_err(|e| Error::Config {
+            what: "scheduler".into(),
+            message: e.to_string(),
+        })?;
+        Ok(DdpmTrainer {
+            ema: options.ema_max_decay.map(|_| params.clone()),
+            config,
+            params,
+            states: BTreeMap::new(),
+            schedule,
+            prediction: base.prediction_type,
+            options,
+            steps: 0,
+        })
+    }
+
+    /// The training timesteps of the schedule.
+    pub fn num_train_timesteps(&self) -> usize {
+        self.schedule.alphas_cumprod().len()
+    }
+
+    /// One optimiser step on `batch` at learning rate `lr`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a batch whose parts disagree; [`Error::NonFinite`] when the loss
+    /// or a gradient is not finite (the parameters are then left as they were); the
+    /// network's errors.
+    pub fn step(&mut self, batch: Batch<'_>, lr: f64) -> Result<StepReport> {
+        let [b, c, h, w] = batch.shape;
+        let per = c * h * w;
+        let n = b * per;
+        if batch.x0.len() != n || batch.noise.len() != n || batch.timesteps.len() != b {
+            return Err(Error::Shape {
+                op: "DdpmTrainer::step",
+                expected: format!("x0 and noise of {n} values and {b} timesteps"),
+                found: format!(
+                    "{}, {} and {}",
+                    batch.x0.len(),
+                    batch.noise.len(),
+                    batch.timesteps.len()
+                ),
+            });
+        }
+        // x_t and the target, per sample.
+        let mut x_t = vec![0.0f32; n];
+        let mut target = vec![0.0f32; n];
+        for (i, &t) in batch.timesteps.iter().enumerate() {
+            let r = i * per..(i + 1) * per;
+            self.schedule.training_example(
+                self.prediction,
+                &batch.x0[r.clone()],
+                &batch.noise[r.clone()],
+                t,
+                &mut x_t[r.clone()],
+                &mut target[r],
+            )?;
+        }
+        let ad = Autodiff::new(CpuBackend::new());
+        let unet = Unet2DModel::from_source(
+            &ad,
+            &NamedSource::new(self.params.source(), &ad),
+            self.config.clone(),
+        )?;
+        let x = ad.upload(&x_t, &batch.shape)?;
+        let timesteps: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
+        let labels = (!batch.labels.is_empty()).then_some(ClassLabels::Ids(batch.labels));
+        let out = unet.forward(&ad, &x, &timesteps, labels)?;
+        let pred = ad.download(&out)?;
+        // The weighted loss and its gradient.
+        let mut loss = 0.0f64;
+        let mut dpred = vec![0.0f32; n];
+        for (i, &t) in batch.timesteps.iter().enumerate() {
+            let wgt = self
+                .options
+                .weighting
+                .weight(self.schedule.snr(t)?, self.prediction);
+            let r = i * per..(i + 1) * per;
+            let (l, g) = super::grad::mse_loss(&pred[r.clone()], &target[r.clone()])?;
+            loss += wgt * f64::from(l) / b as f64;
+            let scale = (wgt / b as f64) as f32;
+            for (d, gv) in dpred[r].iter_mut().zip(g) {
+                *d = gv * scale;
+            }
+        }
+        if !loss.is_finite() {
+            return Err(Error::NonFinite {
+                stage: "training loss",
+                step: Some(self.steps as usize),
+            });
+        }
+        let seed = ad.inner().upload(&dpred, &batch.shape)?;
+        let grads = ad.backward(&out, &seed)?;
+        let mut named: Vec<(String, Vec<f32>)> = grads
+            .named()
+            .map(|(name, g)| Ok((name.to_owned(), ad.inner().download(g)?)))
+            .collect::<Result<_>>()?;
+        let mut refs: Vec<&mut [f32]> = named.iter_mut().map(|(_, g)| g.as_mut_slice()).collect();
+        let grad_norm = match self.options.clip_grad_norm {
+            Some(max) => optim::clip_grad_norm(&mut refs, max),
+            None => optim::clip_grad_norm(&mut refs, f64::INFINITY),
+        };
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite {
+                stage: "training gradients",
+                step: Some(self.steps as usize),
+            });
+        }
+        for (name, g) in &named {
+            let Some(p) = self.params.values_mut(name) else {
+                continue;
+            };
+            let state = self.states.entry(name.clone()).or_default();
+            self.options.adamw.step(lr, p, g, state);
+        }
+        self.steps += 1;
+        if let (Some(ema), Some(max)) = (&mut self.ema, self.options.ema_max_decay) {
+            let decay = optim::ema_decay(self.steps, max);
+            for name in self.params.order.clone() {
+                if let (Some(e), Some((_, p))) = (ema.values_mut(&name), self.params.get(&name)) {
+                    optim::ema_update(e, p, decay);
+                }
+            }
+        }
+        Ok(StepReport { loss, grad_norm })
+    }
+}
