@@ -67,41 +67,29 @@ impl ConvShape {
         (out(self.h), out(self.w))
     }
 
-    /// One image's columns, `[oh * ow, c_in * k * k]`: row `(y, x)` holds the input values
-    /// the output position reads (0 in the padding).
-    fn columns(&self, x: &[f32]) -> Vec<f32> {
-        let (oh, ow) = self.out_hw();
-        let kk = self.k * self.k;
-        let width = self.c_in * kk;
-        let mut cols = vec![0.0; oh * ow * width];
-        for y in 0..oh {
-            for xo in 0..ow {
-                let row = &mut cols[(y * ow + xo) * width..][..width];
-                for i in 0..self.c_in {
-                    for ky in 0..self.k {
-                        let yy = (y * self.stride + ky) as isize - self.padding as isize;
-                        if yy < 0 || yy >= self.h as isize {
-                            continue;
-                        }
-                        for kx in 0..self.k {
-                            let xx = (xo * self.stride + kx) as isize - self.padding as isize;
-                            if xx < 0 || xx >= self.w as isize {
-                                continue;
-                            }
-                            row[i * kk + ky * self.k + kx] =
-                                x[(i * self.h + yy as usize) * self.w + xx as usize];
-                        }
-                    }
-                }
-            }
-        }
-        cols
+    /// The range of output positions `o` along one side for which the input position
+    /// `o * stride + offset - padding` lies inside `0..side`.
+    fn valid(&self, out: usize, side: usize, offset: usize) -> std::ops::Range<usize> {
+        let s = self.stride.max(1) as isize;
+        let shift = offset as isize - self.padding as isize;
+        // o * s + shift >= 0  and  o * s + shift < side
+        let lo = if shift >= 0 {
+            0
+        } else {
+            ((-shift) + s - 1) / s
+        };
+        let hi = ((side as isize - shift) + s - 1)
+            .div_euclid(s)
+            .clamp(0, out as isize);
+        (lo as usize).min(hi as usize)..hi as usize
     }
 }
 
 /// The gradients of a 2-D convolution (PyTorch's `conv2d`, cross-correlation) for `x`
 /// `[n, c_in, h, w]`, `weight` `[c_out, c_in, k, k]` and `dy` `[n, c_out, oh, ow]`: `(dx,
-/// dweight, dbias)`.
+/// dweight, dbias)`. The whole batch's columns (im2col, `[c_in * k * k, n * oh * ow]`) make
+/// each gradient one product on the packed GEMM: `dweight^T = columns @ dy^T`, and the
+/// columns' gradient `weight^T @ dy`, scattered back onto the input (col2im).
 ///
 /// # Errors
 /// [`Error::Shape`] for slices of other lengths than `shape` gives.
@@ -118,57 +106,80 @@ pub fn conv2d_backward(
         w,
         c_out,
         k,
-        ..
+        stride,
+        padding: _,
     } = shape;
     let (oh, ow) = shape.out_hw();
     let (plane, kk) = (oh * ow, c_in * k * k);
     check_len("conv2d_backward", "x", x.len(), n * c_in * h * w)?;
     check_len("conv2d_backward", "weight", weight.len(), c_out * kk)?;
     check_len("conv2d_backward", "dy", dy.len(), n * c_out * plane)?;
-    let mut dx = vec![0.0f32; x.len()];
-    let mut dw = vec![0.0f32; weight.len()];
-    let mut db = vec![0.0f64; c_out];
+    let cols_n = n * plane;
+    // dy as [c_out, n * plane] and as [n * plane, c_out].
+    let mut dy_c = vec![0.0f32; dy.len()];
     for b in 0..n {
-        let xb = &x[b * c_in * h * w..][..c_in * h * w];
-        let dyb = &dy[b * c_out * plane..][..c_out * plane];
-        // dweight [c_out, kk] += dy_b [c_out, plane] @ columns [plane, kk].
-        let cols = shape.columns(xb);
-        crate::cpu::add_product(c_out, kk, plane, dyb, &cols, &mut dw)?;
-        for (o, d) in db.iter_mut().enumerate() {
-            *d += dyb[o * plane..][..plane]
-                .iter()
-                .map(|&v| f64::from(v))
-                .sum::<f64>();
+        for o in 0..c_out {
+            dy_c[o * cols_n + b * plane..][..plane]
+                .copy_from_slice(&dy[(b * c_out + o) * plane..][..plane]);
         }
-        // The columns' gradient [plane, kk] = dy_b^T [plane, c_out] @ weight [c_out, kk],
-        // scattered back onto the input positions they were read from.
-        let dyt = transpose(dyb, c_out, plane);
-        let mut dcols = vec![0.0f32; plane * kk];
-        crate::cpu::add_product(plane, kk, c_out, &dyt, weight, &mut dcols)?;
-        let dxb = &mut dx[b * c_in * h * w..][..c_in * h * w];
-        for y in 0..oh {
-            for xo in 0..ow {
-                let row = &dcols[(y * ow + xo) * kk..][..kk];
-                for i in 0..c_in {
-                    for ky in 0..k {
-                        let yy = (y * shape.stride + ky) as isize - shape.padding as isize;
-                        if yy < 0 || yy >= h as isize {
-                            continue;
-                        }
-                        for kx in 0..k {
-                            let xx = (xo * shape.stride + kx) as isize - shape.padding as isize;
-                            if xx < 0 || xx >= w as isize {
-                                continue;
-                            }
-                            dxb[(i * h + yy as usize) * w + xx as usize] +=
-                                row[i * k * k + ky * k + kx];
+    }
+    let dy_t = transpose(&dy_c, c_out, cols_n);
+    let db = dy_c
+        .chunks_exact(cols_n.max(1))
+        .map(|r| r.iter().map(|&v| f64::from(v)).sum::<f64>() as f32)
+        .collect();
+    // The columns [kk, n * plane]: row (i, ky, kx) holds, for each image and output
+    // position, the input value it reads (0 in the padding).
+    let mut cols = vec![0.0f32; kk * cols_n];
+    for i in 0..c_in {
+        for ky in 0..k {
+            let ys = shape.valid(oh, h, ky);
+            for kx in 0..k {
+                let xs = shape.valid(ow, w, kx);
+                let row = &mut cols[((i * k + ky) * k + kx) * cols_n..][..cols_n];
+                for b in 0..n {
+                    let src = &x[(b * c_in + i) * h * w..][..h * w];
+                    for y in ys.clone() {
+                        let iy = y * stride + ky - shape.padding;
+                        let out = &mut row[b * plane + y * ow..][..ow];
+                        for xo in xs.clone() {
+                            out[xo] = src[iy * w + xo * stride + kx - shape.padding];
                         }
                     }
                 }
             }
         }
     }
-    Ok((dx, dw, db.into_iter().map(|v| v as f32).collect()))
+    // dweight^T [kk, c_out] = columns [kk, n plane] @ dy^T [n plane, c_out].
+    let mut dw_t = vec![0.0f32; kk * c_out];
+    crate::cpu::add_product(kk, c_out, cols_n, &cols, &dy_t, &mut dw_t)?;
+    let dw = transpose(&dw_t, kk, c_out);
+    // The columns' gradient [kk, n plane] = weight^T [kk, c_out] @ dy [c_out, n plane],
+    // reusing the columns' buffer.
+    let w_t = transpose(weight, c_out, kk);
+    cols.iter_mut().for_each(|v| *v = 0.0);
+    crate::cpu::add_product(kk, cols_n, c_out, &w_t, &dy_c, &mut cols)?;
+    let mut dx = vec![0.0f32; x.len()];
+    for i in 0..c_in {
+        for ky in 0..k {
+            let ys = shape.valid(oh, h, ky);
+            for kx in 0..k {
+                let xs = shape.valid(ow, w, kx);
+                let row = &cols[((i * k + ky) * k + kx) * cols_n..][..cols_n];
+                for b in 0..n {
+                    let dst = &mut dx[(b * c_in + i) * h * w..][..h * w];
+                    for y in ys.clone() {
+                        let iy = y * stride + ky - shape.padding;
+                        let from = &row[b * plane + y * ow..][..ow];
+                        for xo in xs.clone() {
+                            dst[iy * w + xo * stride + kx - shape.padding] += from[xo];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok((dx, dw, db))
 }
 
 /// A group norm's sizes: `[n, c, hw]` in `groups` groups of channels, with `eps`.
