@@ -201,6 +201,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             step += 1;
             bar.set_message(format!("loss {:.4}", report.loss));
             bar.inc(1);
+            // Where no bar is drawn (a log file), a line now and then.
+            if bar.is_hidden() && (step % 50 == 0 || step == total) {
+                let secs = t0.elapsed().as_secs_f64();
+                let rate = step as f64 / secs;
+                eprintln!(
+                    "step {step}/{total} loss {:.4} lr {lr:.2e} {rate:.2} steps/s, {:.0} s left",
+                    report.loss,
+                    (total - step) as f64 / rate
+                );
+            }
             if cli.checkpoint_every > 0 && step % cli.checkpoint_every == 0 {
                 write_folder(
                     &cli.out,

@@ -143,6 +143,10 @@ fn knn_on_held_out_real_digits_matches_scikit_learn() {
 }
 
 fn quality(sampler: &str, steps: usize, per_class: usize) {
+    quality_of(&pipe(), sampler, steps, per_class);
+}
+
+fn quality_of(pipe: &PixelDiffusion<CpuBackend>, sampler: &str, steps: usize, per_class: usize) {
     let d = digits();
     let e = evaluation();
     let classes: Vec<u32> = (0..10)
@@ -155,7 +159,7 @@ fn quality(sampler: &str, steps: usize, per_class: usize) {
         seed: 2026,
         ..PixelParams::default()
     };
-    let samples = pipe()
+    let samples = pipe
         .sample(&params, |_| Control::Continue)
         .unwrap()
         .into_generation()
@@ -386,4 +390,16 @@ fn samples_become_grey_images() {
     assert_eq!(px[0], px[1]);
     assert_eq!(px[1], px[2]);
     assert_eq!(f32::from(px[0]), (unit[2 * 16 + 3] * 255.0).round());
+}
+
+/// The same bar for a model trained by this library (`train-digits`): the folder in
+/// `SD_DIGITS_MODEL`. Run it with
+/// `SD_DIGITS_MODEL=digits-rust cargo test --release -p sd-models --test digits -- --ignored trained`.
+#[test]
+#[ignore = "needs a model trained by train-digits (SD_DIGITS_MODEL=folder)"]
+fn a_model_trained_by_train_digits_meets_the_bar() {
+    let dir = std::env::var_os("SD_DIGITS_MODEL")
+        .expect("SD_DIGITS_MODEL: the folder train-digits wrote");
+    let pipe = PixelDiffusion::from_dir(CpuBackend::new(), PathBuf::from(dir)).unwrap();
+    quality_of(&pipe, "DPM++ 2M", 20, 30);
 }
