@@ -80,22 +80,26 @@ fn convolutions_match_autograd() {
             padding,
         };
         assert_eq!(shape.out_hw(), (dy.0[2], dy.0[3]), "{name}");
-        let (dx, dw, db) = grad::conv2d_backward(shape, &x.1, &w.1, &dy.1).unwrap();
-        close(
-            &format!("{name} dx"),
-            &dx,
-            &t[&format!("{name}.grad.input.x")].1,
-        );
-        close(
-            &format!("{name} dweight"),
-            &dw,
-            &t[&format!("{name}.grad.param.{prefix}weight")].1,
-        );
-        close(
-            &format!("{name} dbias"),
-            &db,
-            &t[&format!("{name}.grad.param.{prefix}bias")].1,
-        );
+        let grads = grad::conv2d_backward(shape, &x.1, &w.1, &dy.1).unwrap();
+        check_layer(&t, name, prefix, &grads);
+    }
+}
+
+/// A layer's `(dx, dweight, dbias)` against the case's.
+fn check_layer(
+    t: &Tensors,
+    name: &str,
+    prefix: &str,
+    (dx, dw, db): &(Vec<f32>, Vec<f32>, Vec<f32>),
+) {
+    close(
+        &format!("{name} dx"),
+        dx,
+        &t[&format!("{name}.grad.input.x")].1,
+    );
+    for (part, got) in [("weight", dw), ("bias", db)] {
+        let want = &t[&format!("{name}.grad.param.{prefix}{part}")].1;
+        close(&format!("{name} d{part}"), got, want);
     }
 }
 
@@ -116,7 +120,7 @@ fn group_norms_silu_and_linear_layers_match_autograd() {
             groups: 4,
             eps,
         };
-        let (dx, dg, db) = grad::group_norm_backward(
+        let grads = grad::group_norm_backward(
             shape,
             &x.1,
             &t[&format!("{name}.param.{prefix}weight")].1,
@@ -125,21 +129,7 @@ fn group_norms_silu_and_linear_layers_match_autograd() {
             silu,
         )
         .unwrap();
-        close(
-            &format!("{name} dx"),
-            &dx,
-            &t[&format!("{name}.grad.input.x")].1,
-        );
-        close(
-            &format!("{name} dweight"),
-            &dg,
-            &t[&format!("{name}.grad.param.{prefix}weight")].1,
-        );
-        close(
-            &format!("{name} dbias"),
-            &db,
-            &t[&format!("{name}.grad.param.{prefix}bias")].1,
-        );
+        check_layer(&t, name, prefix, &grads);
     }
     let dx = grad::silu_backward(&t["silu.input.x"].1, &t["silu.grad_out"].1).unwrap();
     close("silu dx", &dx, &t["silu.grad.input.x"].1);
@@ -148,24 +138,9 @@ fn group_norms_silu_and_linear_layers_match_autograd() {
         let w = &t[&format!("{name}.param.weight")];
         let (n, k) = (w.0[0], w.0[1]);
         let m = x.1.len() / k;
-        let (dx, dw, db) =
-            grad::linear_backward(&x.1, &w.1, &t[&format!("{name}.grad_out")].1, (m, k, n))
-                .unwrap();
-        close(
-            &format!("{name} dx"),
-            &dx,
-            &t[&format!("{name}.grad.input.x")].1,
-        );
-        close(
-            &format!("{name} dweight"),
-            &dw,
-            &t[&format!("{name}.grad.param.weight")].1,
-        );
-        close(
-            &format!("{name} dbias"),
-            &db,
-            &t[&format!("{name}.grad.param.bias")].1,
-        );
+        let grads = grad::linear_backward(&x.1, &w.1, &t[&format!("{name}.grad_out")].1, (m, k, n))
+            .unwrap();
+        check_layer(&t, name, "", &grads);
     }
 }
 

@@ -164,6 +164,20 @@ impl<B: Backend> Autodiff<B> {
         Var { value, id }
     }
 
+    /// A layer's node: parents the input, the weight and the bias if there is one.
+    fn layer_op(
+        &self,
+        value: B::Tensor,
+        x: &Var<B::Tensor>,
+        weight: &Var<B::Tensor>,
+        bias: Option<&Var<B::Tensor>>,
+        rule: Rule<B>,
+    ) -> Var<B::Tensor> {
+        let mut parents = vec![x, weight];
+        parents.extend(bias);
+        self.op(value, &parents, rule)
+    }
+
     /// Forgets everything recorded (the values stay valid but have no gradient).
     pub fn clear(&self) {
         let mut tape = self.tape();
@@ -225,6 +239,20 @@ impl<B: Backend> Autodiff<B> {
         out.names.reverse();
         Ok(out)
     }
+}
+
+/// A layer's gradients uploaded: the input's, the weight's and the bias's (when it has one).
+fn layer_grads<B: Backend>(
+    b: &B,
+    (dx, xs): (&[f32], &[usize]),
+    (dw, ws): (&[f32], &[usize]),
+    db: Option<&Vec<f32>>,
+) -> Result<Vec<Option<B::Tensor>>> {
+    let mut out = vec![Some(b.upload(dx, xs)?), Some(b.upload(dw, ws)?)];
+    if let Some(db) = db {
+        out.push(Some(b.upload(db, &[db.len()])?));
+    }
+    Ok(out)
 }
 
 /// The host values of `t`.
@@ -509,15 +537,9 @@ impl<B: Backend> MatmulOps for Autodiff<B> {
             let xh = host(b, &xv)?;
             let m = xh.len() / k.max(1);
             let (dx, dw, db) = grad::linear_backward(&xh, &host(b, &wv)?, &host(b, g)?, (m, k, n))?;
-            let mut out = vec![Some(b.upload(&dx, &xs)?), Some(b.upload(&dw, &ws)?)];
-            if with_bias {
-                out.push(Some(b.upload(&db, &[n])?));
-            }
-            Ok(out)
+            layer_grads(b, (&dx, &xs), (&dw, &ws), with_bias.then_some(&db))
         });
-        let mut parents = vec![x, weight];
-        parents.extend(bias);
-        Ok(self.op(value, &parents, rule))
+        Ok(self.layer_op(value, x, weight, bias, rule))
     }
 }
 
@@ -572,15 +594,9 @@ impl<B: Backend> ConvOps for Autodiff<B> {
             };
             let (dx, dw, db) =
                 grad::conv2d_backward(shape, &host(b, &xv)?, &host(b, &wv)?, &host(b, g)?)?;
-            let mut out = vec![Some(b.upload(&dx, &xs)?), Some(b.upload(&dw, &ws)?)];
-            if with_bias {
-                out.push(Some(b.upload(&db, &[c_out])?));
-            }
-            Ok(out)
+            layer_grads(b, (&dx, &xs), (&dw, &ws), with_bias.then_some(&db))
         });
-        let mut parents = vec![x, weight];
-        parents.extend(bias);
-        Ok(self.op(value, &parents, rule))
+        Ok(self.layer_op(value, x, weight, bias, rule))
     }
 }
 
