@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use sd_models::backend::DType;
-use sd_models::lora::{Lora, LoraModule, LoraPatches, LoraTarget};
+use sd_models::lora::{Lora, LoraFactors, LoraModule, LoraPatches, LoraTarget};
 use sd_models::nn::{RandomWeights, WeightSource};
 use sd_models::unet::{Unet2DConditionConfig, Unet2DConditionModel};
 use sd_models::weights::{HostData, HostTensor, LoadDType, OpenOptions, Variant, WeightPath};
@@ -176,13 +176,16 @@ fn main() {
                 target: LoraTarget::Unet,
                 name: name.clone(),
                 kohya: false,
-                down: Arc::new(
-                    HostTensor::from_f32(vec![rank, *inp], values(rank * inp, i as f32)).unwrap(),
-                ),
-                up: Arc::new(
-                    HostTensor::from_f32(vec![*out, rank], values(out * rank, 0.5 + i as f32))
-                        .unwrap(),
-                ),
+                factors: LoraFactors::LowRank {
+                    down: Arc::new(
+                        HostTensor::from_f32(vec![rank, *inp], values(rank * inp, i as f32))
+                            .unwrap(),
+                    ),
+                    up: Arc::new(
+                        HostTensor::from_f32(vec![*out, rank], values(out * rank, 0.5 + i as f32))
+                            .unwrap(),
+                    ),
+                },
                 alpha: Some(32.0),
                 rslora: false,
             })
@@ -250,7 +253,10 @@ fn main() {
         "memory  kept to undo a LoRA: none (switching re-reads the memory-mapped file); the LoRA itself: {:.1} MB in f32",
         lora.modules
             .iter()
-            .map(|m| 4 * (m.down.len() + m.up.len()))
+            .map(|m| match &m.factors {
+                LoraFactors::LowRank { down, up } => 4 * (down.len() + up.len()),
+                _ => 0,
+            })
             .sum::<usize>() as f64
             / 1e6
     );

@@ -8,7 +8,7 @@
 //! network loads through [`NamedSource`]) and the inputs. Weights are never packed
 //! (`prepare_*` keep them as they are), since training changes them at every step.
 //!
-//! The rules call the primitives of [`grad`](super::grad) on the host (download, compute,
+//! The rules call the primitives of [`super::grad`] on the host (download, compute,
 //! upload): correct on every backend, and on the CPU the copies are cheap next to the
 //! products. Operations a UNet2DModel does not use compute their value but have no rule yet:
 //! a gradient that reaches one is an error naming it.

@@ -2,7 +2,7 @@
 //! loss with respect to `y`, the gradients with respect to `x` and the parameters. All on
 //! row-major `f32` slices (images `[N, C, H, W]`), with sums of many terms accumulated in
 //! `f64` where the count is large, and the products of matrices on the CPU backend's packed
-//! GEMM ([`crate::cpu::add_product`]).
+//! GEMM (`cpu::add_product`, the one the LoRA merge uses).
 
 use crate::error::{Error, Result};
 
