@@ -455,7 +455,7 @@ fn adamw_clipping_schedule_and_ema_match_pytorch() {
                 optim::clip_grad_norm(&mut refs, max);
             }
             for ((p, g), s) in params.iter_mut().zip(&grads).zip(states.iter_mut()) {
-                opt.step(opt.lr, p, g, s);
+                opt.step(opt.lr, p, g, s).unwrap();
             }
             for (i, n) in names.iter().enumerate() {
                 let key = |what: &str| format!("{variant}.step{step}.{what}.{n}");

@@ -123,7 +123,8 @@ struct AppState {
 /// The server: a router over the pipeline's worker thread.
 pub struct App {
     state: Arc<AppState>,
-    worker: std::thread::JoinHandle<()>,
+    /// `None` if the thread could not be started (every job is then answered 503).
+    worker: Option<std::thread::JoinHandle<()>>,
 }
 
 /// An error answer: a status and a JSON body `{"error": kind, "detail": message}` (the
@@ -191,11 +192,20 @@ impl IntoResponse for ApiError {
 
 /// Cancels its job when dropped: when the handler's future is dropped because the client
 /// went away, the worker stops the job at its next step.
-struct CancelOnDrop(Arc<JobControl>);
+struct CancelOnDrop(Option<Arc<JobControl>>);
+
+impl CancelOnDrop {
+    /// Answered: nothing to cancel any more.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        self.0.cancel.store(true, Ordering::SeqCst);
+        if let Some(job) = &self.0 {
+            job.cancel.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -224,12 +234,9 @@ impl App {
         let worker = std::thread::Builder::new()
             .name("sd-server-worker".into())
             .spawn(move || worker::run(pipe, rx, shared));
-        let worker = match worker {
-            Ok(w) => w,
-            // Spawning fails only when the system is out of threads; answer every job
-            // with an error rather than panic.
-            Err(_) => std::thread::spawn(|| {}),
-        };
+        // Spawning fails only when the system is out of threads: the queue's receiver is
+        // then gone, and every job is answered 503 rather than the server panicking.
+        let worker = worker.ok();
         App { state, worker }
     }
 
@@ -279,6 +286,9 @@ impl App {
             .await?;
         // Closing the queue ends the worker once it has answered what it holds.
         drop(state);
+        let Some(worker) = worker else {
+            return Ok(());
+        };
         tokio::task::spawn_blocking(move || worker.join())
             .await
             .map_err(std::io::Error::other)?
@@ -360,6 +370,16 @@ fn random_seed() -> u64 {
     rand::random::<u32>().into()
 }
 
+/// The longest prompt (and negative prompt) a request may send, in bytes: far past the text
+/// encoder's 75-token chunks, short enough that parsing and encoding stay cheap.
+const MAX_PROMPT_BYTES: usize = 8192;
+
+/// The most `<lora:...>` tags in one prompt.
+const MAX_LORAS: usize = 8;
+
+/// The most CLIP layers a request may skip (`CLIP_stop_at_last_layers - 1`).
+const MAX_CLIP_SKIP: usize = 11;
+
 /// A request's work: its parameters, each image's seed and the prompt's LoRA tags.
 struct Planned {
     params: Params,
@@ -429,9 +449,33 @@ fn plan(state: &AppState, r: &Txt2ImgRequest, size: (usize, usize)) -> Result<Pl
         .override_settings
         .get("CLIP_stop_at_last_layers")
         .and_then(serde_json::Value::as_u64)
-        .map_or(0, |v| v.saturating_sub(1) as usize);
+        .map_or(0, |v| v.saturating_sub(1).min(u64::MAX >> 1) as usize);
+    if clip_skip > MAX_CLIP_SKIP {
+        return Err(ApiError::bad(format!(
+            "CLIP_stop_at_last_layers = {}: at most {}",
+            clip_skip + 1,
+            MAX_CLIP_SKIP + 1
+        )));
+    }
+    for (what, text) in [
+        ("prompt", &r.prompt),
+        ("negative_prompt", &r.negative_prompt),
+    ] {
+        if text.len() > MAX_PROMPT_BYTES {
+            return Err(ApiError::bad(format!(
+                "{what} is {} bytes; at most {MAX_PROMPT_BYTES}",
+                text.len()
+            )));
+        }
+    }
     let controls = control_images(state, r, size)?;
     let (prompt, loras) = sd_models::clip::extract_loras(&r.prompt);
+    if loras.len() > MAX_LORAS {
+        return Err(ApiError::bad(format!(
+            "{} <lora:...> tags; at most {MAX_LORAS}",
+            loras.len()
+        )));
+    }
     let first = if r.seed < 0 {
         random_seed()
     } else {
@@ -453,7 +497,7 @@ fn plan(state: &AppState, r: &Txt2ImgRequest, size: (usize, usize)) -> Result<Pl
         controls,
         limits: Limits {
             max_side: o.max_side,
-            max_pixels: o.max_side * o.max_side,
+            max_pixels: o.max_side.saturating_mul(o.max_side),
             max_images: o.max_images,
             max_steps: o.max_steps,
         },
@@ -522,8 +566,30 @@ fn control_images(
         .collect()
 }
 
-/// Queues a job and waits for its answer; the job is cancelled if this future is dropped.
-async fn submit(state: &AppState, spec: JobSpec) -> Result<worker::JobOutput, ApiError> {
+/// A place in the queue, taken before a request's inputs are decoded, so that a full queue
+/// answers 503 before any work.
+fn reserve(state: &AppState) -> Result<mpsc::Permit<'_, Job>, ApiError> {
+    state.jobs.try_reserve().map_err(|e| {
+        let full = matches!(e, mpsc::error::TrySendError::Full(()));
+        let detail = if full {
+            format!("the queue is full ({} waiting)", state.options.queue)
+        } else {
+            "the worker has stopped".into()
+        };
+        ApiError {
+            retry_after: full.then_some(state.options.retry_after),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, detail)
+        }
+    })
+}
+
+/// Queues a job in its reserved place and waits for its answer; the job is cancelled if this
+/// future is dropped.
+async fn submit(
+    state: &AppState,
+    permit: mpsc::Permit<'_, Job>,
+    spec: JobSpec,
+) -> Result<worker::JobOutput, ApiError> {
     if state.shared.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -531,37 +597,27 @@ async fn submit(state: &AppState, spec: JobSpec) -> Result<worker::JobOutput, Ap
         ));
     }
     let control = Arc::new(JobControl::default());
-    let guard = CancelOnDrop(control.clone());
+    let mut guard = CancelOnDrop(Some(control.clone()));
     let (reply, answer) = oneshot::channel();
     state.shared.queued.fetch_add(1, Ordering::SeqCst);
-    let job = Job {
+    permit.send(Job {
         spec,
         control,
         reply,
-    };
-    if let Err(e) = state.jobs.try_send(job) {
-        state.shared.queued.fetch_sub(1, Ordering::SeqCst);
-        let full = matches!(e, mpsc::error::TrySendError::Full(_));
-        let detail = if full {
-            format!("the queue is full ({} waiting)", state.options.queue)
-        } else {
-            "the worker has stopped".into()
-        };
-        return Err(ApiError {
-            retry_after: full.then_some(state.options.retry_after),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, detail)
-        });
-    }
+    });
     let result = answer.await;
-    // Answered: nothing to cancel any more.
-    std::mem::forget(guard);
+    guard.disarm();
     match result {
         Ok(Ok(out)) => Ok(out),
         Ok(Err(JobError::BadRequest(m))) => Err(ApiError::bad(m)),
         Ok(Err(JobError::Failed(m))) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m)),
-        Ok(Err(JobError::Cancelled)) | Err(_) => Err(ApiError::new(
+        Ok(Err(JobError::Cancelled)) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the request was cancelled (the server is stopping)",
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the worker stopped without answering",
         )),
     }
 }
@@ -638,14 +694,17 @@ async fn txt2img(
     body: axum::body::Bytes,
 ) -> Result<Json<ImagesResponse>, ApiError> {
     let (r, raw): (Txt2ImgRequest, _) = parse(&body)?;
+    let permit = reserve(&state)?;
     let (dw, dh) = state.default_size;
     let planned = plan(&state, &r, (r.width.unwrap_or(dw), r.height.unwrap_or(dh)))?;
-    answer(&state, "txt2img", &r, raw, planned, Input::Text).await
+    answer(&state, permit, "txt2img", &r, raw, planned, Input::Text).await
 }
 
 /// Runs a planned AUTOMATIC1111 request and answers with its images and `info`.
+#[allow(clippy::too_many_arguments)]
 async fn answer(
     state: &AppState,
+    permit: mpsc::Permit<'_, Job>,
     kind: &'static str,
     request: &Txt2ImgRequest,
     raw: serde_json::Value,
@@ -664,7 +723,7 @@ async fn answer(
         input,
         loras,
     };
-    let out = submit(state, spec).await?;
+    let out = submit(state, permit, spec).await?;
     let images = out
         .images
         .iter()
@@ -686,6 +745,7 @@ async fn img2img(
         .init_images
         .first()
         .ok_or_else(|| ApiError::bad("init_images is empty: img2img needs an image"))?;
+    let permit = reserve(&state)?;
     let image = decode_image(&state, "init_images[0]", first)?;
     let c = &r.common;
     // The size asked for, else the image's rounded down to the model's multiple.
@@ -720,7 +780,7 @@ async fn img2img(
         strength: r.denoising_strength,
         mask,
     };
-    answer(&state, "img2img", c, raw, planned, input).await
+    answer(&state, permit, "img2img", c, raw, planned, input).await
 }
 
 async fn progress(
@@ -847,6 +907,7 @@ async fn openai_generations(
 
 async fn openai_answer(state: &AppState, body: &[u8]) -> Result<Json<OpenAiResponse>, ApiError> {
     let (r, _): (OpenAiRequest, _) = parse(body)?;
+    let permit = reserve(state)?;
     if let Some(format) = r.response_format.as_deref()
         && format != "b64_json"
     {
@@ -878,7 +939,7 @@ async fn openai_answer(state: &AppState, body: &[u8]) -> Result<Json<OpenAiRespo
         input: Input::Text,
         loras,
     };
-    let out = submit(state, spec).await?;
+    let out = submit(state, permit, spec).await?;
     let data = out
         .images
         .iter()

@@ -175,7 +175,15 @@ pub(crate) fn run<B: Backend>(
                 spec.seeds.first().copied().unwrap_or(0)
             );
         }
-        let result = execute(&mut pipe, &spec, &control, &shared, &mut loras);
+        // A panic in the pipeline fails this job, not the server.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            execute(&mut pipe, &spec, &control, &shared, &mut loras)
+        }))
+        .unwrap_or_else(|_| {
+            Err(JobError::Failed(
+                "the generation failed unexpectedly (an internal error)".into(),
+            ))
+        });
         if shared.log {
             let secs = t0.elapsed().as_secs_f64();
             match &result {
@@ -208,6 +216,7 @@ fn job_error(e: sd_models::Error) -> JobError {
         Error::Config { .. }
         | Error::Shape { .. }
         | Error::Tokenizer(_)
+        | Error::Prompt(_)
         | Error::TokenOutOfVocab { .. } => JobError::BadRequest(e.to_string()),
         other => JobError::Failed(other.to_string()),
     }
@@ -230,17 +239,33 @@ fn execute<B: Backend>(
                      (--lora-dir)"
                 ))
             })?;
+            // A file name of letters, digits, `_`, `-` and inner dots: nothing that can
+            // leave the folder (no separator, no drive, no `..`).
             let plain = !name.is_empty()
-                && !name.contains(['/', '\\'])
-                && name != ".."
-                && !name.starts_with('.');
+                && !name.starts_with('.')
+                && !name.contains("..")
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '));
             if !plain {
                 return Err(JobError::BadRequest(format!(
-                    "<lora:{name}>: a LoRA is named by its file name, without a path"
+                    "<lora:{name}>: a LoRA is named by its file name (letters, digits, _ - .), \
+                     without a path"
                 )));
             }
-            let lora = Lora::open(dir.join(format!("{name}.safetensors")))
-                .map_err(|e| JobError::BadRequest(e.to_string()))?;
+            let path = dir.join(format!("{name}.safetensors"));
+            if !path.is_file() {
+                return Err(JobError::BadRequest(format!(
+                    "<lora:{name}>: no such LoRA in the server's LoRA folder"
+                )));
+            }
+            let lora = Lora::open(&path).map_err(|e| {
+                JobError::BadRequest(format!(
+                    "<lora:{name}>: {}",
+                    e.to_string()
+                        .replace(&dir.display().to_string(), "<lora dir>",)
+                ))
+            })?;
             files.push(lora.with_multiplier(*weight));
         }
         // On failure the pipeline keeps the LoRAs it had.
@@ -258,7 +283,8 @@ fn execute<B: Backend>(
                 now.step = p.step + 1;
                 now.steps = p.steps;
             }
-            if control.cancel.load(Ordering::SeqCst) {
+            if control.cancel.load(Ordering::SeqCst) || shared.shutting_down.load(Ordering::SeqCst)
+            {
                 Control::Cancel
             } else if control.interrupt.load(Ordering::SeqCst) {
                 Control::Stop

@@ -330,6 +330,22 @@ fn bad_requests_are_400_with_the_reason() {
             "karras",
         ),
     ];
+    let long = json!({"prompt": "x".repeat(9000), "steps": 1})
+        .to_string()
+        .into_bytes();
+    let mut cases = cases;
+    cases.push(("/sdapi/v1/txt2img", long, "bytes"));
+    cases.push((
+        "/sdapi/v1/txt2img",
+        br#"{"steps": 1, "override_settings": {"CLIP_stop_at_last_layers": 18446744073709551615}}"#
+            .to_vec(),
+        "CLIP_stop_at_last_layers",
+    ));
+    cases.push((
+        "/sdapi/v1/txt2img",
+        br#"{"prompt": "<lora:C:evil:1>", "steps": 1}"#.to_vec(),
+        "file name",
+    ));
     for (path, body, needle) in cases {
         let (status, _, b) = request(s.addr, "POST", path, &[], &body);
         let text = String::from_utf8_lossy(&b);

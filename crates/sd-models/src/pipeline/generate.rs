@@ -935,7 +935,7 @@ impl<B: Backend> StableDiffusion<B> {
             let out = encoder.forward(b, &rows(chunks))?;
             let states = out.hidden_states.len();
             let i = states
-                .checked_sub(clip_skip + 2)
+                .checked_sub(clip_skip.saturating_add(2))
                 .ok_or_else(|| Error::Config {
                     what: "clip_skip".into(),
                     message: format!(

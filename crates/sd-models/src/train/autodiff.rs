@@ -141,11 +141,9 @@ impl<B: Backend> Autodiff<B> {
 
     fn push(&self, parents: Vec<Option<usize>>, rule: Option<Rule<B>>) -> usize {
         let mut tape = self.tape();
-        let name = if rule.is_none() {
-            tape.pending_name.take()
-        } else {
-            None
-        };
+        // A name set by `NamedSource` belongs to the upload that follows it; any other
+        // operation in between means the weight was not uploaded, and the name is dropped.
+        let name = tape.pending_name.take().filter(|_| rule.is_none());
         tape.nodes.push(Node {
             parents,
             rule,
@@ -290,8 +288,9 @@ fn reduce_to(g: &[f32], from: &[usize], to: &[usize]) -> Vec<f32> {
     out.into_iter().map(|v| v as f32).collect()
 }
 
-/// Permutes host `[..]` data of `shape` by `axes`.
+/// Permutes host `[..]` data of `shape` by `axes` (`x` must hold `shape`'s values).
 fn permute_host(x: &[f32], shape: &[usize], axes: &[usize]) -> Vec<f32> {
+    debug_assert_eq!(x.len(), shape.iter().product::<usize>());
     let rank = shape.len();
     let out_shape: Vec<usize> = axes.iter().map(|&a| shape[a]).collect();
     let mut strides = vec![1usize; rank];
@@ -756,13 +755,19 @@ impl<B: Backend> AttentionOps for Autodiff<B> {
             .inner
             .attention(&q.value, &k.value, &v.value, inner_mask, scale)?;
         let (qv, kv, vv) = (q.value.clone(), k.value.clone(), v.value.clone());
-        let (qs, ks) = (
+        let (qs, ks, vs) = (
             self.inner.shape(&q.value).to_vec(),
             self.inner.shape(&k.value).to_vec(),
+            self.inner.shape(&v.value).to_vec(),
         );
         let rule: Rule<B> = Box::new(move |b, g| {
             if masked {
                 return Err(no_rule("masked attention"));
+            }
+            if vs != ks {
+                return Err(no_rule(
+                    "attention with values of another width than the keys",
+                ));
             }
             let (&[batch, heads, len_q, head_dim], &[_, _, len_k, _]) =
                 (qs.as_slice(), ks.as_slice())

@@ -412,12 +412,23 @@ impl DdpmTrainer {
                 step: Some(self.steps as usize),
             });
         }
+        // Every gradient fits its parameter before any is changed.
+        for (name, g) in &named {
+            let len = self.params.get(name).map(|(_, v)| v.len());
+            if len.is_some_and(|l| l != g.len()) {
+                return Err(Error::Shape {
+                    op: "DdpmTrainer::step",
+                    expected: format!("a gradient of {name}'s {} values", len.unwrap_or(0)),
+                    found: format!("{}", g.len()),
+                });
+            }
+        }
         for (name, g) in &named {
             let Some(p) = self.params.values_mut(name) else {
                 continue;
             };
             let state = self.states.entry(name.clone()).or_default();
-            self.options.adamw.step(lr, p, g, state);
+            self.options.adamw.step(lr, p, g, state)?;
         }
         self.steps += 1;
         if let (Some(ema), Some(max)) = (&mut self.ema, self.options.ema_max_decay) {

@@ -124,9 +124,13 @@ pub fn conv2d_backward(
         }
     }
     let dy_t = transpose(&dy_c, c_out, cols_n);
-    let db = dy_c
-        .chunks_exact(cols_n.max(1))
-        .map(|r| r.iter().map(|&v| f64::from(v)).sum::<f64>() as f32)
+    let db = (0..c_out)
+        .map(|o| {
+            dy_c[o * cols_n..][..cols_n]
+                .iter()
+                .map(|&v| f64::from(v))
+                .sum::<f64>() as f32
+        })
         .collect();
     // The columns [kk, n * plane]: row (i, ky, kx) holds, for each image and output
     // position, the input value it reads (0 in the padding).

@@ -2,10 +2,13 @@
 //! clipping as `torch.nn.utils.clip_grad_norm_`, the learning-rate schedule and the
 //! exponential moving average of the weights of `tools/digits/train.py`.
 
+use crate::error::{Error, Result};
+
 /// AdamW's settings (PyTorch's defaults but the learning rate).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {
-    /// The learning rate.
+    /// The peak learning rate (the schedule's base; [`AdamW::step`] takes the rate of the
+    /// step).
     pub lr: f64,
     /// The decay rates of the first and second moments.
     pub betas: (f64, f64),
@@ -42,9 +45,22 @@ impl AdamW {
     /// as PyTorch's single-tensor AdamW: `p *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v +
     /// (1 - b2) g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
     ///
-    /// # Panics
-    /// Never; a `grad` shorter than `param` updates only the values it covers.
-    pub fn step(&self, lr: f64, param: &mut [f32], grad: &[f32], state: &mut AdamWState) {
+    /// # Errors
+    /// [`Error::Shape`] for a gradient or moments of another length than `param`.
+    pub fn step(
+        &self,
+        lr: f64,
+        param: &mut [f32],
+        grad: &[f32],
+        state: &mut AdamWState,
+    ) -> Result<()> {
+        if grad.len() != param.len() || (state.step > 0 && state.exp_avg.len() != param.len()) {
+            return Err(Error::Shape {
+                op: "AdamW::step",
+                expected: format!("a gradient and moments of {} values", param.len()),
+                found: format!("{} and {}", grad.len(), state.exp_avg.len()),
+            });
+        }
         if state.exp_avg.len() != param.len() {
             state.exp_avg = vec![0.0; param.len()];
             state.exp_avg_sq = vec![0.0; param.len()];
@@ -71,6 +87,7 @@ impl AdamW {
             let denom = v.sqrt() / bias2_sqrt as f32 + self.eps as f32;
             *p -= step_size * *m / denom;
         }
+        Ok(())
     }
 }
 
