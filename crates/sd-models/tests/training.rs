@@ -526,7 +526,7 @@ fn the_digits_unet_gradient_matches_autograd() {
     use sd_models::CpuBackend;
     use sd_models::backend::DataOps;
     use sd_models::nn::ClassLabels;
-    use sd_models::train::autodiff::{Autodiff, NamedSource};
+    use sd_models::train::autodiff::Autodiff;
     use sd_models::unet::{Unet2DConfig, Unet2DModel};
     use sd_models::weights::{OpenOptions, Variant};
 
@@ -538,7 +538,7 @@ fn the_digits_unet_gradient_matches_autograd() {
     let unet = OpenOptions::new()
         .strict(true)
         .load_folder(&init, &[Variant::Default], |store| {
-            Unet2DModel::from_source(&ad, &NamedSource::new(store.root(), &ad), config)
+            Unet2DModel::from_source(&ad, &ad.named_source(store.root()), config)
         })
         .unwrap();
     let x_t = &t["x_t"];

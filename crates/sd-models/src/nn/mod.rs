@@ -31,7 +31,7 @@ pub use linear::Linear;
 pub use norm::LayerNorm;
 pub use resnet::{Resample, ResnetBlock2D, ResnetConfig, TimeEmbeddingNorm};
 pub use sampling::{Downsample2D, Upsample2D};
-pub use source::{RandomWeights, WeightSource};
+pub use source::{RandomWeights, WatchedSource, WeightSource};
 
 use crate::backend::{Backend, HalfData};
 use crate::error::Result;

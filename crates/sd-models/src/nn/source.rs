@@ -56,6 +56,55 @@ impl WeightSource for Weights<'_> {
     }
 }
 
+/// A [`WeightSource`] that calls `watch(key, tensor)` for every weight it hands out, with
+/// the weight's full key as a checkpoint names it (`down_blocks.0.resnets.0.conv1.weight`):
+/// to record what a network loads, or to name its weights on a training tape.
+#[derive(Clone)]
+pub struct WatchedSource<S: WeightSource> {
+    inner: S,
+    path: WeightPath,
+    watch: std::sync::Arc<dyn Fn(&str, &HostTensor) + Send + Sync>,
+}
+
+impl<S: WeightSource> WatchedSource<S> {
+    /// `inner`'s weights, each shown to `watch` as it is handed out.
+    pub fn new(inner: S, watch: impl Fn(&str, &HostTensor) + Send + Sync + 'static) -> Self {
+        WatchedSource {
+            inner,
+            path: WeightPath::root(),
+            watch: std::sync::Arc::new(watch),
+        }
+    }
+}
+
+impl<S: WeightSource> WeightSource for WatchedSource<S> {
+    fn push(&self, name: &str) -> Self {
+        WatchedSource {
+            inner: self.inner.push(name),
+            path: self.path.push(name),
+            watch: self.watch.clone(),
+        }
+    }
+
+    fn index(&self, i: usize) -> Self {
+        WatchedSource {
+            inner: self.inner.index(i),
+            path: self.path.index(i),
+            watch: self.watch.clone(),
+        }
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self.inner.get(name, shape)?;
+        (self.watch)(self.path.push(name).as_str(), &t);
+        Ok(t)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
 /// Seeded random parameters of whatever shape a network asks for.
 ///
 /// Each tensor is drawn from its own generator, seeded by the source's seed and the tensor's

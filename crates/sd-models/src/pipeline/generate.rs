@@ -9,6 +9,8 @@
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
+use sd_core::TimestepSpacing;
+use sd_schedulers::config::BaseConfig;
 use sd_schedulers::{NoiseSource, Plan, RngNoise, Sampler, SchedulerConfig, registry};
 
 use crate::backend::Backend;
@@ -1314,7 +1316,9 @@ impl<B: Backend> StableDiffusion<B> {
         strength: f64,
     ) -> Result<(usize, usize)> {
         let timesteps = sampler.timesteps();
-        let train = self.scheduler.num_train_timesteps.unwrap_or(1000) as f64;
+        let train = BaseConfig::diffusers_default(TimestepSpacing::Leading)
+            .resolve(&self.scheduler)
+            .num_train_timesteps as f64;
         let cutoff = |fraction: f64| (train - fraction * train).round_ties_even();
         let start = match (task, params.denoising_start) {
             (Task::TextToImage, _) => 0,

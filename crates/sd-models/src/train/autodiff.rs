@@ -5,7 +5,7 @@
 //! the tape in reverse, once, freeing each node as it goes.
 //!
 //! Every upload is a leaf whose gradient is kept: the network's weights (named while a
-//! network loads through [`NamedSource`]) and the inputs. Weights are never packed
+//! network loads through [`Autodiff::named_source`]) and the inputs. Weights are never packed
 //! (`prepare_*` keep them as they are), since training changes them at every step.
 //!
 //! The rules call the primitives of [`super::grad`] on the host (download, compute,
@@ -21,9 +21,8 @@ use crate::backend::{
     DataOps, ElementwiseOps, GeluApproximation, HalfData, MatmulOps, NormOps, ResampleOps,
 };
 use crate::error::{Error, Result};
-use crate::nn::source::WeightSource;
+use crate::nn::source::{WatchedSource, WeightSource};
 use crate::train::grad::{self, AttentionShape, ConvShape, GroupNormShape};
-use crate::weights::HostTensor;
 
 type Rule<B> = Box<
     dyn FnOnce(&B, &<B as BackendBase>::Tensor) -> Result<Vec<Option<<B as BackendBase>::Tensor>>>
@@ -40,7 +39,7 @@ struct Node<B: Backend> {
 
 struct Tape<B: Backend> {
     nodes: Vec<Node<B>>,
-    /// The name the next upload takes (set by [`NamedSource`]).
+    /// The name the next upload takes (set by [`Autodiff::named_source`]).
     pending_name: Option<String>,
 }
 
@@ -93,7 +92,7 @@ impl<T> Gradients<T> {
     }
 
     /// The named leaves' gradients (the weights of a network loaded through
-    /// [`NamedSource`]), in load order; a weight the output does not depend on is absent.
+    /// [`Autodiff::named_source`]), in load order; a weight the output does not depend on is absent.
     pub fn named(&self) -> impl Iterator<Item = (&str, &T)> {
         self.names
             .iter()
@@ -141,7 +140,7 @@ impl<B: Backend> Autodiff<B> {
 
     fn push(&self, parents: Vec<Option<usize>>, rule: Option<Rule<B>>) -> usize {
         let mut tape = self.tape();
-        // A name set by `NamedSource` belongs to the upload that follows it; any other
+        // A name set by `named_source` belongs to the upload that follows it; any other
         // operation in between means the weight was not uploaded, and the name is dropped.
         let name = tape.pending_name.take().filter(|_| rule.is_none());
         tape.nodes.push(Node {
@@ -806,58 +805,16 @@ impl<B: Backend> AttentionOps for Autodiff<B> {
     }
 }
 
-/// A [`WeightSource`] that names each weight it hands out on an [`Autodiff`] tape, so that
-/// [`Gradients::named`] reports the gradients by the keys a diffusers checkpoint uses.
-#[derive(Clone)]
-pub struct NamedSource<'a, S: WeightSource, B: Backend> {
-    inner: S,
-    prefix: String,
-    tape: &'a Autodiff<B>,
-}
-
-impl<'a, S: WeightSource, B: Backend> NamedSource<'a, S, B> {
-    /// `inner`'s weights, named on `tape`.
-    pub fn new(inner: S, tape: &'a Autodiff<B>) -> Self {
-        NamedSource {
-            inner,
-            prefix: String::new(),
-            tape,
-        }
-    }
-
-    fn join(&self, name: &str) -> String {
-        if self.prefix.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{}.{name}", self.prefix)
-        }
-    }
-}
-
-impl<S: WeightSource, B: Backend> WeightSource for NamedSource<'_, S, B> {
-    fn push(&self, name: &str) -> Self {
-        NamedSource {
-            inner: self.inner.push(name),
-            prefix: self.join(name),
-            tape: self.tape,
-        }
-    }
-
-    fn index(&self, i: usize) -> Self {
-        NamedSource {
-            inner: self.inner.index(i),
-            prefix: self.join(&i.to_string()),
-            tape: self.tape,
-        }
-    }
-
-    fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        let t = self.inner.get(name, shape)?;
-        self.tape.tape().pending_name = Some(self.join(name));
-        Ok(t)
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
+impl<B: Backend> Autodiff<B> {
+    /// `inner`'s weights, each named on this tape by its full key as the network loads it,
+    /// so that [`Gradients::named`] reports the gradients by the keys a diffusers checkpoint
+    /// uses.
+    pub fn named_source<S: WeightSource>(&self, inner: S) -> WatchedSource<S> {
+        let tape = self.tape.clone();
+        WatchedSource::new(inner, move |key, _| {
+            tape.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pending_name = Some(key.to_owned());
+        })
     }
 }

@@ -28,11 +28,11 @@ use crate::backend::DataOps;
 use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
 use crate::nn::ClassLabels;
-use crate::nn::source::WeightSource;
-use crate::train::autodiff::{Autodiff, NamedSource};
+use crate::nn::source::{WatchedSource, WeightSource};
+use crate::train::autodiff::Autodiff;
 use crate::train::optim::{self, AdamW, AdamWState};
 use crate::unet::{Unet2DConfig, Unet2DModel};
-use crate::weights::{HostData, HostTensor};
+use crate::weights::{HostData, HostTensor, WeightPath};
 
 /// A network's parameters by their diffusers names, in the order the network loads them.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -48,11 +48,15 @@ impl Parameters {
     /// The network's loading errors.
     pub fn capture<S: WeightSource>(source: &S, config: &Unet2DConfig) -> Result<Self> {
         let captured = Arc::new(Mutex::new(Parameters::default()));
-        let recorder = Recorder {
-            inner: source.clone(),
-            prefix: String::new(),
-            out: captured.clone(),
-        };
+        let out = captured.clone();
+        let recorder = WatchedSource::new(source.clone(), move |key, t| {
+            let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
+            out.order.push(key.to_owned());
+            out.values.insert(
+                key.to_owned(),
+                (t.shape().to_vec(), t.clone().into_f32_vec()),
+            );
+        });
         Unet2DModel::from_source(&CpuBackend::new(), &recorder, config.clone())?;
         let params = captured
             .lock()
@@ -87,7 +91,7 @@ impl Parameters {
     pub fn source(&self) -> ParameterSource<'_> {
         ParameterSource {
             params: self,
-            prefix: String::new(),
+            path: WeightPath::root(),
         }
     }
 
@@ -130,66 +134,18 @@ impl Parameters {
     }
 }
 
-/// Records what a network loads from a source.
-#[derive(Clone)]
-struct Recorder<S: WeightSource> {
-    inner: S,
-    prefix: String,
-    out: Arc<Mutex<Parameters>>,
-}
-
-fn join(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{prefix}.{name}")
-    }
-}
-
-impl<S: WeightSource> WeightSource for Recorder<S> {
-    fn push(&self, name: &str) -> Self {
-        Recorder {
-            inner: self.inner.push(name),
-            prefix: join(&self.prefix, name),
-            out: self.out.clone(),
-        }
-    }
-
-    fn index(&self, i: usize) -> Self {
-        Recorder {
-            inner: self.inner.index(i),
-            prefix: join(&self.prefix, &i.to_string()),
-            out: self.out.clone(),
-        }
-    }
-
-    fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        let t = self.inner.get(name, shape)?;
-        let key = join(&self.prefix, name);
-        let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
-        out.order.push(key.clone());
-        out.values
-            .insert(key, (t.shape().to_vec(), t.clone().into_f32_vec()));
-        Ok(t)
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 /// [`Parameters`] as a [`WeightSource`].
 #[derive(Debug, Clone)]
 pub struct ParameterSource<'a> {
     params: &'a Parameters,
-    prefix: String,
+    path: WeightPath,
 }
 
 impl WeightSource for ParameterSource<'_> {
     fn push(&self, name: &str) -> Self {
         ParameterSource {
             params: self.params,
-            prefix: join(&self.prefix, name),
+            path: self.path.push(name),
         }
     }
 
@@ -198,7 +154,7 @@ impl WeightSource for ParameterSource<'_> {
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        let key = join(&self.prefix, name);
+        let key = self.path.push(name).to_string();
         let (s, v) = self.params.values.get(&key).ok_or_else(|| Error::Config {
             what: "parameters".into(),
             message: format!("no parameter {key}"),
@@ -214,10 +170,10 @@ impl WeightSource for ParameterSource<'_> {
     }
 
     fn describe(&self) -> String {
-        if self.prefix.is_empty() {
+        if self.path.is_root() {
             "parameters".into()
         } else {
-            self.prefix.clone()
+            self.path.to_string()
         }
     }
 }
@@ -365,7 +321,7 @@ impl DdpmTrainer {
         let ad = Autodiff::new(CpuBackend::new());
         let unet = Unet2DModel::from_source(
             &ad,
-            &NamedSource::new(self.params.source(), &ad),
+            &ad.named_source(self.params.source()),
             self.config.clone(),
         )?;
         let x = ad.upload(&x_t, &batch.shape)?;
