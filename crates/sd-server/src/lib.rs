@@ -583,13 +583,22 @@ fn reserve(state: &AppState) -> Result<mpsc::Permit<'_, Job>, ApiError> {
     })
 }
 
-/// Queues a job in its reserved place and waits for its answer; the job is cancelled if this
-/// future is dropped.
+/// Queues the planned work as a job in its reserved place and waits for its answer; the job
+/// is cancelled if this future is dropped.
 async fn submit(
     state: &AppState,
     permit: mpsc::Permit<'_, Job>,
-    spec: JobSpec,
+    kind: &'static str,
+    planned: &Planned,
+    input: Input,
 ) -> Result<worker::JobOutput, ApiError> {
+    let spec = JobSpec {
+        kind,
+        params: planned.params.clone(),
+        seeds: planned.seeds.clone(),
+        input,
+        loras: planned.loras.clone(),
+    };
     if state.shared.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -711,19 +720,7 @@ async fn answer(
     planned: Planned,
     input: Input,
 ) -> Result<Json<ImagesResponse>, ApiError> {
-    let Planned {
-        params,
-        seeds,
-        loras,
-    } = planned;
-    let spec = JobSpec {
-        kind,
-        params: params.clone(),
-        seeds: seeds.clone(),
-        input,
-        loras,
-    };
-    let out = submit(state, permit, spec).await?;
+    let out = submit(state, permit, kind, &planned, input).await?;
     let images = out
         .images
         .iter()
@@ -732,7 +729,13 @@ async fn answer(
     Ok(Json(ImagesResponse {
         images,
         parameters: raw,
-        info: info(state, request, &params, &seeds, out.interrupted),
+        info: info(
+            state,
+            request,
+            &planned.params,
+            &planned.seeds,
+            out.interrupted,
+        ),
     }))
 }
 
@@ -927,26 +930,15 @@ async fn openai_answer(state: &AppState, body: &[u8]) -> Result<Json<OpenAiRespo
         batch_size: r.n,
         ..Txt2ImgRequest::default()
     };
-    let Planned {
-        params,
-        seeds,
-        loras,
-    } = plan(state, &request, size)?;
-    let spec = JobSpec {
-        kind: "txt2img",
-        params: params.clone(),
-        seeds,
-        input: Input::Text,
-        loras,
-    };
-    let out = submit(state, permit, spec).await?;
+    let planned = plan(state, &request, size)?;
+    let out = submit(state, permit, "txt2img", &planned, Input::Text).await?;
     let data = out
         .images
         .iter()
         .map(|image| {
             Ok(OpenAiImage {
                 b64_json: png_base64(image)?,
-                revised_prompt: params.prompt.clone(),
+                revised_prompt: planned.params.prompt.clone(),
             })
         })
         .collect::<Result<_, ApiError>>()?;
