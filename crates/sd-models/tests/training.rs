@@ -618,6 +618,42 @@ fn the_trainer_fits_a_batch_and_writes_a_loadable_checkpoint() {
         labels: &labels,
         shape: [4, 1, 16, 16],
     };
+    // Bad batches are typed errors that change no parameter: parts of other lengths, a
+    // timestep past the schedule, a wrong channel count, a non-finite sample.
+    let before = trainer.params.clone();
+    let short = Batch {
+        noise: &t["noise"].1[..100],
+        ..batch
+    };
+    assert!(matches!(
+        trainer.step(short, 1e-3),
+        Err(sd_models::Error::Shape { .. })
+    ));
+    let late = [0, 1, 2, 1000];
+    assert!(
+        trainer
+            .step(
+                Batch {
+                    timesteps: &late,
+                    ..batch
+                },
+                1e-3
+            )
+            .is_err()
+    );
+    let two_channels = Batch {
+        shape: [2, 2, 16, 16],
+        timesteps: &timesteps[..2],
+        labels: &labels[..2],
+        ..batch
+    };
+    assert!(trainer.step(two_channels, 1e-3).is_err());
+    let mut nan = t["x0"].1.clone();
+    nan[7] = f32::NAN;
+    let e = trainer.step(Batch { x0: &nan, ..batch }, 1e-3).unwrap_err();
+    assert!(matches!(e, sd_models::Error::NonFinite { .. }), "{e}");
+    assert_eq!(trainer.params, before);
+    assert_eq!(trainer.steps, 0);
     let first = trainer.step(batch, 1e-3).unwrap();
     close("first loss", &[first.loss as f32], &t["loss"].1);
     let mut last = first;
