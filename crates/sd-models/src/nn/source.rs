@@ -56,6 +56,9 @@ impl WeightSource for Weights<'_> {
     }
 }
 
+/// What [`WatchedSource`] calls for each weight: its full key and its tensor.
+type Watch = std::sync::Arc<dyn Fn(&str, &HostTensor) + Send + Sync>;
+
 /// A [`WeightSource`] that calls `watch(key, tensor)` for every weight it hands out, with
 /// the weight's full key as a checkpoint names it (`down_blocks.0.resnets.0.conv1.weight`):
 /// to record what a network loads, or to name its weights on a training tape.
@@ -63,7 +66,7 @@ impl WeightSource for Weights<'_> {
 pub struct WatchedSource<S: WeightSource> {
     inner: S,
     path: WeightPath,
-    watch: std::sync::Arc<dyn Fn(&str, &HostTensor) + Send + Sync>,
+    watch: Watch,
 }
 
 impl<S: WeightSource> WatchedSource<S> {
