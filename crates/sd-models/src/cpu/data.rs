@@ -54,7 +54,12 @@ impl DataOps for CpuBackend {
     }
 
     fn download(&self, tensor: &CpuTensor) -> Result<Vec<f32>> {
-        Ok(tensor.to_f32_array().iter().copied().collect())
+        let a = tensor.to_f32_array();
+        // A contiguous tensor (nearly all are) is one copy; a strided view is walked.
+        Ok(match a.as_slice() {
+            Some(values) => values.to_vec(),
+            None => a.iter().copied().collect(),
+        })
     }
 
     fn reshape(&self, tensor: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {

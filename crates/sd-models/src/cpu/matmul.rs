@@ -144,6 +144,59 @@ impl MatmulOps for CpuBackend {
     }
 }
 
+/// A read-only `rows x cols` matrix of `f32`: element `(i, j)` at `data[i * rs + j * cs]`, so
+/// that a transposed operand is a view, not a copy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// The row-major `rows x cols` matrix at the start of `data`.
+    pub(crate) fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The `rows x cols` matrix with element `(i, j)` at `data[i * rs + j * cs]`.
+    pub(crate) fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    /// The transpose, as a view of the same values.
+    pub(crate) fn t(self) -> Self {
+        MatRef {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// Whether `data` holds every element the shape and strides address.
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
 /// `c [m, n] += a [m, k] @ b [k, n]`, all row-major f32, on the packed GEMM in f32 (whatever
 /// precision a backend multiplies in) with rayon's threads: the arithmetic of merging
 /// low-rank updates into weights.
@@ -158,11 +211,36 @@ pub(crate) fn add_product(
     b: &[f32],
     c: &mut [f32],
 ) -> Result<()> {
-    if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+    if a.len() < m * k || b.len() < k * n {
         return Err(Error::Shape {
             op: "add_product",
             expected: format!("a [{m}, {k}], b [{k}, {n}], c [{m}, {n}]"),
             found: format!("{}, {} and {} values", a.len(), b.len(), c.len()),
+        });
+    }
+    add_product_of(MatRef::new(a, m, k), MatRef::new(b, k, n), c)
+}
+
+/// `c [a.rows, b.cols] += a @ b` (`c` row-major) for matrix views, on the packed GEMM in f32
+/// with rayon's threads: [`add_product`] where an operand is a transpose.
+///
+/// # Errors
+/// [`Error::Shape`] for inner sizes that differ or a slice shorter than its view says.
+pub(crate) fn add_product_of(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> Result<()> {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if b.rows != k || !a.fits() || !b.fits() || c.len() < m * n {
+        return Err(Error::Shape {
+            op: "add_product",
+            expected: format!(
+                "a [{m}, {k}] by b [{k}, {n}] into c [{m}, {n}], each slice holding its view"
+            ),
+            found: format!(
+                "b [{}, {n}]; {}, {} and {} values",
+                b.rows,
+                a.data.len(),
+                b.data.len(),
+                c.len()
+            ),
         });
     }
     if m * n * k == 0 {
@@ -173,27 +251,33 @@ pub(crate) fn add_product(
         n,
         k,
         a: ASource::Strided(Strided {
-            data: &a[..m * k],
-            rs: k,
-            cs: 1,
+            data: a.data,
+            rs: a.rs,
+            cs: a.cs,
         }),
         b: BSource::Strided(Strided {
-            data: &b[..k * n],
-            rs: n,
-            cs: 1,
+            data: b.data,
+            rs: b.rs,
+            cs: b.cs,
         }),
         start: Start::Accumulate,
         precision: super::CpuPrecision::F32,
     };
-    // SAFETY: `c` holds `m x n` writable values (asserted), `a` and `b` the `[m, k]` and
-    // `[k, n]` matrices; `detect` returns a supported ISA and f32 needs nothing more.
+    // Called from a task of rayon's pool (products run side by side), it runs on this thread.
+    let threads = if rayon::current_thread_index().is_some() {
+        1
+    } else {
+        threads()
+    };
+    // SAFETY: `c` holds `m x n` writable values and each view's slice every element it
+    // addresses (both checked); `detect` returns a supported ISA and f32 needs nothing more.
     unsafe {
         run(
             super::CpuIsa::detect(),
             &[product],
             &[c.as_mut_ptr()],
             n,
-            threads(),
+            threads,
         )
     };
     Ok(())
@@ -203,7 +287,7 @@ pub(crate) fn add_product(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::add_product;
+    use super::{MatRef, add_product, add_product_of};
 
     #[test]
     fn add_product_accumulates_onto_c() {
@@ -225,5 +309,58 @@ mod tests {
         }
         let mut short = vec![0.0; 3];
         assert!(add_product(2, 2, 1, &[1.0; 2], &[1.0; 2], &mut short).is_err());
+    }
+
+    #[test]
+    fn transposed_and_strided_views_multiply_as_their_values() {
+        // a^T @ b^T, and a view that skips columns, on sizes past one tile; from inside a
+        // rayon task too (where the product runs on that thread).
+        let (m, n, k) = (19, 45, 70);
+        let a_t: Vec<f32> = (0..k * m).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let b_t: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
+        let want: Vec<f32> = (0..m * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                (0..k).map(|p| a_t[p * m + i] * b_t[j * k + p]).sum()
+            })
+            .collect();
+        let product = || {
+            let mut c = vec![0.0; m * n];
+            add_product_of(
+                MatRef::new(&a_t, k, m).t(),
+                MatRef::new(&b_t, n, k).t(),
+                &mut c,
+            )
+            .unwrap();
+            c
+        };
+        assert_eq!(product(), want);
+        assert_eq!(rayon::join(product, || ()).0, want);
+        // Every other column of a [m, 2k] matrix.
+        let wide: Vec<f32> = (0..m * 2 * k).map(|i| (i % 5) as f32).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 3) as f32 - 1.0).collect();
+        let mut c = vec![0.0; m * n];
+        add_product_of(
+            MatRef::strided(&wide, m, k, 2 * k, 2),
+            MatRef::new(&b, k, n),
+            &mut c,
+        )
+        .unwrap();
+        for (ij, &v) in c.iter().enumerate() {
+            let (i, j) = (ij / n, ij % n);
+            let w: f32 = (0..k).map(|p| wide[i * 2 * k + 2 * p] * b[p * n + j]).sum();
+            assert_eq!(v, w);
+        }
+        // Inner sizes that differ, and a view its slice cannot hold, are errors.
+        let mut c = vec![0.0; 4];
+        assert!(add_product_of(MatRef::new(&b, 2, 2), MatRef::new(&b, 3, 2), &mut c).is_err());
+        assert!(
+            add_product_of(
+                MatRef::strided(&b[..4], 2, 2, 4, 1),
+                MatRef::new(&b, 2, 2),
+                &mut c
+            )
+            .is_err()
+        );
     }
 }

@@ -50,7 +50,7 @@ mod packed;
 mod pool;
 mod resample;
 
-pub(crate) use matmul::add_product;
+pub(crate) use matmul::{MatRef, add_product, add_product_of};
 use packed::Panels;
 pub use packed::{CpuIsa, CpuPrecision};
 

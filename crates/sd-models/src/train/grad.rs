@@ -4,6 +4,9 @@
 //! `f64` where the count is large, and the products of matrices on the CPU backend's packed
 //! GEMM (`cpu::add_product`, the one the LoRA merge uses).
 
+use rayon::prelude::*;
+
+use crate::cpu::MatRef;
 use crate::error::{Error, Result};
 
 fn shape_error(op: &'static str, expected: String, found: String) -> Error {
@@ -24,17 +27,6 @@ fn check_len(op: &'static str, what: &str, len: usize, expected: usize) -> Resul
             format!("{len}"),
         ))
     }
-}
-
-/// `m x n` row-major `a` transposed to `n x m`.
-fn transpose(a: &[f32], m: usize, n: usize) -> Vec<f32> {
-    let mut t = vec![0.0; a.len()];
-    for i in 0..m {
-        for j in 0..n {
-            t[j * m + i] = a[i * n + j];
-        }
-    }
-    t
 }
 
 /// A 2-D convolution's sizes: input `[n, c_in, h, w]`, weight `[c_out, c_in, k, k]`, stride
@@ -87,9 +79,14 @@ impl ConvShape {
 
 /// The gradients of a 2-D convolution (PyTorch's `conv2d`, cross-correlation) for `x`
 /// `[n, c_in, h, w]`, `weight` `[c_out, c_in, k, k]` and `dy` `[n, c_out, oh, ow]`: `(dx,
-/// dweight, dbias)`. The whole batch's columns (im2col, `[c_in * k * k, n * oh * ow]`) make
-/// each gradient one product on the packed GEMM: `dweight^T = columns @ dy^T`, and the
-/// columns' gradient `weight^T @ dy`, scattered back onto the input (col2im).
+/// dweight, dbias)`.
+///
+/// Every gradient is computed for the whole batch at once on the packed GEMM. For stride 1
+/// ([`PaddedGrid`]) each kernel tap's share of `dweight` and `dx` is one product of shifted
+/// views of the zero-padded input and output gradient (no columns). For a larger stride the
+/// input is unfolded once (im2col, `[c_in k k, n oh ow]`): `dweight = dy [c_out, n oh ow] @
+/// columns^T`, and the columns' gradient `weight^T @ dy` is scattered back onto the input
+/// (col2im).
 ///
 /// # Errors
 /// [`Error::Shape`] for slices of other lengths than `shape` gives.
@@ -115,75 +112,283 @@ pub fn conv2d_backward(
     check_len("conv2d_backward", "weight", weight.len(), c_out * kk)?;
     check_len("conv2d_backward", "dy", dy.len(), n * c_out * plane)?;
     let cols_n = n * plane;
-    // dy as [c_out, n * plane] and as [n * plane, c_out].
-    let mut dy_c = vec![0.0f32; dy.len()];
-    for b in 0..n {
-        for o in 0..c_out {
-            dy_c[o * cols_n + b * plane..][..plane]
-                .copy_from_slice(&dy[(b * c_out + o) * plane..][..plane]);
-        }
+    if cols_n == 0 || kk == 0 {
+        return Ok((
+            vec![0.0; x.len()],
+            vec![0.0; weight.len()],
+            vec![0.0; c_out],
+        ));
     }
-    let dy_t = transpose(&dy_c, c_out, cols_n);
     let db = (0..c_out)
+        .into_par_iter()
         .map(|o| {
-            dy_c[o * cols_n..][..cols_n]
-                .iter()
-                .map(|&v| f64::from(v))
+            (0..n)
+                .map(|b| {
+                    dy[(b * c_out + o) * plane..][..plane]
+                        .iter()
+                        .map(|&v| f64::from(v))
+                        .sum::<f64>()
+                })
                 .sum::<f64>() as f32
         })
         .collect();
-    // The columns [kk, n * plane]: row (i, ky, kx) holds, for each image and output
-    // position, the input value it reads (0 in the padding).
+    if stride == 1 {
+        let grid = PaddedGrid::new(shape);
+        return Ok((grid.input_grad(weight, dy)?, grid.weight_grad(x, dy)?, db));
+    }
+    // dy as [c_out, n * plane].
+    let mut dy_c = vec![0.0f32; dy.len()];
+    dy_c.par_chunks_mut(cols_n)
+        .enumerate()
+        .for_each(|(o, row)| {
+            for (b, part) in row.chunks_exact_mut(plane).enumerate() {
+                part.copy_from_slice(&dy[(b * c_out + o) * plane..][..plane]);
+            }
+        });
     let mut cols = vec![0.0f32; kk * cols_n];
-    for i in 0..c_in {
-        for ky in 0..k {
-            let ys = shape.valid(oh, h, ky);
-            for kx in 0..k {
-                let xs = shape.valid(ow, w, kx);
-                let row = &mut cols[((i * k + ky) * k + kx) * cols_n..][..cols_n];
-                for b in 0..n {
-                    let src = &x[(b * c_in + i) * h * w..][..h * w];
-                    for y in ys.clone() {
-                        let iy = y * stride + ky - shape.padding;
-                        let out = &mut row[b * plane + y * ow..][..ow];
-                        for xo in xs.clone() {
-                            out[xo] = src[iy * w + xo * stride + kx - shape.padding];
+    im2col(shape, x, &mut cols);
+    // dweight [c_out, kk] = dy [c_out, n plane] @ columns^T [n plane, kk].
+    let mut dw = vec![0.0f32; c_out * kk];
+    crate::cpu::add_product_of(
+        MatRef::new(&dy_c, c_out, cols_n),
+        MatRef::new(&cols, kk, cols_n).t(),
+        &mut dw,
+    )?;
+    // The columns' gradient [kk, n plane] = weight^T [kk, c_out] @ dy [c_out, n plane], in
+    // the columns' buffer, then scattered.
+    cols.fill(0.0);
+    crate::cpu::add_product_of(
+        MatRef::new(weight, c_out, kk).t(),
+        MatRef::new(&dy_c, c_out, cols_n),
+        &mut cols,
+    )?;
+    let mut dx = vec![0.0f32; x.len()];
+    col2im(shape, &cols, &mut dx);
+    Ok((dx, dw, db))
+}
+
+/// A stride-1 convolution's tensors laid out channel-major on the zero-padded input grid
+/// (`[channels, n, h + 2p, w + 2p]`, flattened per channel): on that grid, tap `(ky, kx)` of
+/// the kernel reads the input at a fixed offset `ky * (w + 2p) + kx` from the output
+/// position, so each tap's share of a gradient is one product over the whole batch of plain
+/// strided matrices. Output positions past the real output (the grid's extra rows and
+/// columns) hold zero gradient, so whatever they read adds nothing.
+struct PaddedGrid {
+    s: ConvShape,
+    /// Grid width and positions per channel (`n (h + 2p) (w + 2p)`).
+    wp: usize,
+    span: usize,
+    /// The largest tap offset: zeros kept beyond (or before) a grid so that shifted views
+    /// stay inside the buffer.
+    slack: usize,
+}
+
+impl PaddedGrid {
+    fn new(s: ConvShape) -> Self {
+        let (hp, wp) = (s.h + 2 * s.padding, s.w + 2 * s.padding);
+        PaddedGrid {
+            s,
+            wp,
+            span: s.n * hp * wp,
+            slack: (s.k - 1) * wp + s.k - 1,
+        }
+    }
+
+    fn offset(&self, ky: usize, kx: usize) -> usize {
+        ky * self.wp + kx
+    }
+
+    /// `t` `[n, c, rows, cols]` placed at `(top, left)` of a zero grid per channel, the
+    /// grids starting `lead` values into the buffer (and `slack` zeros after the last).
+    fn place(
+        &self,
+        t: &[f32],
+        c: usize,
+        (rows, cols): (usize, usize),
+        top: usize,
+        lead: usize,
+    ) -> Vec<f32> {
+        let hp = self.span / (self.s.n * self.wp);
+        let mut out = vec![0.0f32; lead + c * self.span + self.slack];
+        out[lead..lead + c * self.span]
+            .par_chunks_mut(self.span)
+            .enumerate()
+            .for_each(|(ch, grid)| {
+                for b in 0..self.s.n {
+                    let src = &t[(b * c + ch) * rows * cols..][..rows * cols];
+                    for (y, row) in src.chunks_exact(cols).enumerate() {
+                        grid[(b * hp + y + top) * self.wp + top..][..cols].copy_from_slice(row);
+                    }
+                }
+            });
+        out
+    }
+
+    /// dweight `[c_out, c_in, k, k]`: per tap, `dy [c_out, grid] @ x shifted [c_in, grid]^T`.
+    fn weight_grad(&self, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+        let ConvShape {
+            c_in,
+            c_out,
+            k,
+            h,
+            w,
+            padding,
+            ..
+        } = self.s;
+        let (oh, ow) = self.s.out_hw();
+        let xp = self.place(x, c_in, (h, w), padding, 0);
+        let dyp = self.place(dy, c_out, (oh, ow), 0, 0);
+        // The products are long and thin (`k` is every grid position of the batch): each
+        // thread takes a range of positions for every tap, and the shares are added.
+        let parts = (4 * rayon::current_num_threads()).min(self.span).max(1);
+        let len = self.span.div_ceil(parts);
+        let shares: Vec<Vec<f32>> = (0..self.span.div_ceil(len))
+            .into_par_iter()
+            .map(|part| {
+                let (from, cols) = (part * len, len.min(self.span - part * len));
+                let mut taps = vec![0.0f32; k * k * c_out * c_in];
+                for (t, tap) in taps.chunks_exact_mut(c_out * c_in).enumerate() {
+                    let off = self.offset(t / k, t % k);
+                    crate::cpu::add_product_of(
+                        MatRef::strided(&dyp[from..], c_out, cols, self.span, 1),
+                        MatRef::strided(&xp[from + off..], c_in, cols, self.span, 1).t(),
+                        tap,
+                    )?;
+                }
+                Ok(taps)
+            })
+            .collect::<Result<_>>()?;
+        let mut taps = vec![0.0f32; k * k * c_out * c_in];
+        for share in &shares {
+            for (t, v) in taps.iter_mut().zip(share) {
+                *t += v;
+            }
+        }
+        let mut dw = vec![0.0f32; taps.len()];
+        for (t, tap) in taps.chunks_exact(c_out * c_in).enumerate() {
+            for (oi, &v) in tap.iter().enumerate() {
+                dw[oi * k * k + t] = v;
+            }
+        }
+        Ok(dw)
+    }
+
+    /// dx `[n, c_in, h, w]`: on the grid, `dx[q] = sum over taps of weight_t^T [c_in, c_out]
+    /// @ dy [c_out, q - offset_t]`, dy placed after `slack` leading zeros so that the
+    /// shifted views start inside the buffer.
+    fn input_grad(&self, weight: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+        let ConvShape {
+            n,
+            c_in,
+            c_out,
+            k,
+            h,
+            w,
+            padding,
+            ..
+        } = self.s;
+        let (oh, ow) = self.s.out_hw();
+        let dyp = self.place(dy, c_out, (oh, ow), 0, self.slack);
+        let mut dxp = vec![0.0f32; c_in * self.span];
+        let mut wt = vec![0.0f32; c_in * c_out];
+        for t in 0..k * k {
+            for (o, row) in weight.chunks_exact(c_in * k * k).enumerate() {
+                for i in 0..c_in {
+                    wt[i * c_out + o] = row[i * k * k + t];
+                }
+            }
+            let from = self.slack - self.offset(t / k, t % k);
+            crate::cpu::add_product_of(
+                MatRef::new(&wt, c_in, c_out),
+                MatRef::strided(&dyp[from..], c_out, self.span, self.span, 1),
+                &mut dxp,
+            )?;
+        }
+        let hp = self.span / (n * self.wp);
+        let mut dx = vec![0.0f32; n * c_in * h * w];
+        dx.par_chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(bi, plane)| {
+                let (b, i) = (bi / c_in, bi % c_in);
+                let grid = &dxp[i * self.span + b * hp * self.wp..];
+                for (y, row) in plane.chunks_exact_mut(w).enumerate() {
+                    row.copy_from_slice(&grid[(y + padding) * self.wp + padding..][..w]);
+                }
+            });
+        Ok(dx)
+    }
+}
+
+/// Unfolds `x` `[n, c_in, h, w]` into `cols` `[c_in k k, n oh ow]`: row `(i, ky, kx)` holds,
+/// for each image and output position, the input value that tap reads (0 in the padding).
+fn im2col(shape: ConvShape, x: &[f32], cols: &mut [f32]) {
+    let ConvShape {
+        n,
+        c_in,
+        h,
+        w,
+        k,
+        stride,
+        padding,
+        ..
+    } = shape;
+    let (oh, ow) = shape.out_hw();
+    let (plane, cols_n) = (oh * ow, n * oh * ow);
+    cols.par_chunks_mut(k * k * cols_n)
+        .enumerate()
+        .for_each(|(i, rows)| {
+            for ky in 0..k {
+                let ys = shape.valid(oh, h, ky);
+                for kx in 0..k {
+                    let xs = shape.valid(ow, w, kx);
+                    let row = &mut rows[(ky * k + kx) * cols_n..][..cols_n];
+                    for b in 0..n {
+                        let src = &x[(b * c_in + i) * h * w..][..h * w];
+                        for y in ys.clone() {
+                            let iy = y * stride + ky - padding;
+                            let out = &mut row[b * plane + y * ow..][..ow];
+                            for xo in xs.clone() {
+                                out[xo] = src[iy * w + xo * stride + kx - padding];
+                            }
                         }
                     }
                 }
             }
-        }
-    }
-    // dweight^T [kk, c_out] = columns [kk, n plane] @ dy^T [n plane, c_out].
-    let mut dw_t = vec![0.0f32; kk * c_out];
-    crate::cpu::add_product(kk, c_out, cols_n, &cols, &dy_t, &mut dw_t)?;
-    let dw = transpose(&dw_t, kk, c_out);
-    // The columns' gradient [kk, n plane] = weight^T [kk, c_out] @ dy [c_out, n plane],
-    // reusing the columns' buffer.
-    let w_t = transpose(weight, c_out, kk);
-    cols.iter_mut().for_each(|v| *v = 0.0);
-    crate::cpu::add_product(kk, cols_n, c_out, &w_t, &dy_c, &mut cols)?;
-    let mut dx = vec![0.0f32; x.len()];
-    for i in 0..c_in {
+        });
+}
+
+/// Adds the columns `cols` `[c_in k k, n oh ow]` back onto the input positions they were
+/// read from (the adjoint of [`im2col`]) into `dx` `[n, c_in, h, w]`.
+fn col2im(shape: ConvShape, cols: &[f32], dx: &mut [f32]) {
+    let ConvShape {
+        c_in,
+        h,
+        w,
+        k,
+        stride,
+        padding,
+        n,
+        ..
+    } = shape;
+    let (oh, ow) = shape.out_hw();
+    let (plane, cols_n) = (oh * ow, n * oh * ow);
+    dx.par_chunks_mut(h * w).enumerate().for_each(|(bi, dst)| {
+        let (b, i) = (bi / c_in, bi % c_in);
         for ky in 0..k {
             let ys = shape.valid(oh, h, ky);
             for kx in 0..k {
                 let xs = shape.valid(ow, w, kx);
                 let row = &cols[((i * k + ky) * k + kx) * cols_n..][..cols_n];
-                for b in 0..n {
-                    let dst = &mut dx[(b * c_in + i) * h * w..][..h * w];
-                    for y in ys.clone() {
-                        let iy = y * stride + ky - shape.padding;
-                        let from = &row[b * plane + y * ow..][..ow];
-                        for xo in xs.clone() {
-                            dst[iy * w + xo * stride + kx - shape.padding] += from[xo];
-                        }
+                for y in ys.clone() {
+                    let iy = y * stride + ky - padding;
+                    let from = &row[b * plane + y * ow..][..ow];
+                    for xo in xs.clone() {
+                        dst[iy * w + xo * stride + kx - padding] += from[xo];
                     }
                 }
             }
         }
-    }
-    Ok((dx, dw, db))
+    });
 }
 
 /// A group norm's sizes: `[n, c, hw]` in `groups` groups of channels, with `eps`.
@@ -236,11 +441,17 @@ pub fn group_norm_backward(
     let cg = c / groups;
     let m = (cg * hw) as f64;
     let mut dx = vec![0.0f32; x.len()];
-    let mut dgamma = vec![0.0f64; c];
-    let mut dbeta = vec![0.0f64; c];
-    for b in 0..n {
-        for g in 0..groups {
-            let start = (b * c + g * cg) * hw;
+    if dx.is_empty() {
+        return Ok((dx, vec![0.0; c], vec![0.0; c]));
+    }
+    // Each (image, group) is a contiguous block of `cg * hw` values: one task each, giving
+    // its block of dx and its channels' shares of dgamma and dbeta.
+    let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(cg * hw)
+        .enumerate()
+        .map(|(bg, dxs)| {
+            let g = bg % groups;
+            let start = bg * cg * hw;
             let xs = &x[start..][..cg * hw];
             let mean = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / m;
             let var = xs
@@ -252,6 +463,7 @@ pub fn group_norm_backward(
             // dxhat = dz * gamma, where dz is dy through the SiLU when there is one.
             let mut dxhat = vec![0.0f64; cg * hw];
             let mut xhat = vec![0.0f64; cg * hw];
+            let (mut dgamma, mut dbeta) = (vec![0.0f64; cg], vec![0.0f64; cg]);
             for ci in 0..cg {
                 let ch = g * cg + ci;
                 let (gm, bt) = (f64::from(gamma[ch]), f64::from(beta[ch]));
@@ -266,15 +478,24 @@ pub fn group_norm_backward(
                     }
                     xhat[j] = xh;
                     dxhat[j] = dz * gm;
-                    dgamma[ch] += dz * xh;
-                    dbeta[ch] += dz;
+                    dgamma[ci] += dz * xh;
+                    dbeta[ci] += dz;
                 }
             }
             let mean_d = dxhat.iter().sum::<f64>() / m;
             let mean_dx = dxhat.iter().zip(&xhat).map(|(d, x)| d * x).sum::<f64>() / m;
-            for j in 0..cg * hw {
-                dx[start + j] = (rstd * (dxhat[j] - mean_d - xhat[j] * mean_dx)) as f32;
+            for (j, d) in dxs.iter_mut().enumerate() {
+                *d = (rstd * (dxhat[j] - mean_d - xhat[j] * mean_dx)) as f32;
             }
+            (dgamma, dbeta)
+        })
+        .collect();
+    let (mut dgamma, mut dbeta) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for (bg, (pg, pb)) in partial.iter().enumerate() {
+        let g = bg % groups;
+        for ci in 0..cg {
+            dgamma[g * cg + ci] += pg[ci];
+            dbeta[g * cg + ci] += pb[ci];
         }
     }
     let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
@@ -312,11 +533,10 @@ pub fn linear_backward(
     check_len("linear_backward", "dy", dy.len(), m * n)?;
     let mut dx = vec![0.0; m * k];
     crate::cpu::add_product(m, k, n, dy, weight, &mut dx)?;
-    let dyt = transpose(dy, m, n);
     let mut dw = vec![0.0; n * k];
-    crate::cpu::add_product(n, k, m, &dyt, x, &mut dw)?;
+    crate::cpu::add_product_of(MatRef::new(dy, m, n).t(), MatRef::new(x, m, k), &mut dw)?;
     let db = (0..n)
-        .map(|j| dyt[j * m..][..m].iter().map(|&v| f64::from(v)).sum::<f64>() as f32)
+        .map(|j| (0..m).map(|i| f64::from(dy[i * n + j])).sum::<f64>() as f32)
         .collect();
     Ok((dx, dw, db))
 }
@@ -489,11 +709,11 @@ pub fn attention_backward(
         s.batch * s.len_q * width,
     )?;
     let (lq, lk, d) = (s.len_q, s.len_k, s.head_dim);
-    let mut dq = vec![0.0f32; q.len()];
-    let mut dk = vec![0.0f32; k.len()];
-    let mut dv = vec![0.0f32; v.len()];
-    for b in 0..s.batch {
-        for h in 0..s.heads {
+    // One task per (image, head); the products inside each run on its thread.
+    let blocks: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..s.batch * s.heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / s.heads, bh % s.heads);
             let (qh, kh, vh) = (
                 head_block(q, b, h, lq, s),
                 head_block(k, b, h, lk, s),
@@ -501,9 +721,12 @@ pub fn attention_backward(
             );
             let doh = head_block(dout, b, h, lq, s);
             // p = softmax(q k^T * scale) [lq, lk]
-            let kt = transpose(&kh, lk, d);
             let mut p = vec![0.0f32; lq * lk];
-            crate::cpu::add_product(lq, lk, d, &qh, &kt, &mut p)?;
+            crate::cpu::add_product_of(
+                MatRef::new(&qh, lq, d),
+                MatRef::new(&kh, lk, d).t(),
+                &mut p,
+            )?;
             for row in p.chunks_exact_mut(lk) {
                 let max = row
                     .iter()
@@ -518,12 +741,18 @@ pub fn attention_backward(
                 }
             }
             // dv = p^T dout [lk, d]; dp = dout v^T [lq, lk]
-            let pt = transpose(&p, lq, lk);
             let mut dvh = vec![0.0f32; lk * d];
-            crate::cpu::add_product(lk, d, lq, &pt, &doh, &mut dvh)?;
-            let vt = transpose(&vh, lk, d);
+            crate::cpu::add_product_of(
+                MatRef::new(&p, lq, lk).t(),
+                MatRef::new(&doh, lq, d),
+                &mut dvh,
+            )?;
             let mut dp = vec![0.0f32; lq * lk];
-            crate::cpu::add_product(lq, lk, d, &doh, &vt, &mut dp)?;
+            crate::cpu::add_product_of(
+                MatRef::new(&doh, lq, d),
+                MatRef::new(&vh, lk, d).t(),
+                &mut dp,
+            )?;
             // ds = p * (dp - rowsum(dp * p)) * scale
             for (prow, dprow) in p.chunks_exact(lk).zip(dp.chunks_exact_mut(lk)) {
                 let dot: f64 = prow
@@ -538,13 +767,23 @@ pub fn attention_backward(
             // dq = ds k [lq, d]; dk = ds^T q [lk, d]
             let mut dqh = vec![0.0f32; lq * d];
             crate::cpu::add_product(lq, d, lk, &dp, &kh, &mut dqh)?;
-            let dst = transpose(&dp, lq, lk);
             let mut dkh = vec![0.0f32; lk * d];
-            crate::cpu::add_product(lk, d, lq, &dst, &qh, &mut dkh)?;
-            put_head_block(&mut dq, &dqh, b, h, lq, s);
-            put_head_block(&mut dk, &dkh, b, h, lk, s);
-            put_head_block(&mut dv, &dvh, b, h, lk, s);
-        }
+            crate::cpu::add_product_of(
+                MatRef::new(&dp, lq, lk).t(),
+                MatRef::new(&qh, lq, d),
+                &mut dkh,
+            )?;
+            Ok((dqh, dkh, dvh))
+        })
+        .collect::<Result<_>>()?;
+    let mut dq = vec![0.0f32; q.len()];
+    let mut dk = vec![0.0f32; k.len()];
+    let mut dv = vec![0.0f32; v.len()];
+    for (bh, (dqh, dkh, dvh)) in blocks.iter().enumerate() {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        put_head_block(&mut dq, dqh, b, h, lq, s);
+        put_head_block(&mut dk, dkh, b, h, lk, s);
+        put_head_block(&mut dv, dvh, b, h, lk, s);
     }
     Ok((dq, dk, dv))
 }
