@@ -1,6 +1,6 @@
 //! Matrix products for the CPU backend, on its packed GEMM ([`super::packed`]).
 
-use super::packed::pack::Strided;
+use super::packed::pack::{Strided, Windows};
 use super::packed::{ASource, BSource, Product, Start, run};
 use super::{CpuBackend, CpuTensor, PackLayout, contiguous, threads};
 use crate::backend::MatmulOps;
@@ -227,20 +227,66 @@ pub(crate) fn add_product(
 /// # Errors
 /// [`Error::Shape`] for inner sizes that differ or a slice shorter than its view says.
 pub(crate) fn add_product_of(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> Result<()> {
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    if b.rows != k || !a.fits() || !b.fits() || c.len() < m * n {
+    if b.rows != a.cols || !b.fits() {
         return Err(Error::Shape {
             op: "add_product",
             expected: format!(
-                "a [{m}, {k}] by b [{k}, {n}] into c [{m}, {n}], each slice holding its view"
+                "b [{}, {}] within its {} values",
+                a.cols,
+                b.cols,
+                b.data.len()
             ),
+            found: format!("b [{}, {}]", b.rows, b.cols),
+        });
+    }
+    let strided = Strided {
+        data: b.data,
+        rs: b.rs,
+        cs: b.cs,
+    };
+    product_into(a, BSource::Strided(strided), b.cols, c)
+}
+
+/// `c [a.rows, n] += a @ b` for `b` `[a.cols, n]` whose rows (`transposed: false`, one start
+/// per row) or columns (`transposed: true`, one start per column) are windows of one buffer
+/// (see [`Windows`]): the taps of a convolution as shifted views of an image.
+///
+/// # Errors
+/// [`Error::Shape`] for a start count that does not fit the shape or a window past the buffer.
+pub(crate) fn add_product_windows(
+    a: MatRef<'_>,
+    b: Windows<'_>,
+    n: usize,
+    c: &mut [f32],
+) -> Result<()> {
+    let (lines, len) = if b.transposed {
+        (n, a.cols)
+    } else {
+        (a.cols, n)
+    };
+    if b.starts.len() != lines || b.starts.iter().any(|&s| s + len > b.data.len()) {
+        return Err(Error::Shape {
+            op: "add_product_windows",
+            expected: format!("{lines} windows of {len} values within {}", b.data.len()),
             found: format!(
-                "b [{}, {n}]; {}, {} and {} values",
-                b.rows,
-                a.data.len(),
-                b.data.len(),
-                c.len()
+                "{} windows, the last ending at {}",
+                b.starts.len(),
+                b.starts.iter().max().map_or(0, |s| s + len)
             ),
+        });
+    }
+    product_into(a, BSource::Windows(b), n, c)
+}
+
+/// `c [a.rows, n] += a @ b` on the packed GEMM in f32; `b` holds `[a.cols, n]` (checked by
+/// the caller).
+fn product_into(a: MatRef<'_>, b: BSource<'_>, n: usize, c: &mut [f32]) -> Result<()> {
+    let (m, k) = (a.rows, a.cols);
+    if !a.fits() || c.len() < m * n {
+        return Err(Error::Shape {
+            op: "add_product",
+            expected: format!("a [{m}, {k}] within its values and c [{m}, {n}]"),
+            found: format!("{} and {} values", a.data.len(), c.len()),
         });
     }
     if m * n * k == 0 {
@@ -255,11 +301,7 @@ pub(crate) fn add_product_of(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> Res
             rs: a.rs,
             cs: a.cs,
         }),
-        b: BSource::Strided(Strided {
-            data: b.data,
-            rs: b.rs,
-            cs: b.cs,
-        }),
+        b,
         start: Start::Accumulate,
         precision: super::CpuPrecision::F32,
     };
@@ -269,8 +311,9 @@ pub(crate) fn add_product_of(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> Res
     } else {
         threads()
     };
-    // SAFETY: `c` holds `m x n` writable values and each view's slice every element it
-    // addresses (both checked); `detect` returns a supported ISA and f32 needs nothing more.
+    // SAFETY: `c` holds `m x n` writable values and `a` every element it addresses (checked
+    // here), `b` its `[k, n]` (checked by the callers); `detect` returns a supported ISA and
+    // f32 needs nothing more.
     unsafe {
         run(
             super::CpuIsa::detect(),

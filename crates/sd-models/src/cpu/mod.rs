@@ -43,15 +43,16 @@ mod attention;
 mod conv;
 mod data;
 mod elementwise;
-mod math;
+pub(crate) mod math;
 mod matmul;
 mod norm;
 mod packed;
 mod pool;
 mod resample;
 
-pub(crate) use matmul::{MatRef, add_product, add_product_of};
+pub(crate) use matmul::{MatRef, add_product, add_product_of, add_product_windows};
 use packed::Panels;
+pub(crate) use packed::pack::Windows;
 pub use packed::{CpuIsa, CpuPrecision};
 
 /// The CPU backend. Work runs on rayon's global thread pool (set `RAYON_NUM_THREADS` to

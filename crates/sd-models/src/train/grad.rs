@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::MatRef;
+use crate::cpu::{MatRef, Windows};
 use crate::error::{Error, Result};
 
 fn shape_error(op: &'static str, expected: String, found: String) -> Error {
@@ -238,36 +238,39 @@ impl PaddedGrid {
         let (oh, ow) = self.s.out_hw();
         let xp = self.place(x, c_in, (h, w), padding, 0);
         let dyp = self.place(dy, c_out, (oh, ow), 0, 0);
-        // The products are long and thin (`k` is every grid position of the batch): each
-        // thread takes a range of positions for every tap, and the shares are added.
+        // dweight [c_out, (c_in, tap)] = dy [c_out, grid] @ windows^T, column (i, tap) of the
+        // windows matrix the grid of channel i shifted by the tap's offset: one product whose
+        // inner size is every grid position of the batch. Each thread takes a range of
+        // positions, and the shares are added.
         let parts = (4 * rayon::current_num_threads()).min(self.span).max(1);
         let len = self.span.div_ceil(parts);
         let shares: Vec<Vec<f32>> = (0..self.span.div_ceil(len))
             .into_par_iter()
             .map(|part| {
                 let (from, cols) = (part * len, len.min(self.span - part * len));
-                let mut taps = vec![0.0f32; k * k * c_out * c_in];
-                for (t, tap) in taps.chunks_exact_mut(c_out * c_in).enumerate() {
-                    let off = self.offset(t / k, t % k);
-                    crate::cpu::add_product_of(
-                        MatRef::strided(&dyp[from..], c_out, cols, self.span, 1),
-                        MatRef::strided(&xp[from + off..], c_in, cols, self.span, 1).t(),
-                        tap,
-                    )?;
-                }
-                Ok(taps)
+                let starts: Vec<usize> = (0..c_in * k * k)
+                    .map(|it| {
+                        (it / (k * k)) * self.span + from + self.offset(it % (k * k) / k, it % k)
+                    })
+                    .collect();
+                let mut dw = vec![0.0f32; c_out * c_in * k * k];
+                crate::cpu::add_product_windows(
+                    MatRef::strided(&dyp[from..], c_out, cols, self.span, 1),
+                    Windows {
+                        data: &xp,
+                        starts: &starts,
+                        transposed: true,
+                    },
+                    c_in * k * k,
+                    &mut dw,
+                )?;
+                Ok(dw)
             })
             .collect::<Result<_>>()?;
-        let mut taps = vec![0.0f32; k * k * c_out * c_in];
+        let mut dw = vec![0.0f32; c_out * c_in * k * k];
         for share in &shares {
-            for (t, v) in taps.iter_mut().zip(share) {
+            for (t, v) in dw.iter_mut().zip(share) {
                 *t += v;
-            }
-        }
-        let mut dw = vec![0.0f32; taps.len()];
-        for (t, tap) in taps.chunks_exact(c_out * c_in).enumerate() {
-            for (oi, &v) in tap.iter().enumerate() {
-                dw[oi * k * k + t] = v;
             }
         }
         Ok(dw)
@@ -289,21 +292,29 @@ impl PaddedGrid {
         } = self.s;
         let (oh, ow) = self.s.out_hw();
         let dyp = self.place(dy, c_out, (oh, ow), 0, self.slack);
-        let mut dxp = vec![0.0f32; c_in * self.span];
-        let mut wt = vec![0.0f32; c_in * c_out];
-        for t in 0..k * k {
-            for (o, row) in weight.chunks_exact(c_in * k * k).enumerate() {
-                for i in 0..c_in {
-                    wt[i * c_out + o] = row[i * k * k + t];
-                }
+        // dx on the grid [c_in, grid] = weight^T [c_in, (c_out, tap)] @ windows, row (o, tap)
+        // of the windows matrix the grid of dy's channel o shifted back by the tap's offset.
+        let taps = k * k;
+        let mut wt = vec![0.0f32; c_in * c_out * taps];
+        for (o, row) in weight.chunks_exact(c_in * taps).enumerate() {
+            for (i, w) in row.chunks_exact(taps).enumerate() {
+                wt[(i * c_out + o) * taps..][..taps].copy_from_slice(w);
             }
-            let from = self.slack - self.offset(t / k, t % k);
-            crate::cpu::add_product_of(
-                MatRef::new(&wt, c_in, c_out),
-                MatRef::strided(&dyp[from..], c_out, self.span, self.span, 1),
-                &mut dxp,
-            )?;
         }
+        let starts: Vec<usize> = (0..c_out * taps)
+            .map(|ot| self.slack + (ot / taps) * self.span - self.offset(ot % taps / k, ot % k))
+            .collect();
+        let mut dxp = vec![0.0f32; c_in * self.span];
+        crate::cpu::add_product_windows(
+            MatRef::new(&wt, c_in, c_out * taps),
+            Windows {
+                data: &dyp,
+                starts: &starts,
+                transposed: false,
+            },
+            self.span,
+            &mut dxp,
+        )?;
         let hp = self.span / (n * self.wp);
         let mut dx = vec![0.0f32; n * c_in * h * w];
         dx.par_chunks_mut(h * w)
@@ -460,34 +471,13 @@ pub fn group_norm_backward(
                 .sum::<f64>()
                 / m;
             let rstd = 1.0 / (var + eps).sqrt();
-            // dxhat = dz * gamma, where dz is dy through the SiLU when there is one.
-            let mut dxhat = vec![0.0f64; cg * hw];
-            let mut xhat = vec![0.0f64; cg * hw];
-            let (mut dgamma, mut dbeta) = (vec![0.0f64; cg], vec![0.0f64; cg]);
-            for ci in 0..cg {
-                let ch = g * cg + ci;
-                let (gm, bt) = (f64::from(gamma[ch]), f64::from(beta[ch]));
-                for p in 0..hw {
-                    let j = ci * hw + p;
-                    let xh = (f64::from(xs[j]) - mean) * rstd;
-                    let mut dz = f64::from(dy[start + j]);
-                    if silu {
-                        let z = xh * gm + bt;
-                        let s = 1.0 / (1.0 + (-z).exp());
-                        dz *= s * (1.0 + z * (1.0 - s));
-                    }
-                    xhat[j] = xh;
-                    dxhat[j] = dz * gm;
-                    dgamma[ci] += dz * xh;
-                    dbeta[ci] += dz;
-                }
-            }
-            let mean_d = dxhat.iter().sum::<f64>() / m;
-            let mean_dx = dxhat.iter().zip(&xhat).map(|(d, x)| d * x).sum::<f64>() / m;
-            for (j, d) in dxs.iter_mut().enumerate() {
-                *d = (rstd * (dxhat[j] - mean_d - xhat[j] * mean_dx)) as f32;
-            }
-            (dgamma, dbeta)
+            let channels = (&gamma[g * cg..][..cg], &beta[g * cg..][..cg]);
+            let dys = &dy[start..][..cg * hw];
+            let isa = crate::cpu::CpuIsa::detect();
+            crate::cpu::math::dispatch!(
+                isa,
+                group_norm_block_backward(xs, dys, channels, (mean, rstd, hw), silu, dxs)
+            )
         })
         .collect();
     let (mut dgamma, mut dbeta) = (vec![0.0f64; c], vec![0.0f64; c]);
@@ -500,6 +490,62 @@ pub fn group_norm_backward(
     }
     let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
     Ok((dx, f(dgamma), f(dbeta)))
+}
+
+/// One (image, group) block of [`group_norm_backward`]: `xs` and `dys` its `cg * hw` values,
+/// `gamma` and `beta` its channels', the group's mean and reciprocal standard deviation.
+/// Writes `dxs` and returns the channels' `(dgamma, dbeta)`. The per-value arithmetic is in
+/// `f32` (branch-free, so it vectorises), the sums in `f64`.
+#[inline(always)]
+fn group_norm_block_backward(
+    xs: &[f32],
+    dys: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
+    (mean, rstd, hw): (f64, f64, usize),
+    silu: bool,
+    dxs: &mut [f32],
+) -> (Vec<f64>, Vec<f64>) {
+    let (mean_f, rstd_f) = (mean as f32, rstd as f32);
+    let cg = gamma.len();
+    let mut xhat = vec![0.0f32; xs.len()];
+    let (mut dgamma, mut dbeta) = (vec![0.0f64; cg], vec![0.0f64; cg]);
+    let (mut sum_d, mut sum_dx) = (0.0f64, 0.0f64);
+    for ci in 0..cg {
+        let (gm, bt) = (gamma[ci], beta[ci]);
+        let r = ci * hw..(ci + 1) * hw;
+        let (xh, dxhat) = (&mut xhat[r.clone()], &mut dxs[r.clone()]);
+        let (mut dg, mut db, mut sd, mut sdx) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
+        for ((h, d), (&x, &dyv)) in xh
+            .iter_mut()
+            .zip(dxhat.iter_mut())
+            .zip(xs[r.clone()].iter().zip(&dys[r]))
+        {
+            let xv = (x - mean_f) * rstd_f;
+            let mut dz = dyv;
+            if silu {
+                let z = xv * gm + bt;
+                let sg = 1.0 / (1.0 + crate::cpu::math::exp(-z));
+                dz *= sg * (1.0 + z * (1.0 - sg));
+            }
+            *h = xv;
+            // dxhat = dz * gamma, kept in dx until the group's means are known.
+            *d = dz * gm;
+            dg += dz * xv;
+            db += dz;
+            sd += *d;
+            sdx += *d * xv;
+        }
+        dgamma[ci] = f64::from(dg);
+        dbeta[ci] = f64::from(db);
+        sum_d += f64::from(sd);
+        sum_dx += f64::from(sdx);
+    }
+    let m = xs.len() as f64;
+    let (mean_d, mean_dx) = ((sum_d / m) as f32, (sum_dx / m) as f32);
+    for (d, &h) in dxs.iter_mut().zip(&xhat) {
+        *d = rstd_f * (*d - mean_d - h * mean_dx);
+    }
+    (dgamma, dbeta)
 }
 
 /// The gradient of SiLU `x * sigmoid(x)`.

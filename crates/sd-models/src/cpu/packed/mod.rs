@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use super::math::dispatch;
 use kernels::Init;
-use pack::{ConvGeom, Strided, pack_a, pack_b, pack_conv_b, pair_panel};
+use pack::{ConvGeom, Strided, Windows, pack_a, pack_b, pack_conv_b, pack_windows_b, pair_panel};
 
 /// The `K` block: a B micro-panel (`KC x NR`) stays in L1 while it meets every A micro-panel
 /// of a row block.
@@ -197,6 +197,8 @@ pub(crate) enum BSource<'a> {
     Strided(Strided<'a>),
     /// A convolution's unfolded input image `[C, H, W]`, packed on the fly.
     Conv(&'a [f32], ConvGeom),
+    /// Windows of one buffer as rows or columns, packed on the fly.
+    Windows(Windows<'a>),
 }
 
 /// What C starts from.
@@ -494,6 +496,9 @@ unsafe fn run_block(
                     BSource::Conv(x, g) => {
                         dispatch!(isa, pack_conv_b(x, &g, pc, kc, jr, cols, nr, bbuf));
                     }
+                    BSource::Windows(b) => {
+                        dispatch!(isa, pack_windows_b(b, pc, kc, jr, cols, nr, bbuf));
+                    }
                     BSource::Packed(panels) => {
                         panels.widen(((jr / nr) * p.k + pc) * nr, kc * nr, bbuf);
                     }
@@ -697,10 +702,32 @@ mod tests {
                     ASource::Strided(sa),
                     ASource::Strided(sat),
                 ];
+                // The rows of b, and the columns of bt, as windows at scattered distinct
+                // starts (multiplying by a prime permutes 0..2k), NaN between them.
+                let mut scattered = vec![f32::NAN; 3 * k * n + n];
+                let row_starts: Vec<usize> = (0..k).map(|r| (r * 7919) % (2 * k) * n).collect();
+                let col_starts: Vec<usize> = (0..n).map(|j| (j * 104_729) % (2 * n) * k).collect();
+                let mut windows_t = vec![f32::NAN; 2 * n * k + k];
+                for r in 0..k {
+                    scattered[row_starts[r]..][..n].copy_from_slice(&b[r * n..][..n]);
+                }
+                for j in 0..n {
+                    windows_t[col_starts[j]..][..k].copy_from_slice(&bt[j * k..][..k]);
+                }
                 let sources_b = [
                     BSource::Packed(pb.panels()),
                     BSource::Strided(sb),
                     BSource::Strided(sbt),
+                    BSource::Windows(Windows {
+                        data: &scattered,
+                        starts: &row_starts,
+                        transposed: false,
+                    }),
+                    BSource::Windows(Windows {
+                        data: &windows_t,
+                        starts: &col_starts,
+                        transposed: true,
+                    }),
                 ];
                 for a_src in sources_a {
                     for b_src in sources_b {

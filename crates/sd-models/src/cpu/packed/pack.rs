@@ -104,6 +104,48 @@ pub(crate) fn pack_b(
     }
 }
 
+/// A matrix whose rows (or, when `transposed`, columns) are windows of one buffer: line `l`
+/// is `data[starts[l]..]`. The shifted copies of an image that a convolution's kernel taps
+/// read are such a matrix, with no copy made.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Windows<'a> {
+    pub data: &'a [f32],
+    pub starts: &'a [usize],
+    pub transposed: bool,
+}
+
+/// Packs rows `k0 .. k0 + kc` and columns `n0 .. n0 + cols` (`cols <= nr`) of the windows
+/// matrix `b` into a B micro-panel.
+#[inline(always)]
+pub(crate) fn pack_windows_b(
+    b: Windows<'_>,
+    k0: usize,
+    kc: usize,
+    n0: usize,
+    cols: usize,
+    nr: usize,
+    dst: &mut [f32],
+) {
+    let dst = &mut dst[..kc * nr];
+    if b.transposed {
+        // Column j is a window: read it once, scatter with stride `nr`.
+        if cols < nr {
+            dst.fill(0.0);
+        }
+        for j in 0..cols {
+            let col = &b.data[b.starts[n0 + j] + k0..][..kc];
+            for (kk, &v) in col.iter().enumerate() {
+                dst[kk * nr + j] = v;
+            }
+        }
+    } else {
+        for (kk, d) in dst.chunks_exact_mut(nr).enumerate() {
+            d[..cols].copy_from_slice(&b.data[b.starts[k0 + kk] + n0..][..cols]);
+            d[cols..].fill(0.0);
+        }
+    }
+}
+
 /// `w [m, k]` (row-major) as whole-`K` A micro-panels of `mr` rows: `ceil(m / mr) * k * mr`
 /// values.
 pub(crate) fn prepack_rows(w: &[f32], m: usize, k: usize, mr: usize) -> Vec<f32> {
