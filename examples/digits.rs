@@ -21,7 +21,9 @@ use std::time::Instant;
 use clap::Parser;
 use sd_models::CpuBackend;
 use sd_models::cpu::CpuPrecision;
-use sd_models::pipeline::{Image, PixelDiffusion, PixelParams, PixelSamples, SamplerChoice};
+use sd_models::pipeline::{
+    ClassGuidance, Image, PixelDiffusion, PixelParams, PixelSamples, SamplerChoice,
+};
 
 /// Draws a grid of handwritten digits 0 to 9 with the embedded digits model.
 #[derive(Debug, Parser)]
@@ -59,6 +61,10 @@ struct Cli {
     /// Multiply in bf16 (AVX512-BF16); an error on a CPU without it.
     #[arg(long)]
     bf16: bool,
+    /// Classifier-free guidance scale, for a model trained with label dropout
+    /// (`train-digits --label-dropout`): its last class is the null class.
+    #[arg(long)]
+    guidance: Option<f32>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -113,6 +119,19 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         steps: cli.steps,
         sampler: SamplerChoice::Name(cli.sampler.clone()),
         seed: cli.seed,
+        guidance: match (cli.guidance, pipe.num_classes()) {
+            (None, _) => None,
+            (Some(scale), Some(classes)) if classes > 10 => Some(ClassGuidance {
+                scale,
+                null_class: classes as u32 - 1,
+            }),
+            (Some(_), _) => {
+                return Err(
+                    "--guidance needs a model trained with label dropout (11 classes, the last the null class)"
+                        .into(),
+                );
+            }
+        },
         ..PixelParams::default()
     };
     let (bar, callback) = sd_cli::progress_bar();

@@ -9,8 +9,14 @@
 //! ```
 //!
 //! Without `--quick` it runs train.py's 200 epochs of batch 128 (2,400 steps). The folder is
-//! rewritten with the EMA weights every `--checkpoint-every` steps and at the end; an existing
-//! folder is never replaced without `--overwrite`.
+//! rewritten with the EMA weights every `--checkpoint-every` steps and at the end, with the
+//! whole training state beside them (`training_state.safetensors`, `training.json`): a run
+//! that was stopped goes on from its last checkpoint with `--resume`, to the same weights as
+//! if it had never stopped. An existing folder is never replaced without `--overwrite`.
+//!
+//! `--label-dropout 0.1` trains for classifier-free guidance: the network gets an eleventh,
+//! "no digit" class (10) that replaces a tenth of the labels, and the `digits` program can then
+//! guide with `--guidance 3`.
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -22,7 +28,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_distr::{Distribution, StandardNormal};
 use sd_models::nn::RandomWeights;
-use sd_models::train::ddpm::{Batch, DdpmTrainer, Parameters, TrainOptions};
+use sd_models::train::ddpm::{Batch, DdpmTrainer, Parameters, TrainOptions, drop_labels};
 use sd_models::train::optim;
 use sd_models::unet::Unet2DConfig;
 use sd_schedulers::SchedulerConfig;
@@ -60,7 +66,31 @@ struct Cli {
     /// The folder with the network's config and the data (assets/digits).
     #[arg(long, default_value = "assets/digits")]
     assets: PathBuf,
+    /// Go on from the checkpoint in the output folder (same settings as the run that wrote
+    /// it).
+    #[arg(long, conflicts_with = "overwrite")]
+    resume: bool,
+    /// The probability of replacing a label by the null class (10), for classifier-free
+    /// guidance (0: train.py's purely conditional training).
+    #[arg(long, default_value_t = 0.0)]
+    label_dropout: f64,
 }
+
+/// What must be equal for a run to resume another: everything that decides its steps.
+fn settings(epochs: usize, batch_size: usize, cli: &Cli) -> serde_json::Value {
+    serde_json::json!({
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": cli.lr,
+        "warmup": cli.warmup,
+        "seed": cli.seed,
+        "label_dropout": cli.label_dropout,
+    })
+}
+
+/// The state file and the settings beside the weights.
+const STATE: &str = "training_state.safetensors";
+const SETTINGS: &str = "training.json";
 
 fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
@@ -109,28 +139,56 @@ fn training_data(assets: &Path) -> Result<(Vec<f32>, Vec<u32>), Box<dyn Error>> 
     Ok((x, y))
 }
 
-/// Writes `params` as a `DDPMPipeline` folder at `out`.
-fn write_folder(out: &Path, assets: &Path, params: &Parameters) -> Result<(), Box<dyn Error>> {
+/// Writes `params` as a `DDPMPipeline` folder at `out` with the network's `config` (the
+/// weights written beside and renamed, so an interrupted write never leaves a torn file).
+fn write_folder(
+    out: &Path,
+    assets: &Path,
+    config: &serde_json::Value,
+    params: &Parameters,
+) -> Result<(), Box<dyn Error>> {
     let unet = out.join("unet");
     let scheduler = out.join("scheduler");
     std::fs::create_dir_all(&unet)?;
     std::fs::create_dir_all(&scheduler)?;
-    std::fs::copy(assets.join("unet/config.json"), unet.join("config.json"))?;
+    std::fs::write(
+        unet.join("config.json"),
+        serde_json::to_string_pretty(config)? + "\n",
+    )?;
     std::fs::copy(
         assets.join("scheduler/scheduler_config.json"),
         scheduler.join("scheduler_config.json"),
     )?;
-    // Written beside, then renamed: an interrupted write never leaves a torn file.
-    let tmp = unet.join("diffusion_pytorch_model.safetensors.tmp");
-    params.save(&tmp)?;
-    std::fs::rename(&tmp, unet.join("diffusion_pytorch_model.safetensors"))?;
+    params.save(&unet.join("diffusion_pytorch_model.safetensors"))?;
+    Ok(())
+}
+
+/// A checkpoint: the folder (EMA weights), then the state to resume from and its settings.
+fn checkpoint(
+    out: &Path,
+    assets: &Path,
+    config: &serde_json::Value,
+    trainer: &DdpmTrainer,
+    settings: &serde_json::Value,
+) -> Result<(), Box<dyn Error>> {
+    write_folder(
+        out,
+        assets,
+        config,
+        trainer.ema.as_ref().unwrap_or(&trainer.params),
+    )?;
+    trainer.save_state(&out.join(STATE))?;
+    std::fs::write(
+        out.join(SETTINGS),
+        serde_json::to_string_pretty(settings)? + "\n",
+    )?;
     Ok(())
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
-    if cli.out.exists() && !cli.overwrite {
+    if cli.out.exists() && !cli.overwrite && !cli.resume {
         return Err(format!(
-            "{} exists; pass --overwrite to replace it",
+            "{} exists; pass --overwrite to replace it or --resume to go on from its checkpoint",
             cli.out.display()
         )
         .into());
@@ -140,18 +198,47 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     if epochs == 0 || batch_size == 0 {
         return Err("--epochs and --batch-size must be at least 1".into());
     }
-    let config = Unet2DConfig::from_file(cli.assets.join("unet/config.json"))?;
+    if !(0.0..1.0).contains(&cli.label_dropout) {
+        return Err("--label-dropout must be in [0, 1)".into());
+    }
+    let settings = settings(epochs, batch_size, &cli);
+    let (data, labels) = training_data(&cli.assets)?;
+    let n = labels.len();
+    let classes = labels.iter().max().map_or(0, |&m| m + 1);
+    // With label dropout the network gets one class more: the null class.
+    let mut config_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        cli.assets.join("unet/config.json"),
+    )?)?;
+    if cli.label_dropout > 0.0 {
+        config_json["num_class_embeds"] = serde_json::json!(classes + 1);
+    }
+    let config = Unet2DConfig::from_json(&config_json.to_string(), "unet/config.json")?;
     let scheduler = SchedulerConfig::from_json(&std::fs::read_to_string(
         cli.assets.join("scheduler/scheduler_config.json"),
     )?)?;
-    let (data, labels) = training_data(&cli.assets)?;
-    let n = labels.len();
     let params = Parameters::capture(&RandomWeights::new(cli.seed), &config)?;
     eprintln!(
         "training {} parameters on {n} digits: {epochs} epochs of batch {batch_size}",
         params.count()
     );
     let mut trainer = DdpmTrainer::new(config, params, &scheduler, TrainOptions::default())?;
+    let resume_from = if cli.resume {
+        let saved: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(cli.out.join(SETTINGS))
+                .map_err(|e| format!("--resume: {}: {e}", cli.out.join(SETTINGS).display()))?,
+        )?;
+        if saved != settings {
+            return Err(format!(
+                "--resume: the checkpoint was made with {saved}, this run asks for {settings}"
+            )
+            .into());
+        }
+        trainer.load_state(&cli.out.join(STATE))?;
+        eprintln!("resuming after step {}", trainer.steps);
+        trainer.steps as usize
+    } else {
+        0
+    };
     let per_epoch = n.div_ceil(batch_size);
     let total = epochs * per_epoch;
     let mut rng = rand::rngs::StdRng::seed_from_u64(cli.seed);
@@ -179,6 +266,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             let timesteps = (0..b)
                 .map(|_| sd_core::timestep_from_uniform(rand::Rng::random::<f64>(&mut rng), steps))
                 .collect::<Result<Vec<_>, _>>()?;
+            drop_labels(&mut y, cli.label_dropout, classes, || {
+                rand::Rng::random::<f64>(&mut rng)
+            });
+            // A resumed run draws what the steps it skips drew, so that the steps after
+            // are those of a run that never stopped.
+            if step < resume_from {
+                step += 1;
+                bar.inc(1);
+                continue;
+            }
             let lr = optim::warmup_cosine_lr(step, cli.warmup, total, cli.lr);
             let batch = Batch {
                 x0: &x0,
@@ -204,7 +301,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             // Where no bar is drawn (a log file), a line now and then.
             if bar.is_hidden() && (step % 50 == 0 || step == total) {
                 let secs = t0.elapsed().as_secs_f64();
-                let rate = step as f64 / secs;
+                let rate = (step - resume_from) as f64 / secs;
                 eprintln!(
                     "step {step}/{total} loss {:.4} lr {lr:.2e} {rate:.2} steps/s, {:.0} s left",
                     report.loss,
@@ -212,20 +309,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
                 );
             }
             if cli.checkpoint_every > 0 && step % cli.checkpoint_every == 0 {
-                write_folder(
-                    &cli.out,
-                    &cli.assets,
-                    trainer.ema.as_ref().unwrap_or(&trainer.params),
-                )?;
+                checkpoint(&cli.out, &cli.assets, &config_json, &trainer, &settings)?;
             }
         }
     }
     bar.finish();
-    write_folder(
-        &cli.out,
-        &cli.assets,
-        trainer.ema.as_ref().unwrap_or(&trainer.params),
-    )?;
+    checkpoint(&cli.out, &cli.assets, &config_json, &trainer, &settings)?;
     eprintln!(
         "trained {step} steps in {:.1} s; wrote {} (EMA weights)",
         t0.elapsed().as_secs_f64(),

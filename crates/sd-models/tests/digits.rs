@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use sd_models::CpuBackend;
 use sd_models::Error;
 use sd_models::pipeline::{
-    Control, Outcome, PixelDiffusion, PixelParams, PixelSamples, SamplerChoice,
+    ClassGuidance, Control, Outcome, PixelDiffusion, PixelParams, PixelSamples, SamplerChoice,
 };
 use serde_json::Value;
 
@@ -290,6 +290,65 @@ fn the_class_changes_the_sample() {
     let image = 256;
     assert_eq!(a.values[..4 * image], b.values[..4 * image]);
     assert_ne!(a.values[4 * image..], b.values[4 * image..]);
+}
+
+/// Classifier-free guidance mixes the prediction for the class with the null class's: at
+/// scale 1 it is the conditional sample, at scale 0 the sample of the null class (the
+/// embedded model has no learned null class, so digit 7 stands in for one), and between
+/// them it is neither.
+#[test]
+fn class_guidance_mixes_the_class_and_the_null_class() {
+    let guided = |scale| {
+        run(&PixelParams {
+            guidance: Some(ClassGuidance {
+                scale,
+                null_class: 7,
+            }),
+            ..few("DDIM")
+        })
+    };
+    let max_diff = |a: &PixelSamples, b: &PixelSamples| {
+        a.values
+            .iter()
+            .zip(&b.values)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0_f32, f32::max)
+    };
+    let plain = run(&few("DDIM"));
+    let sevens = run(&PixelParams {
+        classes: vec![7; 5],
+        ..few("DDIM")
+    });
+    // The guided batch is twice as large: only the GEMMs' blocking differs.
+    assert!(max_diff(&guided(1.0), &plain) < 1e-4);
+    assert!(max_diff(&guided(0.0), &sevens) < 1e-4);
+    let mid = guided(3.0);
+    assert!(max_diff(&mid, &plain) > 1e-2 && max_diff(&mid, &sevens) > 1e-2);
+    // A null class the network does not have, or a scale that is not finite, is refused.
+    for g in [
+        ClassGuidance {
+            scale: 2.0,
+            null_class: 10,
+        },
+        ClassGuidance {
+            scale: f32::NAN,
+            null_class: 9,
+        },
+    ] {
+        let e = pipe()
+            .sample(
+                &PixelParams {
+                    guidance: Some(g),
+                    ..few("DDIM")
+                },
+                |_| Control::Continue,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Config { what, .. } if what == "guidance"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

@@ -580,16 +580,16 @@ fn the_digits_unet_gradient_matches_autograd() {
     assert_eq!(seen, expected, "every parameter has a gradient");
 }
 
-/// The trainer on one batch: its first loss is PyTorch's for the same batch, and AdamW steps
-/// on that batch bring the loss down; a checkpoint written by it loads as a diffusers
-/// `UNet2DModel` folder that predicts what the trainer's parameters predict.
-#[test]
-fn the_trainer_fits_a_batch_and_writes_a_loadable_checkpoint() {
-    use sd_models::CpuBackend;
-    use sd_models::backend::DataOps;
-    use sd_models::nn::ClassLabels;
-    use sd_models::train::ddpm::{Batch, DdpmTrainer, Parameters, TrainOptions};
-    use sd_models::unet::{Unet2DConfig, Unet2DModel};
+/// A trainer of the digits network from the fixture's initial weights, and the fixture's
+/// batch of 4: `(trainer, tensors, timesteps, labels)`.
+fn digits_trainer() -> (
+    sd_models::train::ddpm::DdpmTrainer,
+    Tensors,
+    Vec<usize>,
+    Vec<u32>,
+) {
+    use sd_models::train::ddpm::{DdpmTrainer, Parameters, TrainOptions};
+    use sd_models::unet::Unet2DConfig;
     use sd_models::weights::{OpenOptions, Variant};
     use sd_schedulers::SchedulerConfig;
 
@@ -607,10 +607,27 @@ fn the_trainer_fits_a_batch_and_writes_a_loadable_checkpoint() {
         std::fs::read_to_string(root().join("../assets/digits/scheduler/scheduler_config.json"))
             .unwrap();
     let scheduler = SchedulerConfig::from_json(&scheduler_json).unwrap();
-    let mut trainer =
-        DdpmTrainer::new(config.clone(), params, &scheduler, TrainOptions::default()).unwrap();
+    let trainer = DdpmTrainer::new(config, params, &scheduler, TrainOptions::default()).unwrap();
     let timesteps: Vec<usize> = t["timesteps"].1.iter().map(|&v| v as usize).collect();
     let labels: Vec<u32> = t["class_labels"].1.iter().map(|&v| v as u32).collect();
+    (trainer, t, timesteps, labels)
+}
+
+/// The trainer on one batch: its first loss is PyTorch's for the same batch, and AdamW steps
+/// on that batch bring the loss down; a checkpoint written by it loads as a diffusers
+/// `UNet2DModel` folder that predicts what the trainer's parameters predict.
+#[test]
+fn the_trainer_fits_a_batch_and_writes_a_loadable_checkpoint() {
+    use sd_models::CpuBackend;
+    use sd_models::backend::DataOps;
+    use sd_models::nn::ClassLabels;
+    use sd_models::train::ddpm::Batch;
+    use sd_models::unet::{Unet2DConfig, Unet2DModel};
+    use sd_models::weights::Variant;
+
+    let (mut trainer, t, timesteps, labels) = digits_trainer();
+    let init = root().join("training/unet2d_init");
+    let config = Unet2DConfig::from_file(init.join("config.json")).unwrap();
     let batch = Batch {
         x0: &t["x0"].1,
         noise: &t["noise"].1,
@@ -688,4 +705,123 @@ fn the_trainer_fits_a_batch_and_writes_a_loadable_checkpoint() {
         .unwrap()
     };
     assert_eq!(run(&loaded), run(&direct));
+}
+
+/// A trainer stopped after two steps and restored from its saved state into a fresh trainer
+/// goes on exactly as one that never stopped (weights, EMA and AdamW's moments, bit for
+/// bit); a state file that is not one, or is of another network, changes nothing.
+#[test]
+fn a_saved_training_state_resumes_exactly() {
+    use sd_models::nn::RandomWeights;
+    use sd_models::train::ddpm::{Batch, DdpmTrainer, Parameters, TrainOptions};
+    use sd_models::unet::Unet2DConfig;
+    use sd_schedulers::SchedulerConfig;
+
+    let (mut straight, t, timesteps, labels) = digits_trainer();
+    let (mut resumed, ..) = digits_trainer();
+    let batch = Batch {
+        x0: &t["x0"].1,
+        noise: &t["noise"].1,
+        timesteps: &timesteps,
+        labels: &labels,
+        shape: [4, 1, 16, 16],
+    };
+    let out = common::fixtures::scratch_dir("sd-models-training-state");
+    std::fs::create_dir_all(&out).unwrap();
+    let state = out.join("state.safetensors");
+    for _ in 0..2 {
+        straight.step(batch, 1e-3).unwrap();
+    }
+    straight.save_state(&state).unwrap();
+    // Not a state: the weights file of the fixture; a missing file.
+    let fresh = resumed.params.clone();
+    let weights = root().join("training/unet2d_init/diffusion_pytorch_model.safetensors");
+    let e = resumed.load_state(&weights).unwrap_err();
+    assert!(matches!(e, sd_models::Error::Config { .. }), "{e}");
+    let e = resumed.load_state(&out.join("missing")).unwrap_err();
+    assert!(matches!(e, sd_models::Error::Io { .. }), "{e}");
+    assert_eq!(resumed.params, fresh);
+    assert_eq!(resumed.steps, 0);
+    resumed.load_state(&state).unwrap();
+    assert_eq!(resumed.steps, 2);
+    for _ in 0..2 {
+        let a = straight.step(batch, 5e-4).unwrap();
+        let b = resumed.step(batch, 5e-4).unwrap();
+        assert_eq!(a, b);
+    }
+    assert_eq!(resumed.params, straight.params);
+    assert_eq!(resumed.ema, straight.ema);
+    // A state of another network (here: with an eleventh class) is refused.
+    let mut config =
+        Unet2DConfig::from_file(root().join("training/unet2d_init/config.json")).unwrap();
+    config.num_class_embeds = Some(11);
+    let params = Parameters::capture(&RandomWeights::new(1), &config).unwrap();
+    let scheduler = SchedulerConfig::from_json(
+        &std::fs::read_to_string(root().join("../assets/digits/scheduler/scheduler_config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    DdpmTrainer::new(config, params, &scheduler, TrainOptions::default())
+        .unwrap()
+        .save_state(&state)
+        .unwrap();
+    let e = resumed.load_state(&state).unwrap_err();
+    assert!(e.to_string().contains("class_embedding.weight"), "{e}");
+    assert_eq!(resumed.params, straight.params);
+}
+
+/// A batch the network cannot take is refused before any work, naming what is wrong: images
+/// of another size than its `sample_size`, labels past its classes, labels missing.
+#[test]
+fn a_dataset_of_another_shape_or_labels_is_refused() {
+    use sd_models::train::ddpm::{Batch, drop_labels};
+
+    let (mut trainer, t, timesteps, labels) = digits_trainer();
+    let before = trainer.params.clone();
+    let small = vec![0.0f32; 4 * 64];
+    let cases = [
+        (
+            Batch {
+                x0: &small,
+                noise: &small,
+                timesteps: &timesteps,
+                labels: &labels,
+                shape: [4, 1, 8, 8],
+            },
+            "sample_size",
+        ),
+        (
+            Batch {
+                x0: &t["x0"].1,
+                noise: &t["noise"].1,
+                timesteps: &timesteps,
+                labels: &[1, 2, 10, 3],
+                shape: [4, 1, 16, 16],
+            },
+            "num_class_embeds",
+        ),
+        (
+            Batch {
+                x0: &t["x0"].1,
+                noise: &t["noise"].1,
+                timesteps: &timesteps,
+                labels: &[],
+                shape: [4, 1, 16, 16],
+            },
+            "class-conditional",
+        ),
+    ];
+    for (batch, what) in cases {
+        let e = trainer.step(batch, 1e-3).unwrap_err();
+        assert!(matches!(e, sd_models::Error::Shape { .. }), "{e}");
+        assert!(e.to_string().contains(what), "{what}: {e}");
+    }
+    assert_eq!(trainer.params, before);
+    // Label dropout: nothing drawn at 0; at p, the labels whose draw is below p.
+    let mut l = vec![1, 2, 3, 4];
+    drop_labels(&mut l, 0.0, 10, || panic!("drew at probability 0"));
+    assert_eq!(l, [1, 2, 3, 4]);
+    let mut draws = [0.05, 0.5, 0.09, 0.99].into_iter();
+    drop_labels(&mut l, 0.1, 10, || draws.next().unwrap());
+    assert_eq!(l, [10, 2, 10, 4]);
 }

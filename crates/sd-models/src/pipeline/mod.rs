@@ -60,7 +60,7 @@ pub use generate::{
 };
 pub use image::{Image, ImageLimits, Margins, Mask, outpaint_canvas};
 pub use load::LoadOptions;
-pub use pixel::{PixelDiffusion, PixelParams, PixelSamples};
+pub use pixel::{ClassGuidance, PixelDiffusion, PixelParams, PixelSamples};
 
 use sd_schedulers::SchedulerConfig;
 

@@ -70,6 +70,21 @@ pub struct PixelParams {
     pub keep_non_finite: bool,
     /// Bounds on the size, sample count and steps, checked before any work.
     pub limits: Limits,
+    /// Classifier-free guidance, for a class-conditional network trained with label dropout
+    /// (`None`: the conditional prediction alone).
+    pub guidance: Option<ClassGuidance>,
+}
+
+/// Classifier-free guidance for a class-conditional network that learned a "no class" label
+/// (label dropout, [`crate::train::ddpm::drop_labels`]): each step predicts with the sample's
+/// class and with the null class and takes `uncond + scale * (cond - uncond)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClassGuidance {
+    /// The guidance scale: 1 is the conditional prediction, 0 the unconditional one.
+    pub scale: f32,
+    /// The class the network learned as "no class" (`train-digits --label-dropout` makes it
+    /// the last one).
+    pub null_class: u32,
 }
 
 impl Default for PixelParams {
@@ -86,6 +101,7 @@ impl Default for PixelParams {
             max_batch: 0,
             keep_non_finite: false,
             limits: Limits::default(),
+            guidance: None,
         }
     }
 }
@@ -232,7 +248,24 @@ impl<B: Backend> PixelDiffusion<B> {
                         format!("class {bad} is not one of the network's 0..{classes}"),
                     ));
                 }
+                if let Some(g) = params.guidance
+                    && (g.null_class as usize >= classes || !g.scale.is_finite())
+                {
+                    return Err(config_error(
+                        "guidance",
+                        format!(
+                            "null class {} of the network's 0..{classes} and a finite scale ({})",
+                            g.null_class, g.scale
+                        ),
+                    ));
+                }
                 params.classes.len()
+            }
+            None if params.guidance.is_some() => {
+                return Err(config_error(
+                    "guidance",
+                    "class guidance needs a class-conditional network".into(),
+                ));
             }
             None => {
                 if !params.classes.is_empty() {
@@ -331,11 +364,39 @@ impl<B: Backend> PixelDiffusion<B> {
                 .map(|(j, p)| (j * chunk, p))
             {
                 let m = x.len() / per_image;
-                let input = b.upload(x, &[m, c, h, w])?;
-                let labels = (!params.classes.is_empty())
-                    .then(|| ClassLabels::Ids(&params.classes[start..start + m]));
-                let eps = self.unet.forward(b, &input, &[t], labels)?;
-                out.copy_from_slice(&b.download(&eps)?);
+                let classes = params.classes.get(start..start + m).unwrap_or(&[]);
+                let Some(g) = params.guidance else {
+                    let input = b.upload(x, &[m, c, h, w])?;
+                    let labels = (!classes.is_empty()).then_some(ClassLabels::Ids(classes));
+                    let eps = self.unet.forward(b, &input, &[t], labels)?;
+                    out.copy_from_slice(&b.download(&eps)?);
+                    continue;
+                };
+                // The conditional and unconditional predictions in one batch of 2m.
+                let input = b.upload(&[x, x].concat(), &[2 * m, c, h, w])?;
+                let labels: Vec<u32> = classes
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(g.null_class, m))
+                    .collect();
+                let both = b.download(&self.unet.forward(
+                    b,
+                    &input,
+                    &[t],
+                    Some(ClassLabels::Ids(&labels)),
+                )?)?;
+                let (cond, uncond) = both.split_at(m * out_per_image);
+                // Guided where the prediction is of the noise (the first `c` channels); a
+                // learned variance (further channels) is the conditional one.
+                out.copy_from_slice(cond);
+                for (oc, uc) in out
+                    .chunks_exact_mut(out_per_image)
+                    .zip(uncond.chunks_exact(out_per_image))
+                {
+                    for (o, &u) in oc[..per_image].iter_mut().zip(&uc[..per_image]) {
+                        *o = u + g.scale * (*o - u);
+                    }
+                }
             }
             Ok(model_output)
         };

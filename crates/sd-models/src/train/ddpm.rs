@@ -100,38 +100,56 @@ impl Parameters {
     /// # Errors
     /// [`Error::Io`] for a file that cannot be written.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .order
-            .iter()
-            .filter_map(|n| self.values.get(n).map(|(s, v)| (n, s, v)))
-            .map(|(n, s, v)| {
-                (
-                    n.clone(),
-                    s.clone(),
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                )
-            })
-            .collect();
-        let views = bytes
-            .iter()
-            .map(|(n, s, b)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .map(|v| (n.clone(), v))
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::Config {
-                what: path.display().to_string(),
-                message: e.to_string(),
-            })?;
-        let data = safetensors::serialize(views, None).map_err(|e| Error::Config {
-            what: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        std::fs::write(path, data).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        write_f32_tensors(path, &self.entries(""), None)
     }
+
+    /// `(prefix + name, shape, values)` in load order.
+    fn entries(&self, prefix: &str) -> Vec<(String, Vec<usize>, &[f32])> {
+        self.order
+            .iter()
+            .filter_map(|n| {
+                self.values
+                    .get(n)
+                    .map(|(s, v)| (format!("{prefix}{n}"), s.clone(), v.as_slice()))
+            })
+            .collect()
+    }
+}
+
+/// Writes `f32` tensors (and string metadata) as a safetensors file at `path`: written beside
+/// and renamed over it, so that an interrupted write never leaves a torn file.
+fn write_f32_tensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
+    let bad = |message: String| Error::Config {
+        what: path.display().to_string(),
+        message,
+    };
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    let data = safetensors::serialize(views, metadata).map_err(|e| bad(e.to_string()))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| Error::Io { path: p, source }
+    };
+    std::fs::write(&tmp, data).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 /// [`Parameters`] as a [`WeightSource`].
@@ -222,6 +240,30 @@ pub struct Batch<'a> {
     pub shape: [usize; 4],
 }
 
+/// The `format` of the files [`DdpmTrainer::save_state`] writes.
+const STATE_FORMAT: &str = "sd-models ddpm trainer state 1";
+
+/// Label dropout for classifier-free guidance: each label is replaced by `null_label` with
+/// probability `probability`, deciding by `uniform()` (a draw from [0, 1)) per label, so that
+/// the network also learns the unconditional prediction. A network trained so has one class
+/// embedding more than the data has classes, the last one by convention the null class (as
+/// `train-digits --label-dropout` writes it). Nothing is drawn when `probability` is 0.
+pub fn drop_labels(
+    labels: &mut [u32],
+    probability: f64,
+    null_label: u32,
+    mut uniform: impl FnMut() -> f64,
+) {
+    if probability <= 0.0 {
+        return;
+    }
+    for l in labels {
+        if uniform() < probability {
+            *l = null_label;
+        }
+    }
+}
+
 /// Trains a `UNet2DModel` on the CPU backend; see the module documentation.
 #[derive(Debug, Clone)]
 pub struct DdpmTrainer {
@@ -282,10 +324,185 @@ impl DdpmTrainer {
         self.schedule.alphas_cumprod().len()
     }
 
+    /// The batch's images and labels against the network: its channel count, its
+    /// `sample_size` (the size a dataset must have been prepared at), and labels in range
+    /// (and present only for a class-conditional network).
+    fn check_batch(&self, batch: &Batch<'_>) -> Result<()> {
+        let [b, c, h, w] = batch.shape;
+        let shape_error = |expected: String, found: String| Error::Shape {
+            op: "DdpmTrainer::step",
+            expected,
+            found,
+        };
+        if c != self.config.in_channels {
+            return Err(shape_error(
+                format!(
+                    "images of {} channels (the network's in_channels)",
+                    self.config.in_channels
+                ),
+                format!("{c} channels"),
+            ));
+        }
+        if let Some(size) = &self.config.sample_size {
+            let (sh, sw) = size.height_width();
+            if (h, w) != (sh, sw) {
+                return Err(shape_error(
+                    format!("images of {sh}x{sw} (the network's sample_size)"),
+                    format!("{h}x{w}"),
+                ));
+            }
+        }
+        match self.config.num_class_embeds {
+            Some(classes) => {
+                if batch.labels.len() != b {
+                    return Err(shape_error(
+                        format!("{b} class labels (the network is class-conditional)"),
+                        format!("{}", batch.labels.len()),
+                    ));
+                }
+                if let Some(&bad) = batch.labels.iter().find(|&&l| l as usize >= classes) {
+                    return Err(shape_error(
+                        format!("class labels below {classes} (num_class_embeds)"),
+                        format!("{bad}"),
+                    ));
+                }
+            }
+            None if !batch.labels.is_empty() => {
+                return Err(shape_error(
+                    "no class labels (the network is unconditional)".into(),
+                    format!("{}", batch.labels.len()),
+                ));
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Writes everything needed to go on training as if never stopped (the weights, their
+    /// EMA, AdamW's moments and step counts, the steps taken) as one safetensors file,
+    /// written beside and renamed over `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] for a file that cannot be written.
+    pub fn save_state(&self, path: &Path) -> Result<()> {
+        let mut tensors = self.params.entries("params/");
+        if let Some(ema) = &self.ema {
+            tensors.extend(ema.entries("ema/"));
+        }
+        let mut adam_steps = BTreeMap::new();
+        for name in self.params.names() {
+            if let (Some(state), Some((shape, _))) = (self.states.get(name), self.params.get(name))
+            {
+                tensors.push((format!("exp_avg/{name}"), shape.to_vec(), &state.exp_avg));
+                tensors.push((
+                    format!("exp_avg_sq/{name}"),
+                    shape.to_vec(),
+                    &state.exp_avg_sq,
+                ));
+                adam_steps.insert(name.clone(), state.step);
+            }
+        }
+        let metadata = [
+            ("format".to_owned(), STATE_FORMAT.to_owned()),
+            ("steps".to_owned(), self.steps.to_string()),
+            (
+                "adam_steps".to_owned(),
+                serde_json::to_string(&adam_steps).unwrap_or_default(),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        write_f32_tensors(path, &tensors, Some(metadata))
+    }
+
+    /// Replaces the weights, EMA, optimiser state and step count with those
+    /// [`save_state`](Self::save_state) wrote at `path`, after checking that the file holds
+    /// every parameter of this trainer's network at its shape; on an error nothing changes.
+    ///
+    /// # Errors
+    /// [`Error::Io`] for a file that cannot be read; [`Error::Config`] naming the file and
+    /// the key for anything missing, misshapen or of another format.
+    pub fn load_state(&mut self, path: &Path) -> Result<()> {
+        let bad = |message: String| Error::Config {
+            what: path.display().to_string(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a training state: {e}")))?;
+        let file = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("not a training state: {e}")))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some(STATE_FORMAT) {
+            return Err(bad(format!(
+                "not a training state of format {STATE_FORMAT:?}"
+            )));
+        }
+        let steps: u64 = meta
+            .get("steps")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("no step count".into()))?;
+        let adam_steps: BTreeMap<String, u64> = meta
+            .get("adam_steps")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| bad("no optimiser step counts".into()))?;
+        let tensor = |key: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let t = file
+                .tensor(key)
+                .map_err(|_| bad(format!("no tensor {key}")))?;
+            if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
+                return Err(bad(format!(
+                    "{key} is {:?} {:?}, expected F32 {shape:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
+        };
+        let mut params = self.params.clone();
+        let mut ema = self.ema.clone();
+        let mut states = BTreeMap::new();
+        for name in self.params.names() {
+            let shape = self
+                .params
+                .get(name)
+                .map(|(s, _)| s.to_vec())
+                .unwrap_or_default();
+            if let Some(v) = params.values_mut(name) {
+                *v = tensor(&format!("params/{name}"), &shape)?;
+            }
+            if let Some(v) = ema.as_mut().and_then(|e| e.values_mut(name)) {
+                *v = tensor(&format!("ema/{name}"), &shape)?;
+            }
+            if let Some(&step) = adam_steps.get(name) {
+                states.insert(
+                    name.clone(),
+                    AdamWState {
+                        exp_avg: tensor(&format!("exp_avg/{name}"), &shape)?,
+                        exp_avg_sq: tensor(&format!("exp_avg_sq/{name}"), &shape)?,
+                        step,
+                    },
+                );
+            }
+        }
+        self.params = params;
+        self.ema = ema;
+        self.states = states;
+        self.steps = steps;
+        Ok(())
+    }
+
     /// One optimiser step on `batch` at learning rate `lr`.
     ///
     /// # Errors
-    /// [`Error::Shape`] for a batch whose parts disagree; [`Error::NonFinite`] when the loss
+    /// [`Error::Shape`] for a batch whose parts disagree, or whose images or labels the
+    /// network does not take (channels, `sample_size`, classes); [`Error::NonFinite`] when the loss
     /// or a gradient is not finite (the parameters are then left as they were); the
     /// network's errors.
     pub fn step(&mut self, batch: Batch<'_>, lr: f64) -> Result<StepReport> {
@@ -304,6 +521,7 @@ impl DdpmTrainer {
                 ),
             });
         }
+        self.check_batch(&batch)?;
         // x_t and the target, per sample.
         let mut x_t = vec![0.0f32; n];
         let mut target = vec![0.0f32; n];
