@@ -10,7 +10,7 @@
 //!
 //! Without `--quick` it runs train.py's 200 epochs of batch 128 (2,400 steps). The folder is
 //! rewritten with the EMA weights every `--checkpoint-every` steps and at the end, with the
-//! whole training state beside them (`training_state.safetensors`, `training.json`): a run
+//! whole training state beside them (`training_state.safetensors`, with the run's settings): a run
 //! that was stopped goes on from its last checkpoint with `--resume`, to the same weights as
 //! if it had never stopped. An existing folder is never replaced without `--overwrite`.
 //!
@@ -88,9 +88,8 @@ fn settings(epochs: usize, batch_size: usize, cli: &Cli) -> serde_json::Value {
     })
 }
 
-/// The state file and the settings beside the weights.
+/// The state file beside the weights (with the run's settings inside).
 const STATE: &str = "training_state.safetensors";
-const SETTINGS: &str = "training.json";
 
 fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
@@ -139,35 +138,41 @@ fn training_data(assets: &Path) -> Result<(Vec<f32>, Vec<u32>), Box<dyn Error>> 
     Ok((x, y))
 }
 
-/// Writes `params` as a `DDPMPipeline` folder at `out` with the network's `config` (the
-/// weights written beside and renamed, so an interrupted write never leaves a torn file).
+/// Writes `params` as a `DDPMPipeline` folder at `out` with the network's config (`None`:
+/// the assets' file, copied as it is).
 fn write_folder(
     out: &Path,
     assets: &Path,
-    config: &serde_json::Value,
+    config: Option<&serde_json::Value>,
     params: &Parameters,
 ) -> Result<(), Box<dyn Error>> {
     let unet = out.join("unet");
     let scheduler = out.join("scheduler");
     std::fs::create_dir_all(&unet)?;
     std::fs::create_dir_all(&scheduler)?;
-    std::fs::write(
-        unet.join("config.json"),
-        serde_json::to_string_pretty(config)? + "\n",
-    )?;
+    match config {
+        Some(config) => std::fs::write(
+            unet.join("config.json"),
+            serde_json::to_string_pretty(config)? + "\n",
+        )?,
+        None => {
+            std::fs::copy(assets.join("unet/config.json"), unet.join("config.json"))?;
+        }
+    }
     std::fs::copy(
         assets.join("scheduler/scheduler_config.json"),
         scheduler.join("scheduler_config.json"),
     )?;
+    // Written beside and renamed: an interrupted write never leaves a torn file.
     params.save(&unet.join("diffusion_pytorch_model.safetensors"))?;
     Ok(())
 }
 
-/// A checkpoint: the folder (EMA weights), then the state to resume from and its settings.
+/// A checkpoint: the folder (EMA weights), then the state to resume from, with `settings`.
 fn checkpoint(
     out: &Path,
     assets: &Path,
-    config: &serde_json::Value,
+    config: Option<&serde_json::Value>,
     trainer: &DdpmTrainer,
     settings: &serde_json::Value,
 ) -> Result<(), Box<dyn Error>> {
@@ -177,11 +182,7 @@ fn checkpoint(
         config,
         trainer.ema.as_ref().unwrap_or(&trainer.params),
     )?;
-    trainer.save_state(&out.join(STATE))?;
-    std::fs::write(
-        out.join(SETTINGS),
-        serde_json::to_string_pretty(settings)? + "\n",
-    )?;
+    trainer.save_state(&out.join(STATE), &settings.to_string())?;
     Ok(())
 }
 
@@ -209,9 +210,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     let mut config_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
         cli.assets.join("unet/config.json"),
     )?)?;
-    if cli.label_dropout > 0.0 {
+    let changed_config = (cli.label_dropout > 0.0).then(|| {
         config_json["num_class_embeds"] = serde_json::json!(classes + 1);
-    }
+        config_json.clone()
+    });
     let config = Unet2DConfig::from_json(&config_json.to_string(), "unet/config.json")?;
     let scheduler = SchedulerConfig::from_json(&std::fs::read_to_string(
         cli.assets.join("scheduler/scheduler_config.json"),
@@ -223,17 +225,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     );
     let mut trainer = DdpmTrainer::new(config, params, &scheduler, TrainOptions::default())?;
     let resume_from = if cli.resume {
-        let saved: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(cli.out.join(SETTINGS))
-                .map_err(|e| format!("--resume: {}: {e}", cli.out.join(SETTINGS).display()))?,
-        )?;
+        let saved = trainer
+            .load_state(&cli.out.join(STATE))
+            .map_err(|e| format!("--resume: {e}"))?;
+        let saved: serde_json::Value = serde_json::from_str(&saved)?;
         if saved != settings {
             return Err(format!(
                 "--resume: the checkpoint was made with {saved}, this run asks for {settings}"
             )
             .into());
         }
-        trainer.load_state(&cli.out.join(STATE))?;
         eprintln!("resuming after step {}", trainer.steps);
         trainer.steps as usize
     } else {
@@ -273,7 +274,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             // are those of a run that never stopped.
             if step < resume_from {
                 step += 1;
-                bar.inc(1);
+                if step == resume_from {
+                    bar.set_position(step as u64);
+                    bar.reset_eta();
+                }
                 continue;
             }
             let lr = optim::warmup_cosine_lr(step, cli.warmup, total, cli.lr);
@@ -309,14 +313,27 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
                 );
             }
             if cli.checkpoint_every > 0 && step % cli.checkpoint_every == 0 {
-                checkpoint(&cli.out, &cli.assets, &config_json, &trainer, &settings)?;
+                checkpoint(
+                    &cli.out,
+                    &cli.assets,
+                    changed_config.as_ref(),
+                    &trainer,
+                    &settings,
+                )?;
             }
         }
     }
     bar.finish();
-    checkpoint(&cli.out, &cli.assets, &config_json, &trainer, &settings)?;
+    checkpoint(
+        &cli.out,
+        &cli.assets,
+        changed_config.as_ref(),
+        &trainer,
+        &settings,
+    )?;
     eprintln!(
-        "trained {step} steps in {:.1} s; wrote {} (EMA weights)",
+        "trained {} steps in {:.1} s; wrote {} (EMA weights)",
+        step - resume_from,
         t0.elapsed().as_secs_f64(),
         cli.out.display()
     );

@@ -114,7 +114,13 @@ def main():
     print(f"kNN(k=5) on held-out real digits: {real_acc:.4f}; held-out->train NN distance "
           f"p5 {threshold:.2f} median {np.median(d_test):.2f}")
 
-    unet = UNet2DModel.from_pretrained(args.unet or os.path.join(args.model, "unet")).eval()
+    # A folder with missing or unexpected weights (diffusers would fill the missing ones at
+    # random and only warn) is an error: this also checks folders written by train-digits.
+    unet, info = UNet2DModel.from_pretrained(args.unet or os.path.join(args.model, "unet"),
+                                             output_loading_info=True)
+    unet = unet.eval()
+    if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+        sys.exit(f"the folder's weights do not fit UNet2DModel: {info}")
     sched_dir = os.path.join(args.model, "scheduler")
     results = {}
     for name in args.samplers.split(","):

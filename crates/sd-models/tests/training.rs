@@ -732,7 +732,7 @@ fn a_saved_training_state_resumes_exactly() {
     for _ in 0..2 {
         straight.step(batch, 1e-3).unwrap();
     }
-    straight.save_state(&state).unwrap();
+    straight.save_state(&state, "{\"run\": 1}").unwrap();
     // Not a state: the weights file of the fixture; a missing file.
     let fresh = resumed.params.clone();
     let weights = root().join("training/unet2d_init/diffusion_pytorch_model.safetensors");
@@ -742,7 +742,7 @@ fn a_saved_training_state_resumes_exactly() {
     assert!(matches!(e, sd_models::Error::Io { .. }), "{e}");
     assert_eq!(resumed.params, fresh);
     assert_eq!(resumed.steps, 0);
-    resumed.load_state(&state).unwrap();
+    assert_eq!(resumed.load_state(&state).unwrap(), "{\"run\": 1}");
     assert_eq!(resumed.steps, 2);
     for _ in 0..2 {
         let a = straight.step(batch, 5e-4).unwrap();
@@ -763,7 +763,7 @@ fn a_saved_training_state_resumes_exactly() {
     .unwrap();
     DdpmTrainer::new(config, params, &scheduler, TrainOptions::default())
         .unwrap()
-        .save_state(&state)
+        .save_state(&state, "")
         .unwrap();
     let e = resumed.load_state(&state).unwrap_err();
     assert!(e.to_string().contains("class_embedding.weight"), "{e}");
@@ -771,7 +771,8 @@ fn a_saved_training_state_resumes_exactly() {
 }
 
 /// A batch the network cannot take is refused before any work, naming what is wrong: images
-/// of another size than its `sample_size`, labels past its classes, labels missing.
+/// of another size than its `sample_size`, labels past its classes, labels missing, no
+/// samples at all.
 #[test]
 fn a_dataset_of_another_shape_or_labels_is_refused() {
     use sd_models::train::ddpm::{Batch, drop_labels};
@@ -809,6 +810,16 @@ fn a_dataset_of_another_shape_or_labels_is_refused() {
                 shape: [4, 1, 16, 16],
             },
             "class-conditional",
+        ),
+        (
+            Batch {
+                x0: &[],
+                noise: &[],
+                timesteps: &[],
+                labels: &[],
+                shape: [0, 1, 16, 16],
+            },
+            "a batch of samples",
         ),
     ];
     for (batch, what) in cases {

@@ -191,10 +191,22 @@ impl<'a> MatRef<'a> {
 
     /// Whether `data` holds every element the shape and strides address.
     fn fits(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+        let last = (self.rows.saturating_sub(1))
+            .checked_mul(self.rs)
+            .zip((self.cols.saturating_sub(1)).checked_mul(self.cs))
+            .and_then(|(r, c)| r.checked_add(c));
+        self.rows == 0 || self.cols == 0 || last.is_some_and(|l| l < self.data.len())
     }
+}
+
+/// Where a product runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Threads {
+    /// Across rayon's pool.
+    Pool,
+    /// On the calling thread: a product that is one task among others already spread
+    /// across the pool.
+    Here,
 }
 
 /// `c [m, n] += a [m, k] @ b [k, n]`, all row-major f32, on the packed GEMM in f32 (whatever
@@ -218,15 +230,20 @@ pub(crate) fn add_product(
             found: format!("{}, {} and {} values", a.len(), b.len(), c.len()),
         });
     }
-    add_product_of(MatRef::new(a, m, k), MatRef::new(b, k, n), c)
+    add_product_of(MatRef::new(a, m, k), MatRef::new(b, k, n), c, Threads::Pool)
 }
 
 /// `c [a.rows, b.cols] += a @ b` (`c` row-major) for matrix views, on the packed GEMM in f32
-/// with rayon's threads: [`add_product`] where an operand is a transpose.
+/// on `threads`: [`add_product`] where an operand is a transpose.
 ///
 /// # Errors
 /// [`Error::Shape`] for inner sizes that differ or a slice shorter than its view says.
-pub(crate) fn add_product_of(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> Result<()> {
+pub(crate) fn add_product_of(
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    threads: Threads,
+) -> Result<()> {
     if b.rows != a.cols || !b.fits() {
         return Err(Error::Shape {
             op: "add_product",
@@ -244,12 +261,12 @@ pub(crate) fn add_product_of(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32]) -> Res
         rs: b.rs,
         cs: b.cs,
     };
-    product_into(a, BSource::Strided(strided), b.cols, c)
+    product_into(a, BSource::Strided(strided), b.cols, c, threads)
 }
 
 /// `c [a.rows, n] += a @ b` for `b` `[a.cols, n]` whose rows (`transposed: false`, one start
 /// per row) or columns (`transposed: true`, one start per column) are windows of one buffer
-/// (see [`Windows`]): the taps of a convolution as shifted views of an image.
+/// (see [`Windows`]): the taps of a convolution as shifted views of an image; on `threads`.
 ///
 /// # Errors
 /// [`Error::Shape`] for a start count that does not fit the shape or a window past the buffer.
@@ -258,29 +275,31 @@ pub(crate) fn add_product_windows(
     b: Windows<'_>,
     n: usize,
     c: &mut [f32],
+    threads: Threads,
 ) -> Result<()> {
     let (lines, len) = if b.transposed {
         (n, a.cols)
     } else {
         (a.cols, n)
     };
-    if b.starts.len() != lines || b.starts.iter().any(|&s| s + len > b.data.len()) {
+    let inside = |&s: &usize| s.checked_add(len).is_some_and(|end| end <= b.data.len());
+    if b.starts.len() != lines || !b.starts.iter().all(inside) {
         return Err(Error::Shape {
             op: "add_product_windows",
             expected: format!("{lines} windows of {len} values within {}", b.data.len()),
             found: format!(
                 "{} windows, the last ending at {}",
                 b.starts.len(),
-                b.starts.iter().max().map_or(0, |s| s + len)
+                b.starts.iter().max().map_or(0, |s| s.saturating_add(len))
             ),
         });
     }
-    product_into(a, BSource::Windows(b), n, c)
+    product_into(a, BSource::Windows(b), n, c, threads)
 }
 
 /// `c [a.rows, n] += a @ b` on the packed GEMM in f32; `b` holds `[a.cols, n]` (checked by
 /// the caller).
-fn product_into(a: MatRef<'_>, b: BSource<'_>, n: usize, c: &mut [f32]) -> Result<()> {
+fn product_into(a: MatRef<'_>, b: BSource<'_>, n: usize, c: &mut [f32], on: Threads) -> Result<()> {
     let (m, k) = (a.rows, a.cols);
     if !a.fits() || c.len() < m * n {
         return Err(Error::Shape {
@@ -305,11 +324,9 @@ fn product_into(a: MatRef<'_>, b: BSource<'_>, n: usize, c: &mut [f32]) -> Resul
         start: Start::Accumulate,
         precision: super::CpuPrecision::F32,
     };
-    // Called from a task of rayon's pool (products run side by side), it runs on this thread.
-    let threads = if rayon::current_thread_index().is_some() {
-        1
-    } else {
-        threads()
+    let threads = match on {
+        Threads::Pool => threads(),
+        Threads::Here => 1,
     };
     // SAFETY: `c` holds `m x n` writable values and `a` every element it addresses (checked
     // here), `b` its `[k, n]` (checked by the callers); `detect` returns a supported ISA and
@@ -330,7 +347,7 @@ fn product_into(a: MatRef<'_>, b: BSource<'_>, n: usize, c: &mut [f32]) -> Resul
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::{MatRef, add_product, add_product_of};
+    use super::{MatRef, Threads, add_product, add_product_of};
 
     #[test]
     fn add_product_accumulates_onto_c() {
@@ -356,8 +373,8 @@ mod tests {
 
     #[test]
     fn transposed_and_strided_views_multiply_as_their_values() {
-        // a^T @ b^T, and a view that skips columns, on sizes past one tile; from inside a
-        // rayon task too (where the product runs on that thread).
+        // a^T @ b^T, and a view that skips columns, on sizes past one tile; on the pool and
+        // on the calling thread.
         let (m, n, k) = (19, 45, 70);
         let a_t: Vec<f32> = (0..k * m).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
         let b_t: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 13) as f32 - 6.0).collect();
@@ -367,18 +384,19 @@ mod tests {
                 (0..k).map(|p| a_t[p * m + i] * b_t[j * k + p]).sum()
             })
             .collect();
-        let product = || {
+        let product = |threads| {
             let mut c = vec![0.0; m * n];
             add_product_of(
                 MatRef::new(&a_t, k, m).t(),
                 MatRef::new(&b_t, n, k).t(),
                 &mut c,
+                threads,
             )
             .unwrap();
             c
         };
-        assert_eq!(product(), want);
-        assert_eq!(rayon::join(product, || ()).0, want);
+        assert_eq!(product(Threads::Pool), want);
+        assert_eq!(product(Threads::Here), want);
         // Every other column of a [m, 2k] matrix.
         let wide: Vec<f32> = (0..m * 2 * k).map(|i| (i % 5) as f32).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 3) as f32 - 1.0).collect();
@@ -387,6 +405,7 @@ mod tests {
             MatRef::strided(&wide, m, k, 2 * k, 2),
             MatRef::new(&b, k, n),
             &mut c,
+            Threads::Pool,
         )
         .unwrap();
         for (ij, &v) in c.iter().enumerate() {
@@ -396,12 +415,16 @@ mod tests {
         }
         // Inner sizes that differ, and a view its slice cannot hold, are errors.
         let mut c = vec![0.0; 4];
-        assert!(add_product_of(MatRef::new(&b, 2, 2), MatRef::new(&b, 3, 2), &mut c).is_err());
+        let pool = Threads::Pool;
+        assert!(
+            add_product_of(MatRef::new(&b, 2, 2), MatRef::new(&b, 3, 2), &mut c, pool).is_err()
+        );
         assert!(
             add_product_of(
                 MatRef::strided(&b[..4], 2, 2, 4, 1),
                 MatRef::new(&b, 2, 2),
-                &mut c
+                &mut c,
+                pool
             )
             .is_err()
         );

@@ -50,7 +50,7 @@ mod packed;
 mod pool;
 mod resample;
 
-pub(crate) use matmul::{MatRef, add_product, add_product_of, add_product_windows};
+pub(crate) use matmul::{MatRef, Threads, add_product, add_product_of, add_product_windows};
 use packed::Panels;
 pub(crate) use packed::pack::Windows;
 pub use packed::{CpuIsa, CpuPrecision};

@@ -62,8 +62,9 @@ pub struct PixelParams {
     pub seed: u64,
     /// `(height, width)` in pixels; `None`: the network's `sample_size`.
     pub size: Option<(usize, usize)>,
-    /// The most samples the network evaluates at once (0: the whole batch). Bounds the
-    /// memory of a large batch; the result depends on it only by float rounding.
+    /// The most samples the network evaluates at once (0: the whole batch; with guidance
+    /// each sample counts twice). Bounds the memory of a large batch; the result depends on
+    /// it only by float rounding.
     pub max_batch: usize,
     /// Go on when values stop being finite (by default a step that makes NaN or infinity
     /// stops with [`Error::NonFinite`]).
@@ -349,10 +350,11 @@ impl<B: Backend> PixelDiffusion<B> {
         let sigma = sampler.init_noise_sigma() as f32;
         samples.iter_mut().for_each(|v| *v *= sigma);
 
-        let chunk = if params.max_batch == 0 {
-            n
-        } else {
-            params.max_batch.min(n)
+        // With guidance each sample is evaluated twice (with its class and the null class).
+        let chunk = match (params.max_batch, params.guidance) {
+            (0, _) => n,
+            (max, None) => max.min(n),
+            (max, Some(_)) => (max / 2).clamp(1, n),
         };
         let t0 = Instant::now();
         let mut predict = |_: StepPosition, t: f64, scaled: &[f32]| -> Result<Vec<f32>> {
@@ -393,7 +395,8 @@ impl<B: Backend> PixelDiffusion<B> {
                     .chunks_exact_mut(out_per_image)
                     .zip(uncond.chunks_exact(out_per_image))
                 {
-                    for (o, &u) in oc[..per_image].iter_mut().zip(&uc[..per_image]) {
+                    let guided = per_image.min(out_per_image);
+                    for (o, &u) in oc[..guided].iter_mut().zip(&uc[..guided]) {
                         *o = u + g.scale * (*o - u);
                     }
                 }

@@ -148,7 +148,10 @@ fn write_f32_tensors(
         let p = p.to_path_buf();
         move |source| Error::Io { path: p, source }
     };
-    std::fs::write(&tmp, data).map_err(io(&tmp))?;
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    std::io::Write::write_all(&mut file, &data).map_err(io(&tmp))?;
+    // On disk before it replaces the previous file.
+    file.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
@@ -334,6 +337,9 @@ impl DdpmTrainer {
             expected,
             found,
         };
+        if b == 0 {
+            return Err(shape_error("a batch of samples".into(), "none".into()));
+        }
         if c != self.config.in_channels {
             return Err(shape_error(
                 format!(
@@ -380,11 +386,13 @@ impl DdpmTrainer {
 
     /// Writes everything needed to go on training as if never stopped (the weights, their
     /// EMA, AdamW's moments and step counts, the steps taken) as one safetensors file,
-    /// written beside and renamed over `path`.
+    /// written beside and renamed over `path`, with the caller's `settings` (for instance
+    /// the JSON of what decides its data and schedule) kept with them, for
+    /// [`load_state`](Self::load_state) to return.
     ///
     /// # Errors
     /// [`Error::Io`] for a file that cannot be written.
-    pub fn save_state(&self, path: &Path) -> Result<()> {
+    pub fn save_state(&self, path: &Path, settings: &str) -> Result<()> {
         let mut tensors = self.params.entries("params/");
         if let Some(ema) = &self.ema {
             tensors.extend(ema.entries("ema/"));
@@ -405,6 +413,7 @@ impl DdpmTrainer {
         let metadata = [
             ("format".to_owned(), STATE_FORMAT.to_owned()),
             ("steps".to_owned(), self.steps.to_string()),
+            ("settings".to_owned(), settings.to_owned()),
             (
                 "adam_steps".to_owned(),
                 serde_json::to_string(&adam_steps).unwrap_or_default(),
@@ -417,12 +426,13 @@ impl DdpmTrainer {
 
     /// Replaces the weights, EMA, optimiser state and step count with those
     /// [`save_state`](Self::save_state) wrote at `path`, after checking that the file holds
-    /// every parameter of this trainer's network at its shape; on an error nothing changes.
+    /// every parameter of this trainer's network at its shape (and an EMA exactly when this
+    /// trainer keeps one); on an error nothing changes. Returns the settings saved with them.
     ///
     /// # Errors
     /// [`Error::Io`] for a file that cannot be read; [`Error::Config`] naming the file and
     /// the key for anything missing, misshapen or of another format.
-    pub fn load_state(&mut self, path: &Path) -> Result<()> {
+    pub fn load_state(&mut self, path: &Path) -> Result<String> {
         let bad = |message: String| Error::Config {
             what: path.display().to_string(),
             message,
@@ -465,6 +475,19 @@ impl DdpmTrainer {
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect())
         };
+        let has_ema = file.names().iter().any(|n| n.starts_with("ema/"));
+        if has_ema != self.ema.is_some() {
+            return Err(bad(format!(
+                "the state {} an EMA of the weights and this trainer {}",
+                if has_ema { "has" } else { "has no" },
+                if self.ema.is_some() {
+                    "keeps one"
+                } else {
+                    "keeps none"
+                }
+            )));
+        }
+        let settings = meta.get("settings").cloned().unwrap_or_default();
         let mut params = self.params.clone();
         let mut ema = self.ema.clone();
         let mut states = BTreeMap::new();
@@ -495,7 +518,7 @@ impl DdpmTrainer {
         self.ema = ema;
         self.states = states;
         self.steps = steps;
-        Ok(())
+        Ok(settings)
     }
 
     /// One optimiser step on `batch` at learning rate `lr`.

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::{MatRef, Windows};
+use crate::cpu::{MatRef, Threads, Windows};
 use crate::error::{Error, Result};
 
 fn shape_error(op: &'static str, expected: String, found: String) -> Error {
@@ -82,8 +82,8 @@ impl ConvShape {
 /// dweight, dbias)`.
 ///
 /// Every gradient is computed for the whole batch at once on the packed GEMM. For stride 1
-/// ([`PaddedGrid`]) each kernel tap's share of `dweight` and `dx` is one product of shifted
-/// views of the zero-padded input and output gradient (no columns). For a larger stride the
+/// ([`PaddedGrid`]) `dweight` and `dx` are each one product whose operand is the taps' shifted
+/// views of the zero-padded input or output gradient (no columns). For a larger stride the
 /// input is unfolded once (im2col, `[c_in k k, n oh ow]`): `dweight = dy [c_out, n oh ow] @
 /// columns^T`, and the columns' gradient `weight^T @ dy` is scattered back onto the input
 /// (col2im).
@@ -104,8 +104,15 @@ pub fn conv2d_backward(
         c_out,
         k,
         stride,
-        padding: _,
+        padding,
     } = shape;
+    if h == 0 || w == 0 || k == 0 || stride == 0 || k > h + 2 * padding || k > w + 2 * padding {
+        return Err(shape_error(
+            "conv2d_backward",
+            "a non-empty image at least as large as the kernel (with its padding), a stride".into(),
+            format!("{shape:?}"),
+        ));
+    }
     let (oh, ow) = shape.out_hw();
     let (plane, kk) = (oh * ow, c_in * k * k);
     check_len("conv2d_backward", "x", x.len(), n * c_in * h * w)?;
@@ -153,6 +160,7 @@ pub fn conv2d_backward(
         MatRef::new(&dy_c, c_out, cols_n),
         MatRef::new(&cols, kk, cols_n).t(),
         &mut dw,
+        Threads::Pool,
     )?;
     // The columns' gradient [kk, n plane] = weight^T [kk, c_out] @ dy [c_out, n plane], in
     // the columns' buffer, then scattered.
@@ -161,18 +169,23 @@ pub fn conv2d_backward(
         MatRef::new(weight, c_out, kk).t(),
         MatRef::new(&dy_c, c_out, cols_n),
         &mut cols,
+        Threads::Pool,
     )?;
     let mut dx = vec![0.0f32; x.len()];
     col2im(shape, &cols, &mut dx);
     Ok((dx, dw, db))
 }
 
+/// The ranges of grid positions a weight gradient's product is cut into (a fixed count, so
+/// that the result does not depend on the number of threads).
+const GRID_PARTS: usize = 8;
+
 /// A stride-1 convolution's tensors laid out channel-major on the zero-padded input grid
 /// (`[channels, n, h + 2p, w + 2p]`, flattened per channel): on that grid, tap `(ky, kx)` of
 /// the kernel reads the input at a fixed offset `ky * (w + 2p) + kx` from the output
-/// position, so each tap's share of a gradient is one product over the whole batch of plain
-/// strided matrices. Output positions past the real output (the grid's extra rows and
-/// columns) hold zero gradient, so whatever they read adds nothing.
+/// position, so the taps are windows of one buffer and each gradient is one product over the
+/// whole batch (a [`Windows`] operand). Output positions past the real output (the grid's
+/// extra rows and columns) hold zero gradient, so whatever they read adds nothing.
 struct PaddedGrid {
     s: ConvShape,
     /// Grid width and positions per channel (`n (h + 2p) (w + 2p)`).
@@ -198,8 +211,8 @@ impl PaddedGrid {
         ky * self.wp + kx
     }
 
-    /// `t` `[n, c, rows, cols]` placed at `(top, left)` of a zero grid per channel, the
-    /// grids starting `lead` values into the buffer (and `slack` zeros after the last).
+    /// `t` `[n, c, rows, cols]` placed at row and column `top` of a zero grid per channel,
+    /// the grids starting `lead` values into the buffer (and `slack` zeros after the last).
     fn place(
         &self,
         t: &[f32],
@@ -224,7 +237,8 @@ impl PaddedGrid {
         out
     }
 
-    /// dweight `[c_out, c_in, k, k]`: per tap, `dy [c_out, grid] @ x shifted [c_in, grid]^T`.
+    /// dweight `[c_out, c_in, k, k]`: `dy [c_out, grid] @ windows^T`, one window of the input
+    /// grid per `(c_in, tap)`.
     fn weight_grad(&self, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
         let ConvShape {
             c_in,
@@ -240,10 +254,10 @@ impl PaddedGrid {
         let dyp = self.place(dy, c_out, (oh, ow), 0, 0);
         // dweight [c_out, (c_in, tap)] = dy [c_out, grid] @ windows^T, column (i, tap) of the
         // windows matrix the grid of channel i shifted by the tap's offset: one product whose
-        // inner size is every grid position of the batch. Each thread takes a range of
-        // positions, and the shares are added.
-        let parts = (4 * rayon::current_num_threads()).min(self.span).max(1);
-        let len = self.span.div_ceil(parts);
+        // inner size is every grid position of the batch. It is cut into GRID_PARTS ranges of
+        // positions, run side by side and added in order (the same sums whatever the
+        // thread count).
+        let len = self.span.div_ceil(GRID_PARTS.min(self.span));
         let shares: Vec<Vec<f32>> = (0..self.span.div_ceil(len))
             .into_par_iter()
             .map(|part| {
@@ -263,6 +277,7 @@ impl PaddedGrid {
                     },
                     c_in * k * k,
                     &mut dw,
+                    Threads::Here,
                 )?;
                 Ok(dw)
             })
@@ -276,9 +291,9 @@ impl PaddedGrid {
         Ok(dw)
     }
 
-    /// dx `[n, c_in, h, w]`: on the grid, `dx[q] = sum over taps of weight_t^T [c_in, c_out]
-    /// @ dy [c_out, q - offset_t]`, dy placed after `slack` leading zeros so that the
-    /// shifted views start inside the buffer.
+    /// dx `[n, c_in, h, w]`: on the grid, `dx[q] = sum over (c_out, tap) of weight^T @ dy [.,
+    /// q - offset_tap]`, dy placed after `slack` leading zeros so that the shifted views start
+    /// inside the buffer.
     fn input_grad(&self, weight: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
         let ConvShape {
             n,
@@ -314,6 +329,7 @@ impl PaddedGrid {
             },
             self.span,
             &mut dxp,
+            Threads::Pool,
         )?;
         let hp = self.span / (n * self.wp);
         let mut dx = vec![0.0f32; n * c_in * h * w];
@@ -495,7 +511,8 @@ pub fn group_norm_backward(
 /// One (image, group) block of [`group_norm_backward`]: `xs` and `dys` its `cg * hw` values,
 /// `gamma` and `beta` its channels', the group's mean and reciprocal standard deviation.
 /// Writes `dxs` and returns the channels' `(dgamma, dbeta)`. The per-value arithmetic is in
-/// `f32` (branch-free, so it vectorises), the sums in `f64`.
+/// `f32` and branch-free (the SiLU's exponential is `cpu::math::exp`), as are the sums over a
+/// channel; the group's sums over its channels are in `f64`.
 #[inline(always)]
 fn group_norm_block_backward(
     xs: &[f32],
@@ -580,7 +597,12 @@ pub fn linear_backward(
     let mut dx = vec![0.0; m * k];
     crate::cpu::add_product(m, k, n, dy, weight, &mut dx)?;
     let mut dw = vec![0.0; n * k];
-    crate::cpu::add_product_of(MatRef::new(dy, m, n).t(), MatRef::new(x, m, k), &mut dw)?;
+    crate::cpu::add_product_of(
+        MatRef::new(dy, m, n).t(),
+        MatRef::new(x, m, k),
+        &mut dw,
+        Threads::Pool,
+    )?;
     let db = (0..n)
         .map(|j| (0..m).map(|i| f64::from(dy[i * n + j])).sum::<f64>() as f32)
         .collect();
@@ -772,6 +794,7 @@ pub fn attention_backward(
                 MatRef::new(&qh, lq, d),
                 MatRef::new(&kh, lk, d).t(),
                 &mut p,
+                Threads::Here,
             )?;
             for row in p.chunks_exact_mut(lk) {
                 let max = row
@@ -792,12 +815,14 @@ pub fn attention_backward(
                 MatRef::new(&p, lq, lk).t(),
                 MatRef::new(&doh, lq, d),
                 &mut dvh,
+                Threads::Here,
             )?;
             let mut dp = vec![0.0f32; lq * lk];
             crate::cpu::add_product_of(
                 MatRef::new(&doh, lq, d),
                 MatRef::new(&vh, lk, d).t(),
                 &mut dp,
+                Threads::Here,
             )?;
             // ds = p * (dp - rowsum(dp * p)) * scale
             for (prow, dprow) in p.chunks_exact(lk).zip(dp.chunks_exact_mut(lk)) {
@@ -818,6 +843,7 @@ pub fn attention_backward(
                 MatRef::new(&dp, lq, lk).t(),
                 MatRef::new(&qh, lq, d),
                 &mut dkh,
+                Threads::Here,
             )?;
             Ok((dqh, dkh, dvh))
         })
@@ -832,4 +858,98 @@ pub fn attention_backward(
         put_head_block(&mut dv, dvh, b, h, lk, s);
     }
     Ok((dq, dk, dv))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::{ConvShape, conv2d_backward};
+
+    /// The three gradients of a convolution from their definitions, by loops.
+    fn reference(s: ConvShape, x: &[f32], wt: &[f32], dy: &[f32]) -> [Vec<f64>; 3] {
+        let (oh, ow) = s.out_hw();
+        let (mut dx, mut dw, mut db) =
+            (vec![0.0; x.len()], vec![0.0; wt.len()], vec![0.0; s.c_out]);
+        for b in 0..s.n {
+            for o in 0..s.c_out {
+                for (oy, ox) in (0..oh).flat_map(|y| (0..ow).map(move |x| (y, x))) {
+                    let g = f64::from(dy[((b * s.c_out + o) * oh + oy) * ow + ox]);
+                    db[o] += g;
+                    for i in 0..s.c_in {
+                        for (ky, kx) in (0..s.k).flat_map(|y| (0..s.k).map(move |x| (y, x))) {
+                            let (iy, ix) = (
+                                (oy * s.stride + ky) as isize - s.padding as isize,
+                                (ox * s.stride + kx) as isize - s.padding as isize,
+                            );
+                            if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
+                                continue;
+                            }
+                            let xi = ((b * s.c_in + i) * s.h + iy as usize) * s.w + ix as usize;
+                            let wi = ((o * s.c_in + i) * s.k + ky) * s.k + kx;
+                            dx[xi] += g * f64::from(wt[wi]);
+                            dw[wi] += g * f64::from(x[xi]);
+                        }
+                    }
+                }
+            }
+        }
+        [dx, dw, db]
+    }
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+            .collect()
+    }
+
+    /// Both paths (the padded grid for stride 1, the columns for stride 2) against the
+    /// definitions: batches of two, images that are not square, no padding, 1x1, 3x3 and
+    /// 5x5 kernels, a kernel as large as the padded image. Shapes that do not make an
+    /// output are errors, not panics.
+    #[test]
+    fn convolution_gradients_match_their_definition() {
+        let shape = |n, c_in, h, w, c_out, k, stride, padding| ConvShape {
+            n,
+            c_in,
+            h,
+            w,
+            c_out,
+            k,
+            stride,
+            padding,
+        };
+        for s in [
+            shape(2, 3, 5, 7, 4, 3, 1, 1),
+            shape(2, 2, 6, 5, 3, 3, 1, 0),
+            shape(1, 3, 6, 6, 2, 5, 1, 2),
+            shape(2, 3, 4, 4, 5, 1, 1, 0),
+            shape(1, 2, 3, 4, 2, 5, 1, 1),
+            shape(2, 3, 7, 6, 4, 3, 2, 1),
+            shape(1, 2, 5, 5, 3, 3, 2, 0),
+        ] {
+            let (oh, ow) = s.out_hw();
+            let x = values(s.n * s.c_in * s.h * s.w, 1);
+            let wt = values(s.c_out * s.c_in * s.k * s.k, 2);
+            let dy = values(s.n * s.c_out * oh * ow, 3);
+            let (dx, dw, db) = conv2d_backward(s, &x, &wt, &dy).unwrap();
+            for (name, got, want) in [("dx", dx, 0), ("dw", dw, 1), ("db", db, 2)] {
+                let want = &reference(s, &x, &wt, &dy)[want];
+                let scale = want.iter().fold(1e-6_f64, |m, v| m.max(v.abs()));
+                let worst = got
+                    .iter()
+                    .zip(want)
+                    .map(|(&g, &w)| (f64::from(g) - w).abs() / scale)
+                    .fold(0.0, f64::max);
+                assert!(worst < 1e-5, "{name} of {s:?}: {worst:e}");
+            }
+        }
+        for s in [
+            shape(1, 1, 2, 2, 1, 5, 1, 1),
+            shape(1, 1, 0, 3, 1, 1, 1, 0),
+            shape(1, 1, 3, 3, 1, 3, 0, 1),
+        ] {
+            assert!(conv2d_backward(s, &[], &[], &[]).is_err(), "{s:?}");
+        }
+    }
 }
