@@ -82,7 +82,7 @@ impl ConvShape {
 /// dweight, dbias)`.
 ///
 /// Every gradient is computed for the whole batch at once on the packed GEMM. For stride 1
-/// ([`PaddedGrid`]) `dweight` and `dx` are each one product whose operand is the taps' shifted
+/// `dweight` and `dx` are each one product whose operand is the taps' shifted
 /// views of the zero-padded input or output gradient (no columns). For a larger stride the
 /// input is unfolded once (im2col, `[c_in k k, n oh ow]`): `dweight = dy [c_out, n oh ow] @
 /// columns^T`, and the columns' gradient `weight^T @ dy` is scattered back onto the input
