@@ -32,7 +32,7 @@ use crate::nn::source::{WatchedSource, WeightSource};
 use crate::train::autodiff::Autodiff;
 use crate::train::optim::{self, AdamW, AdamWState};
 use crate::unet::{Unet2DConfig, Unet2DModel};
-use crate::weights::{HostData, HostTensor, WeightPath};
+use crate::weights::{DType, HostData, HostTensor, WeightPath};
 
 /// A network's parameters by their diffusers names, in the order the network loads them.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -470,10 +470,11 @@ impl DdpmTrainer {
                     t.shape()
                 )));
             }
-            Ok(t.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect())
+            Ok(HostTensor::new(
+                shape.to_vec(),
+                crate::weights::decode(t.data(), DType::F32, DType::F32),
+            )?
+            .into_f32_vec())
         };
         let has_ema = file.names().iter().any(|n| n.starts_with("ema/"));
         if has_ema != self.ema.is_some() {

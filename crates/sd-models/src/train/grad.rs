@@ -188,7 +188,8 @@ const GRID_PARTS: usize = 8;
 /// extra rows and columns) hold zero gradient, so whatever they read adds nothing.
 struct PaddedGrid {
     s: ConvShape,
-    /// Grid width and positions per channel (`n (h + 2p) (w + 2p)`).
+    /// Grid height and width, and positions per channel (`n (h + 2p) (w + 2p)`).
+    hp: usize,
     wp: usize,
     span: usize,
     /// The largest tap offset: zeros kept beyond (or before) a grid so that shifted views
@@ -201,6 +202,7 @@ impl PaddedGrid {
         let (hp, wp) = (s.h + 2 * s.padding, s.w + 2 * s.padding);
         PaddedGrid {
             s,
+            hp,
             wp,
             span: s.n * hp * wp,
             slack: (s.k - 1) * wp + s.k - 1,
@@ -221,7 +223,6 @@ impl PaddedGrid {
         top: usize,
         lead: usize,
     ) -> Vec<f32> {
-        let hp = self.span / (self.s.n * self.wp);
         let mut out = vec![0.0f32; lead + c * self.span + self.slack];
         out[lead..lead + c * self.span]
             .par_chunks_mut(self.span)
@@ -230,7 +231,8 @@ impl PaddedGrid {
                 for b in 0..self.s.n {
                     let src = &t[(b * c + ch) * rows * cols..][..rows * cols];
                     for (y, row) in src.chunks_exact(cols).enumerate() {
-                        grid[(b * hp + y + top) * self.wp + top..][..cols].copy_from_slice(row);
+                        grid[(b * self.hp + y + top) * self.wp + top..][..cols]
+                            .copy_from_slice(row);
                     }
                 }
             });
@@ -331,13 +333,12 @@ impl PaddedGrid {
             &mut dxp,
             Threads::Pool,
         )?;
-        let hp = self.span / (n * self.wp);
         let mut dx = vec![0.0f32; n * c_in * h * w];
         dx.par_chunks_mut(h * w)
             .enumerate()
             .for_each(|(bi, plane)| {
                 let (b, i) = (bi / c_in, bi % c_in);
-                let grid = &dxp[i * self.span + b * hp * self.wp..];
+                let grid = &dxp[i * self.span + b * self.hp * self.wp..];
                 for (y, row) in plane.chunks_exact_mut(w).enumerate() {
                     row.copy_from_slice(&grid[(y + padding) * self.wp + padding..][..w]);
                 }

@@ -65,4 +65,5 @@ pub use folder::{Variant, find_weights};
 pub use path::WeightPath;
 pub use scope::Weights;
 pub use store::{OpenOptions, WeightStore};
+pub(crate) use tensor::decode;
 pub use tensor::{DType, HostData, HostTensor, LoadDType};

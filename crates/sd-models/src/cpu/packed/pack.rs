@@ -79,22 +79,10 @@ pub(crate) fn pack_b(
 ) {
     let dst = &mut dst[..kc * nr];
     if b.cs == 1 {
-        for (kk, d) in dst.chunks_exact_mut(nr).enumerate() {
-            let start = (k0 + kk) * b.rs + n0;
-            d[..cols].copy_from_slice(&b.data[start..start + cols]);
-            d[cols..].fill(0.0);
-        }
+        pack_b_rows(dst, nr, cols, |kk| &b.data[(k0 + kk) * b.rs + n0..][..cols]);
     } else if b.rs == 1 {
         // Columns are contiguous (a transposed operand): read each column once.
-        if cols < nr {
-            dst.fill(0.0);
-        }
-        for j in 0..cols {
-            let col = &b.data[(n0 + j) * b.cs + k0..(n0 + j) * b.cs + k0 + kc];
-            for (kk, &v) in col.iter().enumerate() {
-                dst[kk * nr + j] = v;
-            }
-        }
+        pack_b_cols(dst, nr, cols, |j| &b.data[(n0 + j) * b.cs + k0..][..kc]);
     } else {
         for (kk, d) in dst.chunks_exact_mut(nr).enumerate() {
             for (j, v) in d.iter_mut().enumerate() {
@@ -128,20 +116,35 @@ pub(crate) fn pack_windows_b(
 ) {
     let dst = &mut dst[..kc * nr];
     if b.transposed {
-        // Column j is a window: read it once, scatter with stride `nr`.
-        if cols < nr {
-            dst.fill(0.0);
-        }
-        for j in 0..cols {
-            let col = &b.data[b.starts[n0 + j] + k0..][..kc];
-            for (kk, &v) in col.iter().enumerate() {
-                dst[kk * nr + j] = v;
-            }
-        }
+        pack_b_cols(dst, nr, cols, |j| &b.data[b.starts[n0 + j] + k0..][..kc]);
     } else {
-        for (kk, d) in dst.chunks_exact_mut(nr).enumerate() {
-            d[..cols].copy_from_slice(&b.data[b.starts[k0 + kk] + n0..][..cols]);
-            d[cols..].fill(0.0);
+        pack_b_rows(dst, nr, cols, |kk| {
+            &b.data[b.starts[k0 + kk] + n0..][..cols]
+        });
+    }
+}
+
+/// A B micro-panel (`dst`, groups of `nr`) from contiguous rows: `row(kk)` is the panel's
+/// `cols` values of row `kk`; the rest of each group is zero.
+#[inline(always)]
+fn pack_b_rows<'a>(dst: &mut [f32], nr: usize, cols: usize, row: impl Fn(usize) -> &'a [f32]) {
+    for (kk, d) in dst.chunks_exact_mut(nr).enumerate() {
+        d[..cols].copy_from_slice(row(kk));
+        d[cols..].fill(0.0);
+    }
+}
+
+/// A B micro-panel (`dst`, groups of `nr`) from contiguous columns: `col(j)` is column `j`
+/// over the panel's rows, read once and scattered with stride `nr`; columns past `cols` are
+/// zero.
+#[inline(always)]
+fn pack_b_cols<'a>(dst: &mut [f32], nr: usize, cols: usize, col: impl Fn(usize) -> &'a [f32]) {
+    if cols < nr {
+        dst.fill(0.0);
+    }
+    for j in 0..cols {
+        for (kk, &v) in col(j).iter().enumerate() {
+            dst[kk * nr + j] = v;
         }
     }
 }
