@@ -17,6 +17,7 @@
 //!
 //! [`conformance`] checks any backend against straightforward reference implementations.
 
+use std::borrow::Cow;
 use std::fmt::Debug;
 
 use half::{bf16, f16};
@@ -109,6 +110,25 @@ pub trait DataOps: BackendBase {
     /// # Errors
     /// Backend failures (a device error).
     fn download(&self, tensor: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// A tensor of `shape` that takes `data` (row-major) as its storage where the backend
+    /// keeps tensors in host memory, so that nothing is copied; elsewhere an
+    /// [`upload`](Self::upload).
+    ///
+    /// # Errors
+    /// [`Error::Shape`](crate::Error::Shape) if the lengths disagree.
+    fn upload_vec(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::Tensor> {
+        self.upload(&data, shape)
+    }
+
+    /// The tensor's values as f32, row-major: borrowed from the tensor where the backend
+    /// keeps it so in host memory (no copy), else a [`download`](Self::download).
+    ///
+    /// # Errors
+    /// Backend failures (a device error).
+    fn host_values<'a>(&self, tensor: &'a Self::Tensor) -> Result<Cow<'a, [f32]>> {
+        Ok(Cow::Owned(self.download(tensor)?))
+    }
 
     /// The same values with another shape of the same size.
     ///

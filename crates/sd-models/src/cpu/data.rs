@@ -1,5 +1,7 @@
 //! Data movement for the CPU backend.
 
+use std::borrow::Cow;
+
 use half::{bf16, f16};
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
@@ -60,6 +62,20 @@ impl DataOps for CpuBackend {
             Some(values) => values.to_vec(),
             None => a.iter().copied().collect(),
         })
+    }
+
+    fn upload_vec(&self, data: Vec<f32>, shape: &[usize]) -> Result<CpuTensor> {
+        check_len("from_f32", shape, data.len())?;
+        CpuTensor::from_vec(shape, data)
+    }
+
+    fn host_values<'a>(&self, tensor: &'a CpuTensor) -> Result<Cow<'a, [f32]>> {
+        if let CpuData::F32(a) = &tensor.data
+            && let Some(values) = a.as_slice()
+        {
+            return Ok(Cow::Borrowed(values));
+        }
+        self.download(tensor).map(Cow::Owned)
     }
 
     fn reshape(&self, tensor: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {

@@ -47,7 +47,7 @@ pub(crate) mod math;
 mod matmul;
 mod norm;
 mod packed;
-mod pool;
+pub(crate) mod pool;
 mod resample;
 
 pub(crate) use matmul::{MatRef, Threads, add_product, add_product_of, add_product_windows};

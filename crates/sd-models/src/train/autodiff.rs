@@ -13,6 +13,7 @@
 //! products. Operations a UNet2DModel does not use compute their value but have no rule yet:
 //! a gradient that reaches one is an error naming it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -241,20 +242,21 @@ impl<B: Backend> Autodiff<B> {
 /// A layer's gradients uploaded: the input's, the weight's and the bias's (when it has one).
 fn layer_grads<B: Backend>(
     b: &B,
-    (dx, xs): (&[f32], &[usize]),
-    (dw, ws): (&[f32], &[usize]),
-    db: Option<&Vec<f32>>,
+    (dx, xs): (Vec<f32>, &[usize]),
+    (dw, ws): (Vec<f32>, &[usize]),
+    db: Option<Vec<f32>>,
 ) -> Result<Vec<Option<B::Tensor>>> {
-    let mut out = vec![Some(b.upload(dx, xs)?), Some(b.upload(dw, ws)?)];
+    let mut out = vec![Some(b.upload_vec(dx, xs)?), Some(b.upload_vec(dw, ws)?)];
     if let Some(db) = db {
-        out.push(Some(b.upload(db, &[db.len()])?));
+        let len = db.len();
+        out.push(Some(b.upload_vec(db, &[len])?));
     }
     Ok(out)
 }
 
-/// The host values of `t`.
-fn host<B: Backend>(b: &B, t: &B::Tensor) -> Result<Vec<f32>> {
-    b.download(t)
+/// The host values of `t` (borrowed where the backend keeps them on the host).
+fn host<'a, B: Backend>(b: &B, t: &'a B::Tensor) -> Result<Cow<'a, [f32]>> {
+    b.host_values(t)
 }
 
 /// `g` (of shape `from`) summed down to `to` under numpy broadcasting.
@@ -346,6 +348,14 @@ impl<B: Backend> DataOps for Autodiff<B> {
         self.inner.download(&tensor.value)
     }
 
+    fn upload_vec(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::Tensor> {
+        Ok(self.leaf(self.inner.upload_vec(data, shape)?))
+    }
+
+    fn host_values<'a>(&self, tensor: &'a Self::Tensor) -> Result<Cow<'a, [f32]>> {
+        self.inner.host_values(&tensor.value)
+    }
+
     fn reshape(&self, t: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
         let from = self.inner.shape(&t.value).to_vec();
         let value = self.inner.reshape(&t.value, shape)?;
@@ -388,7 +398,7 @@ impl<B: Backend> DataOps for Autodiff<B> {
                 }
                 let mut s = shape.clone();
                 s[axis] = n;
-                Ok(Some(b.upload(&vec![0.0; s.iter().product()], &s)?))
+                Ok(Some(b.upload_vec(vec![0.0; s.iter().product()], &s)?))
             };
             let before = part(start)?;
             let after = part(shape[axis] - start - len)?;
@@ -450,18 +460,18 @@ impl<B: Backend> Autodiff<B> {
         let r: Rule<B> = Box::new(move |be, g| {
             let gh = host(be, g)?;
             // The inputs broadcast to the output's shape (zeros plus the input).
-            let zeros = be.upload(&vec![0.0; out_shape.iter().product()], &out_shape)?;
-            let xa = host(be, &be.add(&zeros, &va)?)?;
-            let xb = host(be, &be.add(&zeros, &vb)?)?;
+            let zeros = be.upload_vec(vec![0.0; out_shape.iter().product()], &out_shape)?;
+            let (wa, wb) = (be.add(&zeros, &va)?, be.add(&zeros, &vb)?);
+            let (xa, xb) = (host(be, &wa)?, host(be, &wb)?);
             let (mut ga, mut gb) = (Vec::with_capacity(gh.len()), Vec::with_capacity(gh.len()));
-            for ((&g, &x), &y) in gh.iter().zip(&xa).zip(&xb) {
+            for ((&g, &x), &y) in gh.iter().zip(xa.iter()).zip(xb.iter()) {
                 let (da, db) = rule(g, x, y);
                 ga.push(da);
                 gb.push(db);
             }
             Ok(vec![
-                Some(be.upload(&reduce_to(&ga, &out_shape, &sa), &sa)?),
-                Some(be.upload(&reduce_to(&gb, &out_shape, &sb), &sb)?),
+                Some(be.upload_vec(reduce_to(&ga, &out_shape, &sa), &sa)?),
+                Some(be.upload_vec(reduce_to(&gb, &out_shape, &sb), &sb)?),
             ])
         });
         self.op(value, &[a, b], r)
@@ -482,7 +492,7 @@ impl<B: Backend> ElementwiseOps for Autodiff<B> {
                     return Ok(Some(g.clone()));
                 }
                 let gh = host(be, g)?;
-                Ok(Some(be.upload(&reduce_to(&gh, &out_shape, s), s)?))
+                Ok(Some(be.upload_vec(reduce_to(&gh, &out_shape, s), s)?))
             };
             Ok(vec![part(&sa)?, part(&sb)?])
         });
@@ -535,7 +545,7 @@ impl<B: Backend> MatmulOps for Autodiff<B> {
             let xh = host(b, &xv)?;
             let m = xh.len() / k.max(1);
             let (dx, dw, db) = grad::linear_backward(&xh, &host(b, &wv)?, &host(b, g)?, (m, k, n))?;
-            layer_grads(b, (&dx, &xs), (&dw, &ws), with_bias.then_some(&db))
+            layer_grads(b, (dx, &xs), (dw, &ws), with_bias.then_some(db))
         });
         Ok(self.layer_op(value, x, weight, bias, rule))
     }
@@ -550,7 +560,7 @@ impl<B: Backend> ResampleOps for Autodiff<B> {
                 return Err(no_rule("upsample_nearest2x of a non-4-D tensor"));
             };
             let dx = grad::upsample_nearest2x_backward(&host(b, g)?, (n, c, h, w))?;
-            Ok(vec![Some(b.upload(&dx, &xs)?)])
+            Ok(vec![Some(b.upload_vec(dx, &xs)?)])
         });
         Ok(self.op(value, &[x], rule))
     }
@@ -592,7 +602,7 @@ impl<B: Backend> ConvOps for Autodiff<B> {
             };
             let (dx, dw, db) =
                 grad::conv2d_backward(shape, &host(b, &xv)?, &host(b, &wv)?, &host(b, g)?)?;
-            layer_grads(b, (&dx, &xs), (&dw, &ws), with_bias.then_some(&db))
+            layer_grads(b, (dx, &xs), (dw, &ws), with_bias.then_some(db))
         });
         Ok(self.layer_op(value, x, weight, bias, rule))
     }
@@ -605,7 +615,7 @@ impl<B: Backend> ActivationOps for Autodiff<B> {
         let xs = self.inner.shape(&x.value).to_vec();
         let rule: Rule<B> = Box::new(move |b, g| {
             let dx = grad::silu_backward(&host(b, &xv)?, &host(b, g)?)?;
-            Ok(vec![Some(b.upload(&dx, &xs)?)])
+            Ok(vec![Some(b.upload_vec(dx, &xs)?)])
         });
         Ok(self.op(value, &[x], rule))
     }
@@ -638,7 +648,7 @@ impl<B: Backend> ActivationOps for Autodiff<B> {
                     *d = (f64::from(yv) * (f64::from(gv) - dot)) as f32;
                 }
             }
-            Ok(vec![Some(b.upload(&dx, &shape)?)])
+            Ok(vec![Some(b.upload_vec(dx, &shape)?)])
         });
         Ok(self.op(value, &[x], rule))
     }
@@ -685,9 +695,9 @@ impl<B: Backend> Autodiff<B> {
                 silu,
             )?;
             Ok(vec![
-                Some(b.upload(&dx, &xs)?),
-                Some(b.upload(&dg, &[c])?),
-                Some(b.upload(&db, &[c])?),
+                Some(b.upload_vec(dx, &xs)?),
+                Some(b.upload_vec(dg, &[c])?),
+                Some(b.upload_vec(db, &[c])?),
             ])
         });
         Ok(self.op(value, &[x, gamma, beta], rule))
@@ -796,9 +806,9 @@ impl<B: Backend> AttentionOps for Autodiff<B> {
                 &to_tokens(&host(b, g)?, len_q),
             )?;
             Ok(vec![
-                Some(b.upload(&to_heads(&dq, len_q), &qs)?),
-                Some(b.upload(&to_heads(&dk, len_k), &ks)?),
-                Some(b.upload(&to_heads(&dv, len_k), &ks)?),
+                Some(b.upload_vec(to_heads(&dq, len_q), &qs)?),
+                Some(b.upload_vec(to_heads(&dk, len_k), &ks)?),
+                Some(b.upload_vec(to_heads(&dv, len_k), &ks)?),
             ])
         });
         Ok(self.op(value, &[q, k, v], rule))

@@ -144,7 +144,7 @@ pub fn conv2d_backward(
         return Ok((grid.input_grad(weight, dy)?, grid.weight_grad(x, dy)?, db));
     }
     // dy as [c_out, n * plane].
-    let mut dy_c = vec![0.0f32; dy.len()];
+    let mut dy_c = crate::cpu::pool::take(dy.len());
     dy_c.par_chunks_mut(cols_n)
         .enumerate()
         .for_each(|(o, row)| {
@@ -152,7 +152,7 @@ pub fn conv2d_backward(
                 part.copy_from_slice(&dy[(b * c_out + o) * plane..][..plane]);
             }
         });
-    let mut cols = vec![0.0f32; kk * cols_n];
+    let mut cols = crate::cpu::pool::zeroed(kk * cols_n);
     im2col(shape, x, &mut cols);
     // dweight [c_out, kk] = dy [c_out, n plane] @ columns^T [n plane, kk].
     let mut dw = vec![0.0f32; c_out * kk];
@@ -171,8 +171,10 @@ pub fn conv2d_backward(
         &mut cols,
         Threads::Pool,
     )?;
-    let mut dx = vec![0.0f32; x.len()];
+    let mut dx = crate::cpu::pool::zeroed(x.len());
     col2im(shape, &cols, &mut dx);
+    crate::cpu::pool::give(cols);
+    crate::cpu::pool::give(dy_c);
     Ok((dx, dw, db))
 }
 
@@ -223,7 +225,7 @@ impl PaddedGrid {
         top: usize,
         lead: usize,
     ) -> Vec<f32> {
-        let mut out = vec![0.0f32; lead + c * self.span + self.slack];
+        let mut out = crate::cpu::pool::zeroed(lead + c * self.span + self.slack);
         out[lead..lead + c * self.span]
             .par_chunks_mut(self.span)
             .enumerate()
@@ -284,6 +286,8 @@ impl PaddedGrid {
                 Ok(dw)
             })
             .collect::<Result<_>>()?;
+        crate::cpu::pool::give(xp);
+        crate::cpu::pool::give(dyp);
         let mut dw = vec![0.0f32; c_out * c_in * k * k];
         for share in &shares {
             for (t, v) in dw.iter_mut().zip(share) {
@@ -321,7 +325,7 @@ impl PaddedGrid {
         let starts: Vec<usize> = (0..c_out * taps)
             .map(|ot| self.slack + (ot / taps) * self.span - self.offset(ot % taps / k, ot % k))
             .collect();
-        let mut dxp = vec![0.0f32; c_in * self.span];
+        let mut dxp = crate::cpu::pool::zeroed(c_in * self.span);
         crate::cpu::add_product_windows(
             MatRef::new(&wt, c_in, c_out * taps),
             Windows {
@@ -333,7 +337,7 @@ impl PaddedGrid {
             &mut dxp,
             Threads::Pool,
         )?;
-        let mut dx = vec![0.0f32; n * c_in * h * w];
+        let mut dx = crate::cpu::pool::take(n * c_in * h * w);
         dx.par_chunks_mut(h * w)
             .enumerate()
             .for_each(|(bi, plane)| {
@@ -343,6 +347,8 @@ impl PaddedGrid {
                     row.copy_from_slice(&grid[(y + padding) * self.wp + padding..][..w]);
                 }
             });
+        crate::cpu::pool::give(dxp);
+        crate::cpu::pool::give(dyp);
         Ok(dx)
     }
 }
@@ -468,7 +474,7 @@ pub fn group_norm_backward(
     check_len("group_norm_backward", "beta", beta.len(), c)?;
     let cg = c / groups;
     let m = (cg * hw) as f64;
-    let mut dx = vec![0.0f32; x.len()];
+    let mut dx = crate::cpu::pool::take(x.len());
     if dx.is_empty() {
         return Ok((dx, vec![0.0; c], vec![0.0; c]));
     }
@@ -595,7 +601,7 @@ pub fn linear_backward(
     check_len("linear_backward", "x", x.len(), m * k)?;
     check_len("linear_backward", "weight", weight.len(), n * k)?;
     check_len("linear_backward", "dy", dy.len(), m * n)?;
-    let mut dx = vec![0.0; m * k];
+    let mut dx = crate::cpu::pool::zeroed(m * k);
     crate::cpu::add_product(m, k, n, dy, weight, &mut dx)?;
     let mut dw = vec![0.0; n * k];
     crate::cpu::add_product_of(
@@ -625,7 +631,7 @@ pub fn upsample_nearest2x_backward(
         dy.len(),
         n * c * 4 * h * w,
     )?;
-    let mut dx = vec![0.0f32; n * c * h * w];
+    let mut dx = crate::cpu::pool::take(n * c * h * w);
     for (plane, out) in dx.chunks_exact_mut(h * w).enumerate() {
         let up = &dy[plane * 4 * h * w..][..4 * h * w];
         for y in 0..h {
