@@ -487,20 +487,15 @@ pub fn group_norm_backward(
             let g = bg % groups;
             let start = bg * cg * hw;
             let xs = &x[start..][..cg * hw];
-            let mean = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / m;
-            let var = xs
-                .iter()
-                .map(|&v| (f64::from(v) - mean).powi(2))
-                .sum::<f64>()
-                / m;
-            let rstd = 1.0 / (var + eps).sqrt();
             let channels = (&gamma[g * cg..][..cg], &beta[g * cg..][..cg]);
             let dys = &dy[start..][..cg * hw];
             let isa = crate::cpu::CpuIsa::detect();
-            crate::cpu::math::dispatch!(
-                isa,
+            crate::cpu::math::dispatch!(isa, {
+                let mean = lane_sum(xs, f64::from) / m;
+                let var = lane_sum(xs, |v| (f64::from(v) - mean).powi(2)) / m;
+                let rstd = 1.0 / (var + eps).sqrt();
                 group_norm_block_backward(xs, dys, channels, (mean, rstd, hw), silu, dxs)
-            )
+            })
         })
         .collect();
     let (mut dgamma, mut dbeta) = (vec![0.0f64; c], vec![0.0f64; c]);
@@ -515,11 +510,30 @@ pub fn group_norm_backward(
     Ok((dx, f(dgamma), f(dbeta)))
 }
 
+/// Lanes of the sums below: independent accumulators the compiler keeps in vector registers
+/// (one running sum would be a chain of dependent additions, one value at a time).
+const LANES: usize = 16;
+
+/// The sum of `f` over `xs` in `f64`, in [`LANES`] interleaved partial sums added at the
+/// end (a fixed order: the same result on every run).
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f64>() + tail.iter().map(|&v| f(v)).sum::<f64>()
+}
+
 /// One (image, group) block of [`group_norm_backward`]: `xs` and `dys` its `cg * hw` values,
 /// `gamma` and `beta` its channels', the group's mean and reciprocal standard deviation.
 /// Writes `dxs` and returns the channels' `(dgamma, dbeta)`. The per-value arithmetic is in
 /// `f32` and branch-free (the SiLU's exponential is `cpu::math::exp`), as are the sums over a
-/// channel; the group's sums over its channels are in `f64`.
+/// channel (in [`LANES`] partial sums); the group's sums over its channels are in `f64`.
 #[inline(always)]
 fn group_norm_block_backward(
     xs: &[f32],
@@ -531,43 +545,57 @@ fn group_norm_block_backward(
 ) -> (Vec<f64>, Vec<f64>) {
     let (mean_f, rstd_f) = (mean as f32, rstd as f32);
     let cg = gamma.len();
-    let mut xhat = vec![0.0f32; xs.len()];
     let (mut dgamma, mut dbeta) = (vec![0.0f64; cg], vec![0.0f64; cg]);
     let (mut sum_d, mut sum_dx) = (0.0f64, 0.0f64);
-    for ci in 0..cg {
-        let (gm, bt) = (gamma[ci], beta[ci]);
-        let r = ci * hw..(ci + 1) * hw;
-        let (xh, dxhat) = (&mut xhat[r.clone()], &mut dxs[r.clone()]);
-        let (mut dg, mut db, mut sd, mut sdx) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
-        for ((h, d), (&x, &dyv)) in xh
-            .iter_mut()
-            .zip(dxhat.iter_mut())
-            .zip(xs[r.clone()].iter().zip(&dys[r]))
-        {
-            let xv = (x - mean_f) * rstd_f;
-            let mut dz = dyv;
-            if silu {
-                let z = xv * gm + bt;
-                let sg = 1.0 / (1.0 + crate::cpu::math::exp(-z));
-                dz *= sg * (1.0 + z * (1.0 - sg));
-            }
-            *h = xv;
-            // dxhat = dz * gamma, kept in dx until the group's means are known.
-            *d = dz * gm;
-            dg += dz * xv;
-            db += dz;
-            sd += *d;
-            sdx += *d * xv;
+    // One value: its normalised input and dxhat = dz * gamma (kept in dx until the group's
+    // means are known), and its terms of the four sums (dgamma, dbeta, dxhat, dxhat * xhat).
+    let term = |x: f32, dyv: f32, (gm, bt): (f32, f32), d: &mut f32| {
+        let xv = (x - mean_f) * rstd_f;
+        let mut dz = dyv;
+        if silu {
+            let z = xv * gm + bt;
+            let sg = 1.0 / (1.0 + crate::cpu::math::exp(-z));
+            dz *= sg * (1.0 + z * (1.0 - sg));
         }
-        dgamma[ci] = f64::from(dg);
-        dbeta[ci] = f64::from(db);
-        sum_d += f64::from(sd);
-        sum_dx += f64::from(sdx);
+        *d = dz * gm;
+        [dz * xv, dz, *d, *d * xv]
+    };
+    for ci in 0..cg {
+        let affine = (gamma[ci], beta[ci]);
+        let r = ci * hw..(ci + 1) * hw;
+        let (xc, dyc, dc) = (&xs[r.clone()], &dys[r.clone()], &mut dxs[r]);
+        let mut acc = [[0.0f32; LANES]; 4];
+        let mut d_chunks = dc.chunks_exact_mut(LANES);
+        let (mut x_chunks, mut dy_chunks) = (xc.chunks_exact(LANES), dyc.chunks_exact(LANES));
+        for ((d, x), dyv) in (&mut d_chunks).zip(&mut x_chunks).zip(&mut dy_chunks) {
+            for l in 0..LANES {
+                let t = term(x[l], dyv[l], affine, &mut d[l]);
+                for (a, v) in acc.iter_mut().zip(t) {
+                    a[l] += v;
+                }
+            }
+        }
+        let mut sums = acc.map(|a| a.iter().sum::<f32>());
+        for ((d, &x), &dyv) in d_chunks
+            .into_remainder()
+            .iter_mut()
+            .zip(x_chunks.remainder())
+            .zip(dy_chunks.remainder())
+        {
+            for (s, v) in sums.iter_mut().zip(term(x, dyv, affine, d)) {
+                *s += v;
+            }
+        }
+        dgamma[ci] = f64::from(sums[0]);
+        dbeta[ci] = f64::from(sums[1]);
+        sum_d += f64::from(sums[2]);
+        sum_dx += f64::from(sums[3]);
     }
     let m = xs.len() as f64;
     let (mean_d, mean_dx) = ((sum_d / m) as f32, (sum_dx / m) as f32);
-    for (d, &h) in dxs.iter_mut().zip(&xhat) {
-        *d = rstd_f * (*d - mean_d - h * mean_dx);
+    for (d, &x) in dxs.iter_mut().zip(xs) {
+        let xv = (x - mean_f) * rstd_f;
+        *d = rstd_f * (*d - mean_d - xv * mean_dx);
     }
     (dgamma, dbeta)
 }

@@ -43,13 +43,8 @@ pub(crate) fn pack_a(
         dst.fill(0.0);
     }
     if a.cs == 1 {
-        // Rows are contiguous: read each row once, scatter with stride `mr`.
-        for r in 0..rows {
-            let row = &a.data[(r0 + r) * a.rs + k0..(r0 + r) * a.rs + k0 + kc];
-            for (kk, &v) in row.iter().enumerate() {
-                dst[kk * mr + r] = v;
-            }
-        }
+        // Rows are contiguous: each row becomes lane `r` of every group.
+        transpose_lines(dst, mr, rows, kc, |r| &a.data[(r0 + r) * a.rs + k0..][..kc]);
     } else if a.rs == 1 {
         // Columns are contiguous (a transposed operand): each group is one slice.
         for (kk, d) in dst.chunks_exact_mut(mr).enumerate() {
@@ -129,24 +124,143 @@ pub(crate) fn pack_windows_b(
 #[inline(always)]
 fn pack_b_rows<'a>(dst: &mut [f32], nr: usize, cols: usize, row: impl Fn(usize) -> &'a [f32]) {
     for (kk, d) in dst.chunks_exact_mut(nr).enumerate() {
-        d[..cols].copy_from_slice(row(kk));
+        // A loop, not copy_from_slice: a call to memmove per group of at most `nr` values
+        // costs more than the copy.
+        for (o, &v) in d[..cols].iter_mut().zip(row(kk)) {
+            *o = v;
+        }
         d[cols..].fill(0.0);
     }
 }
 
 /// A B micro-panel (`dst`, groups of `nr`) from contiguous columns: `col(j)` is column `j`
-/// over the panel's rows, read once and scattered with stride `nr`; columns past `cols` are
+/// over the panel's rows, which becomes lane `j` of every group; columns past `cols` are
 /// zero.
 #[inline(always)]
 fn pack_b_cols<'a>(dst: &mut [f32], nr: usize, cols: usize, col: impl Fn(usize) -> &'a [f32]) {
     if cols < nr {
         dst.fill(0.0);
     }
-    for j in 0..cols {
-        for (kk, &v) in col(j).iter().enumerate() {
-            dst[kk * nr + j] = v;
+    let kc = dst.len() / nr;
+    transpose_lines(dst, nr, cols, kc, col);
+}
+
+/// The most lines [`transpose_lines`] takes (the widest micro-panel, AVX-512's `NR`).
+const MAX_LINES: usize = 32;
+
+/// Lays `lines` slices side by side: `dst[kk * width + j] = line(j)[kk]` for `j < lines`
+/// and `kk < len` (`lines <= width <= MAX_LINES`); other values of `dst` are left as they
+/// are. This transposition is how contiguous rows of A and contiguous columns of B become
+/// micro-panels. Where the CPU has AVX-512 (whichever kernels the backend runs: it is the
+/// same data movement), blocks of 16 lines by 16 values are transposed in registers;
+/// the rest is scattered one value at a time.
+#[inline(always)]
+fn transpose_lines<'a>(
+    dst: &mut [f32],
+    width: usize,
+    lines: usize,
+    len: usize,
+    line: impl Fn(usize) -> &'a [f32],
+) {
+    debug_assert!(lines <= width && width <= MAX_LINES && dst.len() >= len * width);
+    let mut src: [&[f32]; MAX_LINES] = [&[]; MAX_LINES];
+    for (j, s) in src.iter_mut().enumerate().take(lines) {
+        *s = &line(j)[..len];
+    }
+    let src = &src[..lines];
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if len >= 16 && lines >= 4 && super::CpuIsa::Avx512.is_supported() {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        done = unsafe { transpose_lines_avx512(dst, width, src, len) };
+    }
+    for (j, s) in src.iter().enumerate() {
+        for (kk, &v) in s.iter().enumerate().skip(done) {
+            dst[kk * width + j] = v;
         }
     }
+}
+
+/// Lane indices of one round of the 16 x 16 transposition (see [`transpose16`]): `low`
+/// keeps register i's lanes whose bit `s` is clear and takes the others from register
+/// i + s, `s` lanes down; `high` the converse.
+#[cfg(target_arch = "x86_64")]
+const fn round_index(s: usize, high: bool) -> [i32; 16] {
+    let mut idx = [0i32; 16];
+    let mut l = 0;
+    while l < 16 {
+        idx[l] = match (l & s == 0, high) {
+            (true, false) => l,
+            (false, false) => 16 + l - s,
+            (true, true) => l + s,
+            (false, true) => 16 + l,
+        } as i32;
+        l += 1;
+    }
+    idx
+}
+
+/// One round of [`transpose16`]: swaps the off-diagonal `S x S` blocks of every `2S x 2S`
+/// block, pairing registers i and i + S.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose_round<const S: usize>(r: &mut [std::arch::x86_64::__m512; 16]) {
+    use std::arch::x86_64::*;
+    let (lo, hi) = (round_index(S, false), round_index(S, true));
+    // SAFETY: unaligned loads of 16 i32 from local arrays.
+    let (lo, hi) = unsafe {
+        (
+            _mm512_loadu_si512(lo.as_ptr().cast()),
+            _mm512_loadu_si512(hi.as_ptr().cast()),
+        )
+    };
+    for i in 0..16 {
+        if i & S == 0 {
+            let (a, b) = (r[i], r[i + S]);
+            r[i] = _mm512_permutex2var_ps(a, lo, b);
+            r[i + S] = _mm512_permutex2var_ps(a, hi, b);
+        }
+    }
+}
+
+/// Transposes 16 registers of 16 lanes in four rounds (S = 8, 4, 2, 1).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
+    transpose_round::<8>(r);
+    transpose_round::<4>(r);
+    transpose_round::<2>(r);
+    transpose_round::<1>(r);
+}
+
+/// The AVX-512 part of [`transpose_lines`]: the first `len / 16 * 16` values of every line,
+/// whose count it returns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose_lines_avx512(dst: &mut [f32], width: usize, src: &[&[f32]], len: usize) -> usize {
+    use std::arch::x86_64::*;
+    let full = len / 16 * 16;
+    for (j0, block) in src.chunks(16).enumerate().map(|(b, l)| (b * 16, l)) {
+        let n = block.len();
+        let mask: __mmask16 = ((1u32 << n) - 1) as __mmask16;
+        for kk in (0..full).step_by(16) {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (v, l) in r.iter_mut().zip(block) {
+                // SAFETY: 16 values of the line, whose length `len` is at least kk + 16.
+                *v = unsafe { _mm512_loadu_ps(l[kk..kk + 16].as_ptr()) };
+            }
+            transpose16(&mut r);
+            for (t, v) in r.iter().enumerate() {
+                let out = &mut dst[(kk + t) * width + j0..][..n];
+                // SAFETY: `n` lanes stored into a slice of `n` values.
+                unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, *v) };
+            }
+        }
+    }
+    full
 }
 
 /// `w [m, k]` (row-major) as whole-`K` A micro-panels of `mr` rows: `ceil(m / mr) * k * mr`
@@ -401,4 +515,36 @@ pub(crate) fn pair_packing(packed: &[f32], k: usize, width: usize) -> Vec<u32> {
         pair_panel(src, k, width, dst);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every line length around the 16-value blocks, every line count up to the widest
+    /// panel, in groups as wide as each kernel's: the values land where the definition puts
+    /// them, and nothing else in `dst` is touched.
+    #[test]
+    fn transposed_lines_land_in_their_lanes() {
+        for width in [6usize, 12, 16, 32] {
+            for lines in 1..=width {
+                for len in [1usize, 3, 15, 16, 17, 31, 32, 33, 50] {
+                    let src: Vec<Vec<f32>> = (0..lines)
+                        .map(|j| (0..len + 5).map(|k| (j * 1000 + k) as f32).collect())
+                        .collect();
+                    let mut dst = vec![-1.0f32; len * width + 7];
+                    transpose_lines(&mut dst, width, lines, len, |j| &src[j][2..]);
+                    for (i, &v) in dst.iter().enumerate() {
+                        let (kk, j) = (i / width, i % width);
+                        let expected = if kk < len && j < lines {
+                            src[j][2 + kk]
+                        } else {
+                            -1.0
+                        };
+                        assert_eq!(v, expected, "width {width}, {lines} lines of {len}, at {i}");
+                    }
+                }
+            }
+        }
+    }
 }
