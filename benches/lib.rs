@@ -4,6 +4,7 @@
 //! [`Profiled`], a backend wrapper that times every operation and counts the work of the
 //! products, and a few readings of the process (peak RSS, CPU time).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -111,6 +112,14 @@ impl<B: Backend> DataOps for Profiled<B> {
 
     fn download(&self, tensor: &Self::Tensor) -> Result<Vec<f32>> {
         self.record("download", 0, || self.inner.download(tensor))
+    }
+
+    fn upload_vec(&self, data: Vec<f32>, shape: &[usize]) -> Result<Self::Tensor> {
+        self.record("upload", 0, || self.inner.upload_vec(data, shape))
+    }
+
+    fn host_values<'a>(&self, tensor: &'a Self::Tensor) -> Result<Cow<'a, [f32]>> {
+        self.record("download", 0, || self.inner.host_values(tensor))
     }
 
     fn reshape(&self, tensor: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {

@@ -248,6 +248,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         "{bar:30} {pos}/{len} steps  {msg}  [{elapsed} < {eta}, {per_sec}]",
     )?);
     let t0 = Instant::now();
+    // Seconds in the forward and the backward passes of the steps taken.
+    let mut passes = (0.0f64, 0.0f64);
     let mut order: Vec<usize> = (0..n).collect();
     let steps = trainer.num_train_timesteps();
     let mut step = 0;
@@ -300,6 +302,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
                 }
             };
             step += 1;
+            passes.0 += report.forward.as_secs_f64();
+            passes.1 += report.backward.as_secs_f64();
             bar.set_message(format!("loss {:.4}", report.loss));
             bar.inc(1);
             // Where no bar is drawn (a log file), a line now and then.
@@ -332,9 +336,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         &settings,
     )?;
     eprintln!(
-        "trained {} steps in {:.1} s; wrote {} (EMA weights)",
+        "trained {} steps in {:.1} s (forward passes {:.1} s, backward {:.1} s: {:.2}x the \
+         forward); wrote {} (EMA weights)",
         step - resume_from,
         t0.elapsed().as_secs_f64(),
+        passes.0,
+        passes.1,
+        passes.1 / passes.0.max(1e-9),
         cli.out.display()
     );
     Ok(())

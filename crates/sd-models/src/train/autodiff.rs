@@ -16,6 +16,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use crate::backend::{
     ActivationOps, AttentionMask, AttentionOps, Backend, BackendBase, Conv2dParams, ConvOps, DType,
@@ -33,8 +34,8 @@ type Rule<B> = Box<
 
 struct Node<B: Backend> {
     parents: Vec<Option<usize>>,
-    /// `None` for a leaf.
-    rule: Option<Rule<B>>,
+    /// The operation's name and its rule; `None` for a leaf.
+    rule: Option<(&'static str, Rule<B>)>,
     name: Option<String>,
 }
 
@@ -84,6 +85,20 @@ impl<T> Var<T> {
 pub struct Gradients<T> {
     by_id: HashMap<usize, T>,
     names: Vec<(String, usize)>,
+    profile: Vec<RuleTime>,
+}
+
+/// The time the backward rules of one kind of operation took in a
+/// [`backward`](Autodiff::backward) pass (adding gradients that meet at a value is
+/// `"accumulate"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleTime {
+    /// The operation (the backend method's name: `"conv2d"`, `"group_norm_silu"`, ...).
+    pub op: &'static str,
+    /// Rules run.
+    pub calls: usize,
+    /// Their wall time.
+    pub time: std::time::Duration,
 }
 
 impl<T> Gradients<T> {
@@ -98,6 +113,11 @@ impl<T> Gradients<T> {
         self.names
             .iter()
             .filter_map(|(n, id)| self.by_id.get(id).map(|g| (n.as_str(), g)))
+    }
+
+    /// Where the backward pass spent its time, by operation, longest first.
+    pub fn profile(&self) -> &[RuleTime] {
+        &self.profile
     }
 }
 
@@ -139,7 +159,7 @@ impl<B: Backend> Autodiff<B> {
         self.len() == 0
     }
 
-    fn push(&self, parents: Vec<Option<usize>>, rule: Option<Rule<B>>) -> usize {
+    fn push(&self, parents: Vec<Option<usize>>, rule: Option<(&'static str, Rule<B>)>) -> usize {
         let mut tape = self.tape();
         // A name set by `named_source` belongs to the upload that follows it; any other
         // operation in between means the weight was not uploaded, and the name is dropped.
@@ -157,14 +177,24 @@ impl<B: Backend> Autodiff<B> {
         Var { value, id }
     }
 
-    fn op(&self, value: B::Tensor, parents: &[&Var<B::Tensor>], rule: Rule<B>) -> Var<B::Tensor> {
-        let id = self.push(parents.iter().map(|p| Some(p.id)).collect(), Some(rule));
+    fn op(
+        &self,
+        name: &'static str,
+        value: B::Tensor,
+        parents: &[&Var<B::Tensor>],
+        rule: Rule<B>,
+    ) -> Var<B::Tensor> {
+        let id = self.push(
+            parents.iter().map(|p| Some(p.id)).collect(),
+            Some((name, rule)),
+        );
         Var { value, id }
     }
 
     /// A layer's node: parents the input, the weight and the bias if there is one.
     fn layer_op(
         &self,
+        name: &'static str,
         value: B::Tensor,
         x: &Var<B::Tensor>,
         weight: &Var<B::Tensor>,
@@ -173,7 +203,7 @@ impl<B: Backend> Autodiff<B> {
     ) -> Var<B::Tensor> {
         let mut parents = vec![x, weight];
         parents.extend(bias);
-        self.op(value, &parents, rule)
+        self.op(name, value, &parents, rule)
     }
 
     /// Forgets everything recorded (the values stay valid but have no gradient).
@@ -211,6 +241,17 @@ impl<B: Backend> Autodiff<B> {
         let mut out = Gradients {
             by_id: HashMap::new(),
             names: Vec::new(),
+            profile: Vec::new(),
+        };
+        let mut times: HashMap<&'static str, RuleTime> = HashMap::new();
+        let mut record = |op: &'static str, since: Instant| {
+            let t = times.entry(op).or_insert(RuleTime {
+                op,
+                calls: 0,
+                time: std::time::Duration::ZERO,
+            });
+            t.calls += 1;
+            t.time += since.elapsed();
         };
         for (i, node) in nodes.into_iter().enumerate().rev() {
             if let Some(name) = &node.name {
@@ -219,22 +260,32 @@ impl<B: Backend> Autodiff<B> {
             let Some(g) = grads[i].take() else {
                 continue;
             };
-            let Some(rule) = node.rule else {
+            let Some((op, rule)) = node.rule else {
                 out.by_id.insert(i, g);
                 continue;
             };
+            let since = Instant::now();
             let parent_grads = rule(&self.inner, &g)?;
+            record(op, since);
             for (p, pg) in node.parents.iter().zip(parent_grads) {
                 let (Some(p), Some(pg)) = (p, pg) else {
                     continue;
                 };
                 grads[*p] = Some(match grads[*p].take() {
-                    Some(acc) => self.inner.add(&acc, &pg)?,
+                    Some(acc) => {
+                        let since = Instant::now();
+                        let sum = self.inner.add(&acc, &pg)?;
+                        record("accumulate", since);
+                        sum
+                    }
                     None => pg,
                 });
             }
         }
         out.names.reverse();
+        out.profile = times.into_values().collect();
+        out.profile
+            .sort_by(|a, b| b.time.cmp(&a.time).then(a.op.cmp(b.op)));
         Ok(out)
     }
 }
@@ -360,6 +411,7 @@ impl<B: Backend> DataOps for Autodiff<B> {
         let from = self.inner.shape(&t.value).to_vec();
         let value = self.inner.reshape(&t.value, shape)?;
         Ok(self.op(
+            "reshape",
             value,
             &[t],
             Box::new(move |b, g| Ok(vec![Some(b.reshape(g, &from)?)])),
@@ -375,6 +427,7 @@ impl<B: Backend> DataOps for Autodiff<B> {
         }
         let value = self.inner.permute(&t.value, axes)?;
         Ok(self.op(
+            "permute",
             value,
             &[t],
             Box::new(move |b, g| Ok(vec![Some(b.permute(g, &inverse)?)])),
@@ -406,7 +459,7 @@ impl<B: Backend> DataOps for Autodiff<B> {
                 before.iter().chain(Some(g)).chain(after.iter()).collect();
             Ok(vec![Some(b.concat(&pieces, axis)?)])
         });
-        Ok(self.op(value, &[t], rule))
+        Ok(self.op("slice", value, &[t], rule))
     }
 
     fn concat(&self, tensors: &[&Self::Tensor], axis: usize) -> Result<Self::Tensor> {
@@ -427,13 +480,14 @@ impl<B: Backend> DataOps for Autodiff<B> {
                 })
                 .collect()
         });
-        Ok(self.op(value, tensors, rule))
+        Ok(self.op("concat", value, tensors, rule))
     }
 
     fn cast(&self, t: &Self::Tensor, dtype: DType) -> Result<Self::Tensor> {
         let from = self.inner.dtype(&t.value);
         let value = self.inner.cast(&t.value, dtype)?;
         Ok(self.op(
+            "cast",
             value,
             &[t],
             Box::new(move |b, g| Ok(vec![Some(b.cast(g, from)?)])),
@@ -446,6 +500,7 @@ impl<B: Backend> Autodiff<B> {
     /// gradients at the broadcast shape, summed back to each input's shape.
     fn binary(
         &self,
+        name: &'static str,
         a: &Var<B::Tensor>,
         b: &Var<B::Tensor>,
         value: B::Tensor,
@@ -474,7 +529,7 @@ impl<B: Backend> Autodiff<B> {
                 Some(be.upload_vec(reduce_to(&gb, &out_shape, &sb), &sb)?),
             ])
         });
-        self.op(value, &[a, b], r)
+        self.op(name, value, &[a, b], r)
     }
 }
 
@@ -496,22 +551,23 @@ impl<B: Backend> ElementwiseOps for Autodiff<B> {
             };
             Ok(vec![part(&sa)?, part(&sb)?])
         });
-        Ok(self.op(value, &[a, b], rule))
+        Ok(self.op("add", value, &[a, b], rule))
     }
 
     fn sub(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
         let value = self.inner.sub(&a.value, &b.value)?;
-        Ok(self.binary(a, b, value, |g, _, _| (g, -g)))
+        Ok(self.binary("sub", a, b, value, |g, _, _| (g, -g)))
     }
 
     fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
         let value = self.inner.mul(&a.value, &b.value)?;
-        Ok(self.binary(a, b, value, |g, x, y| (g * y, g * x)))
+        Ok(self.binary("mul", a, b, value, |g, x, y| (g * y, g * x)))
     }
 
     fn affine(&self, x: &Self::Tensor, scale: f32, shift: f32) -> Result<Self::Tensor> {
         let value = self.inner.affine(&x.value, scale, shift)?;
         Ok(self.op(
+            "affine",
             value,
             &[x],
             Box::new(move |b, g| Ok(vec![Some(b.affine(g, scale, 0.0)?)])),
@@ -522,7 +578,12 @@ impl<B: Backend> ElementwiseOps for Autodiff<B> {
 impl<B: Backend> MatmulOps for Autodiff<B> {
     fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
         let value = self.inner.matmul(&a.value, &b.value)?;
-        Ok(self.op(value, &[a, b], Box::new(|_, _| Err(no_rule("matmul")))))
+        Ok(self.op(
+            "matmul",
+            value,
+            &[a, b],
+            Box::new(|_, _| Err(no_rule("matmul"))),
+        ))
     }
 
     fn linear(
@@ -547,7 +608,7 @@ impl<B: Backend> MatmulOps for Autodiff<B> {
             let (dx, dw, db) = grad::linear_backward(&xh, &host(b, &wv)?, &host(b, g)?, (m, k, n))?;
             layer_grads(b, (dx, &xs), (dw, &ws), with_bias.then_some(db))
         });
-        Ok(self.layer_op(value, x, weight, bias, rule))
+        Ok(self.layer_op("linear", value, x, weight, bias, rule))
     }
 }
 
@@ -562,7 +623,7 @@ impl<B: Backend> ResampleOps for Autodiff<B> {
             let dx = grad::upsample_nearest2x_backward(&host(b, g)?, (n, c, h, w))?;
             Ok(vec![Some(b.upload_vec(dx, &xs)?)])
         });
-        Ok(self.op(value, &[x], rule))
+        Ok(self.op("upsample_nearest2x", value, &[x], rule))
     }
 }
 
@@ -604,7 +665,7 @@ impl<B: Backend> ConvOps for Autodiff<B> {
                 grad::conv2d_backward(shape, &host(b, &xv)?, &host(b, &wv)?, &host(b, g)?)?;
             layer_grads(b, (dx, &xs), (dw, &ws), with_bias.then_some(db))
         });
-        Ok(self.layer_op(value, x, weight, bias, rule))
+        Ok(self.layer_op("conv2d", value, x, weight, bias, rule))
     }
 }
 
@@ -617,17 +678,22 @@ impl<B: Backend> ActivationOps for Autodiff<B> {
             let dx = grad::silu_backward(&host(b, &xv)?, &host(b, g)?)?;
             Ok(vec![Some(b.upload_vec(dx, &xs)?)])
         });
-        Ok(self.op(value, &[x], rule))
+        Ok(self.op("silu", value, &[x], rule))
     }
 
     fn gelu(&self, x: &Self::Tensor, approximation: GeluApproximation) -> Result<Self::Tensor> {
         let value = self.inner.gelu(&x.value, approximation)?;
-        Ok(self.op(value, &[x], Box::new(|_, _| Err(no_rule("gelu")))))
+        Ok(self.op("gelu", value, &[x], Box::new(|_, _| Err(no_rule("gelu")))))
     }
 
     fn quick_gelu(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
         let value = self.inner.quick_gelu(&x.value)?;
-        Ok(self.op(value, &[x], Box::new(|_, _| Err(no_rule("quick_gelu")))))
+        Ok(self.op(
+            "quick_gelu",
+            value,
+            &[x],
+            Box::new(|_, _| Err(no_rule("quick_gelu"))),
+        ))
     }
 
     fn softmax_last(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
@@ -650,7 +716,7 @@ impl<B: Backend> ActivationOps for Autodiff<B> {
             }
             Ok(vec![Some(b.upload_vec(dx, &shape)?)])
         });
-        Ok(self.op(value, &[x], rule))
+        Ok(self.op("softmax_last", value, &[x], rule))
     }
 }
 
@@ -700,7 +766,16 @@ impl<B: Backend> Autodiff<B> {
                 Some(b.upload_vec(db, &[c])?),
             ])
         });
-        Ok(self.op(value, &[x, gamma, beta], rule))
+        Ok(self.op(
+            if silu {
+                "group_norm_silu"
+            } else {
+                "group_norm"
+            },
+            value,
+            &[x, gamma, beta],
+            rule,
+        ))
     }
 }
 
@@ -738,6 +813,7 @@ impl<B: Backend> NormOps for Autodiff<B> {
             .inner
             .layer_norm(&x.value, &gamma.value, &beta.value, eps)?;
         Ok(self.op(
+            "layer_norm",
             value,
             &[x, gamma, beta],
             Box::new(|_, _| Err(no_rule("layer_norm"))),
@@ -811,7 +887,7 @@ impl<B: Backend> AttentionOps for Autodiff<B> {
                 Some(b.upload_vec(to_heads(&dv, len_k), &ks)?),
             ])
         });
-        Ok(self.op(value, &[q, k, v], rule))
+        Ok(self.op("attention", value, &[q, k, v], rule))
     }
 }
 

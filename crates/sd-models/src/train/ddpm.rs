@@ -290,6 +290,10 @@ pub struct StepReport {
     pub loss: f64,
     /// The gradients' norm before clipping.
     pub grad_norm: f64,
+    /// Wall time of the network's forward pass (recording the tape).
+    pub forward: std::time::Duration,
+    /// Wall time of the backward pass (the tape walked in reverse).
+    pub backward: std::time::Duration,
 }
 
 impl DdpmTrainer {
@@ -569,7 +573,9 @@ impl DdpmTrainer {
         let x = ad.upload(&x_t, &batch.shape)?;
         let timesteps: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
         let labels = (!batch.labels.is_empty()).then_some(ClassLabels::Ids(batch.labels));
+        let started = std::time::Instant::now();
         let out = unet.forward(&ad, &x, &timesteps, labels)?;
+        let forward = started.elapsed();
         let pred = ad.download(&out)?;
         // The weighted loss and its gradient.
         let mut loss = 0.0f64;
@@ -594,7 +600,9 @@ impl DdpmTrainer {
             });
         }
         let seed = ad.inner().upload(&dpred, &batch.shape)?;
+        let started = std::time::Instant::now();
         let grads = ad.backward(&out, &seed)?;
+        let backward = started.elapsed();
         let mut named: Vec<(String, Vec<f32>)> = grads
             .named()
             .map(|(name, g)| Ok((name.to_owned(), ad.inner().download(g)?)))
@@ -637,6 +645,11 @@ impl DdpmTrainer {
                 }
             }
         }
-        Ok(StepReport { loss, grad_norm })
+        Ok(StepReport {
+            loss,
+            grad_norm,
+            forward,
+            backward,
+        })
     }
 }

@@ -6,8 +6,8 @@
 //! the backward primitives of [`grad`] (the gradients of a convolution, a group norm, a
 //! linear layer, attention, ...), which a backend provides: the CPU backend through the
 //! functions here, on the same packed GEMM as its forward kernels; a GPU backend with its own
-//! kernels later. This module holds those primitives and the optimiser ([`optim`]); the tape
-//! comes next.
+//! kernels later. This module holds the tape ([`autodiff`]), those primitives, the optimiser
+//! ([`optim`]) and the DDPM trainer ([`ddpm`]).
 //!
 //! Every primitive is checked against PyTorch's autograd on the cases of
 //! `fixtures/training` (`tools/fixtures/training_fixtures.py`), and the optimiser against
