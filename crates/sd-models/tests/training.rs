@@ -747,7 +747,7 @@ fn a_saved_training_state_resumes_exactly() {
     for _ in 0..2 {
         let a = straight.step(batch, 5e-4).unwrap();
         let b = resumed.step(batch, 5e-4).unwrap();
-        assert_eq!(a, b);
+        assert_eq!((a.loss, a.grad_norm), (b.loss, b.grad_norm));
     }
     assert_eq!(resumed.params, straight.params);
     assert_eq!(resumed.ema, straight.ema);

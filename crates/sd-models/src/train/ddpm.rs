@@ -284,7 +284,7 @@ pub struct DdpmTrainer {
 }
 
 /// What one step did.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub struct StepReport {
     /// The (weighted) loss before the update.
     pub loss: f64,
