@@ -310,7 +310,9 @@ fn host<'a, B: Backend>(b: &B, t: &'a B::Tensor) -> Result<Cow<'a, [f32]>> {
     b.host_values(t)
 }
 
-/// `g` (of shape `from`) summed down to `to` under numpy broadcasting.
+/// `g` (of shape `from`) summed down to `to` under numpy broadcasting. Walks `g` one
+/// innermost row at a time: a row either adds into one value of the result (the last axis
+/// broadcast) or into a row of it.
 fn reduce_to(g: &[f32], from: &[usize], to: &[usize]) -> Vec<f32> {
     if from == to {
         return g.to_vec();
@@ -320,16 +322,29 @@ fn reduce_to(g: &[f32], from: &[usize], to: &[usize]) -> Vec<f32> {
     let target: Vec<usize> = (0..rank)
         .map(|i| if i < pad { 1 } else { to[i - pad] })
         .collect();
-    let mut out = vec![0.0f64; target.iter().product()];
-    let mut index = vec![0usize; rank];
-    for &v in g {
-        let mut flat = 0;
-        for d in 0..rank {
-            let i = if target[d] == 1 { 0 } else { index[d] };
-            flat = flat * target[d] + i;
+    // The result's stride per axis of `from` (0 where that axis is summed away).
+    let mut strides = vec![0usize; rank];
+    let mut step = 1;
+    for d in (0..rank).rev() {
+        if target[d] != 1 {
+            strides[d] = step;
         }
-        out[flat] += f64::from(v);
-        for d in (0..rank).rev() {
+        step *= target[d];
+    }
+    let mut out = vec![0.0f64; target.iter().product()];
+    let last = from.last().copied().unwrap_or(1).max(1);
+    let inner = strides.last().copied().unwrap_or(0);
+    let mut index = vec![0usize; rank.saturating_sub(1)];
+    for row in g.chunks_exact(last) {
+        let base: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum();
+        if inner == 0 {
+            out[base] += row.iter().map(|&v| f64::from(v)).sum::<f64>();
+        } else {
+            for (o, &v) in out[base..base + last].iter_mut().zip(row) {
+                *o += f64::from(v);
+            }
+        }
+        for d in (0..index.len()).rev() {
             index[d] += 1;
             if index[d] < from[d] {
                 break;
@@ -902,5 +917,48 @@ impl<B: Backend> Autodiff<B> {
                 .unwrap_or_else(PoisonError::into_inner)
                 .pending_name = Some(key.to_owned());
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reduce_to;
+
+    /// Sums down to every broadcast shape of a 4-D gradient (and of lower ranks), against
+    /// the definition: each value adds into the result's value at its index with the
+    /// broadcast axes set to 0.
+    #[test]
+    fn broadcast_gradients_sum_to_their_inputs_shapes() {
+        let from = [2usize, 3, 4, 5];
+        let g: Vec<f32> = (0..120).map(|i| (i as f32 * 0.37).sin()).collect();
+        let cases: [&[usize]; 8] = [
+            &[2, 3, 4, 5],
+            &[2, 3, 1, 1],
+            &[1, 3, 1, 1],
+            &[3, 1, 1],
+            &[5],
+            &[1, 1, 4, 1],
+            &[2, 1, 4, 5],
+            &[1],
+        ];
+        for to in cases {
+            let got = reduce_to(&g, &from, to);
+            let pad = 4 - to.len();
+            let target: Vec<usize> = (0..4)
+                .map(|i| if i < pad { 1 } else { to[i - pad] })
+                .collect();
+            let mut want = vec![0.0f64; target.iter().product()];
+            for (i, &v) in g.iter().enumerate() {
+                let idx = [i / 60, i / 20 % 3, i / 5 % 4, i % 5];
+                let flat = (0..4).fold(0, |acc, d| {
+                    acc * target[d] + if target[d] == 1 { 0 } else { idx[d] }
+                });
+                want[flat] += f64::from(v);
+            }
+            assert_eq!(got.len(), want.len(), "{to:?}");
+            for (a, b) in got.iter().zip(&want) {
+                assert!((f64::from(*a) - b).abs() < 1e-5, "{to:?}: {a} against {b}");
+            }
+        }
     }
 }

@@ -126,15 +126,14 @@ pub fn conv2d_backward(
             vec![0.0; c_out],
         ));
     }
+    let isa = crate::cpu::CpuIsa::detect();
     let db = (0..c_out)
         .into_par_iter()
         .map(|o| {
             (0..n)
                 .map(|b| {
-                    dy[(b * c_out + o) * plane..][..plane]
-                        .iter()
-                        .map(|&v| f64::from(v))
-                        .sum::<f64>()
+                    let values = &dy[(b * c_out + o) * plane..][..plane];
+                    crate::cpu::math::dispatch!(isa, lane_sum(values, f64::from))
                 })
                 .sum::<f64>() as f32
         })
