@@ -45,7 +45,7 @@ mod data;
 mod elementwise;
 pub(crate) mod math;
 mod matmul;
-mod norm;
+pub(crate) mod norm;
 mod packed;
 pub(crate) mod pool;
 mod resample;

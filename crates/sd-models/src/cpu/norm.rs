@@ -11,8 +11,10 @@ use crate::error::{Error, Result};
 /// Values summed in f32 before the sum joins the f64 total.
 const BLOCK: usize = 256;
 
+/// The sum of `f` over `x`: in f32 within blocks of [`BLOCK`] values (sixteen lanes), the
+/// block sums in f64, in a fixed order.
 #[inline(always)]
-fn sum_blocks(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+pub(crate) fn sum_blocks(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     x.chunks(BLOCK)
         .map(|c| {
             // Sixteen partial sums, so that the loop vectorises.
@@ -29,7 +31,8 @@ fn sum_blocks(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
         .sum()
 }
 
-fn mean_var(isa: CpuIsa, x: &[f32]) -> (f32, f32) {
+/// The mean and the (biased) variance of `x`, in two passes of [`sum_blocks`].
+pub(crate) fn mean_var(isa: CpuIsa, x: &[f32]) -> (f32, f32) {
     let n = x.len().max(1) as f64;
     let mean = (dispatch!(isa, sum_blocks(x, |v| v)) / n) as f32;
     let var = dispatch!(isa, sum_blocks(x, |v| (v - mean) * (v - mean))) / n;

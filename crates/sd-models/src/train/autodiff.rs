@@ -11,8 +11,9 @@
 //! The rules call the primitives of [`super::grad`] on the host (download, compute,
 //! upload): correct on every backend. On the CPU nothing is copied: the rules borrow the
 //! tensors' values ([`DataOps::host_values`]) and the gradients become tensors as they are
-//! ([`DataOps::upload_vec`]). Each rule is timed ([`Gradients::profile`]). Operations a UNet2DModel does not use compute their value but have no rule yet:
-//! a gradient that reaches one is an error naming it.
+//! ([`DataOps::upload_vec`]). Each rule is timed ([`Gradients::profile`]). Operations a
+//! UNet2DModel does not use compute their value but have no rule yet: a gradient that
+//! reaches one is an error naming it.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

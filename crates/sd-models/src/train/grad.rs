@@ -133,7 +133,7 @@ pub fn conv2d_backward(
             (0..n)
                 .map(|b| {
                     let values = &dy[(b * c_out + o) * plane..][..plane];
-                    crate::cpu::math::dispatch!(isa, lane_sum(values, f64::from))
+                    crate::cpu::math::dispatch!(isa, crate::cpu::norm::sum_blocks(values, |v| v))
                 })
                 .sum::<f64>() as f32
         })
@@ -472,7 +472,6 @@ pub fn group_norm_backward(
     check_len("group_norm_backward", "gamma", gamma.len(), c)?;
     check_len("group_norm_backward", "beta", beta.len(), c)?;
     let cg = c / groups;
-    let m = (cg * hw) as f64;
     let mut dx = crate::cpu::pool::take(x.len());
     if dx.is_empty() {
         return Ok((dx, vec![0.0; c], vec![0.0; c]));
@@ -489,12 +488,20 @@ pub fn group_norm_backward(
             let channels = (&gamma[g * cg..][..cg], &beta[g * cg..][..cg]);
             let dys = &dy[start..][..cg * hw];
             let isa = crate::cpu::CpuIsa::detect();
-            crate::cpu::math::dispatch!(isa, {
-                let mean = lane_sum(xs, f64::from) / m;
-                let var = lane_sum(xs, |v| (f64::from(v) - mean).powi(2)) / m;
-                let rstd = 1.0 / (var + eps).sqrt();
-                group_norm_block_backward(xs, dys, channels, (mean, rstd, hw), silu, dxs)
-            })
+            // The forward's own statistics.
+            let (mean, var) = crate::cpu::norm::mean_var(isa, xs);
+            let rstd = 1.0 / (f64::from(var) + eps).sqrt();
+            crate::cpu::math::dispatch!(
+                isa,
+                group_norm_block_backward(
+                    xs,
+                    dys,
+                    channels,
+                    (f64::from(mean), rstd, hw),
+                    silu,
+                    dxs
+                )
+            )
         })
         .collect();
     let (mut dgamma, mut dbeta) = (vec![0.0f64; c], vec![0.0f64; c]);
@@ -509,24 +516,9 @@ pub fn group_norm_backward(
     Ok((dx, f(dgamma), f(dbeta)))
 }
 
-/// Lanes of the sums below: independent accumulators the compiler keeps in vector registers
-/// (one running sum would be a chain of dependent additions, one value at a time).
+/// Lanes of the channel sums below: independent accumulators the compiler keeps in vector
+/// registers (one running sum would be a chain of dependent additions, one value at a time).
 const LANES: usize = 16;
-
-/// The sum of `f` over `xs` in `f64`, in [`LANES`] interleaved partial sums added at the
-/// end (a fixed order: the same result on every run).
-#[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a += f(v);
-        }
-    }
-    acc.iter().sum::<f64>() + tail.iter().map(|&v| f(v)).sum::<f64>()
-}
 
 /// One (image, group) block of [`group_norm_backward`]: `xs` and `dys` its `cg * hw` values,
 /// `gamma` and `beta` its channels', the group's mean and reciprocal standard deviation.
