@@ -392,6 +392,15 @@ pub fn cpu_backend(bf16: bool) -> Result<sd_models::CpuBackend> {
     sd_models::CpuBackend::new().with_precision(precision)
 }
 
+/// `n` deterministic inputs in [-0.5, 0.5] (a sine of the index, shifted by `seed`): the
+/// benchmarks' stand-in for images, latents and embeddings, whose values do not change the
+/// time.
+pub fn data(n: usize, seed: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32) * 0.618 + seed).sin() * 0.5)
+        .collect()
+}
+
 /// The median of some durations (0 for none).
 pub fn median(times: &mut [Duration]) -> Duration {
     times.sort();

@@ -10,17 +10,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sd_benches::data;
 use sd_models::CpuBackend;
 use sd_models::backend::{
     ActivationOps, AttentionMask, AttentionOps, Conv2dParams, ConvOps, DataOps, MatmulOps, NormOps,
 };
 use sd_models::cpu::CpuPrecision;
-
-fn data(n: usize, seed: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i as f32) * 0.618 + seed).sin() * 0.5)
-        .collect()
-}
 
 fn bench(c: &mut Criterion) {
     let cpu = CpuBackend::new();

@@ -27,7 +27,7 @@
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use sd_benches::{Profiled, median};
+use sd_benches::{Profiled, data, median};
 use sd_cuda::{CudaBackend, CudaOptions};
 use sd_models::backend::{Backend, DType, DataOps};
 use sd_models::nn::RandomWeights;
@@ -78,12 +78,6 @@ fn options() -> Result<Options, String> {
         return Err(format!("--size {}: the UNet needs a multiple of 8", o.size));
     }
     Ok(o)
-}
-
-fn data(n: usize, seed: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i as f32) * 0.618 + seed).sin() * 0.5)
-        .collect()
 }
 
 /// Seconds per call of `f` (median of `runs` after `warm` calls), each call synchronised.

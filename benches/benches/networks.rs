@@ -25,7 +25,7 @@
 
 use std::time::{Duration, Instant};
 
-use sd_benches::{Profiled, cpu_time, median, minor_faults, peak_rss};
+use sd_benches::{Profiled, cpu_time, data, median, minor_faults, peak_rss};
 use sd_models::CpuBackend;
 use sd_models::backend::{DType, DataOps, MatmulOps};
 use sd_models::clip::{ClipTextConfig, ClipTextModel};
@@ -83,12 +83,6 @@ fn options() -> Options {
         o.names = NAMES.iter().map(|s| s.to_string()).collect();
     }
     o
-}
-
-fn data(n: usize, seed: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i as f32) * 0.618 + seed).sin() * 0.5)
-        .collect()
 }
 
 /// The median GFLOP/s of a 2048^3 f32 product through the backend.

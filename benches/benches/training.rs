@@ -10,7 +10,7 @@
 //!
 //! The issue this measures asks a backward pass to cost about twice its forward pass (its
 //! products do twice the forward's work: the input's and the weights' gradients). The
-//! weights are random (seed 0), the inputs fixed pseudo-random values; the time does not
+//! weights are random (seed 0), the inputs `sd_benches::data`; the time does not
 //! depend on either. The forward runs through [`Profiled`], which adds a lock and a clock
 //! read per operation (a few hundred per pass).
 
@@ -19,7 +19,7 @@
 
 use std::time::{Duration, Instant};
 
-use sd_benches::{Profiled, median, peak_rss};
+use sd_benches::{Profiled, data, median, peak_rss};
 use sd_models::CpuBackend;
 use sd_models::backend::DataOps;
 use sd_models::nn::{ClassLabels, RandomWeights};
@@ -56,19 +56,6 @@ fn options() -> Options {
     o
 }
 
-/// Deterministic values in [-1, 1).
-fn data(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 /// What one step took.
 struct Step {
     forward: Duration,
@@ -86,7 +73,7 @@ fn step(config: &Unet2DConfig, batch: usize) -> Step {
             .unwrap();
     let (c, s) = (config.in_channels, SIDE);
     let shape = [batch, c, s, s];
-    let x = ad.upload(&data(batch * c * s * s, 1), &shape).unwrap();
+    let x = ad.upload(&data(batch * c * s * s, 0.1), &shape).unwrap();
     let timesteps: Vec<f64> = (0..batch).map(|i| ((i * 37) % 1000) as f64).collect();
     let labels: Vec<u32> = (0..batch).map(|i| (i % 10) as u32).collect();
     let labels = config.num_class_embeds.map(|_| ClassLabels::Ids(&labels));
@@ -98,7 +85,7 @@ fn step(config: &Unet2DConfig, batch: usize) -> Step {
     let product_flops = profiled.total_flops();
     let seed = ad
         .inner()
-        .upload(&data(batch * c * s * s, 2), &shape)
+        .upload(&data(batch * c * s * s, 0.2), &shape)
         .unwrap();
     let t0 = Instant::now();
     let grads = ad.backward(&out, &seed).unwrap();
