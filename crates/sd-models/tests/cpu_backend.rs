@@ -171,3 +171,24 @@ fn results_do_not_depend_on_the_thread_count() {
     assert_eq!(one, two, "1 vs 2 threads");
     assert_eq!(one, three, "1 vs 3 threads");
 }
+
+/// `upload_vec` takes the buffer as the tensor (the same values as `upload`), refuses a
+/// length the shape does not have, and `host_values` gives the values row-major whether it
+/// can borrow them (a contiguous tensor) or must gather them (a permuted view).
+#[test]
+fn owned_uploads_and_borrowed_values_agree_with_upload_and_download() {
+    let cpu = CpuBackend::new();
+    let values: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let owned = cpu.upload_vec(values.clone(), &[2, 3, 4]).unwrap();
+    assert_eq!(cpu.download(&owned).unwrap(), values);
+    assert_eq!(&*cpu.host_values(&owned).unwrap(), values.as_slice());
+    let e = cpu.upload_vec(values.clone(), &[5, 5]).unwrap_err();
+    assert!(matches!(e, sd_models::Error::Shape { .. }), "{e}");
+    let e = cpu.upload_vec(Vec::new(), &[1]).unwrap_err();
+    assert!(matches!(e, sd_models::Error::Shape { .. }), "{e}");
+    let permuted = cpu.permute(&owned, &[2, 0, 1]).unwrap();
+    assert_eq!(
+        cpu.host_values(&permuted).unwrap().into_owned(),
+        cpu.download(&permuted).unwrap()
+    );
+}
