@@ -33,7 +33,9 @@ pub struct OpStats {
 pub struct Profiled<B> {
     inner: B,
     stats: Arc<Mutex<BTreeMap<&'static str, OpStats>>>,
+    shapes: Arc<Mutex<BTreeMap<String, OpStats>>>,
     enabled: bool,
+    by_shape: bool,
 }
 
 impl<B: Backend> Profiled<B> {
@@ -42,8 +44,23 @@ impl<B: Backend> Profiled<B> {
         Profiled {
             inner,
             stats: Arc::default(),
+            shapes: Arc::default(),
             enabled,
+            by_shape: false,
         }
+    }
+
+    /// Also records the products (linear, matmul, convolutions, attention) per operand
+    /// shapes: see [`Profiled::shape_stats`].
+    pub fn with_shapes(mut self) -> Self {
+        self.by_shape = true;
+        self
+    }
+
+    /// What has been recorded per product and operand shapes (with [`Profiled::with_shapes`]),
+    /// keyed by the operation's name followed by its operands' shapes.
+    pub fn shape_stats(&self) -> BTreeMap<String, OpStats> {
+        self.shapes.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// The wrapped backend.
@@ -61,6 +78,9 @@ impl<B: Backend> Profiled<B> {
         if let Ok(mut s) = self.stats.lock() {
             s.clear();
         }
+        if let Ok(mut s) = self.shapes.lock() {
+            s.clear();
+        }
     }
 
     /// The floating-point operations recorded, in all.
@@ -69,17 +89,42 @@ impl<B: Backend> Profiled<B> {
     }
 
     fn record<T>(&self, op: &'static str, flops: u64, f: impl FnOnce() -> T) -> T {
+        self.record_product(op, &[], flops, f)
+    }
+
+    /// As `record`, and under `op` with the shapes of `operands` when recording by shape.
+    fn record_product<T>(
+        &self,
+        op: &'static str,
+        operands: &[&B::Tensor],
+        flops: u64,
+        f: impl FnOnce() -> T,
+    ) -> T {
         if !self.enabled {
             return f();
         }
+        let key = (self.by_shape && !operands.is_empty()).then(|| {
+            let shapes: Vec<String> = operands
+                .iter()
+                .map(|t| format!("{:?}", self.inner.shape(t)))
+                .collect();
+            format!("{op} {}", shapes.join(" "))
+        });
         let t0 = Instant::now();
         let out = f();
         let dt = t0.elapsed();
-        if let Ok(mut s) = self.stats.lock() {
-            let e = s.entry(op).or_default();
+        let add = |e: &mut OpStats| {
             e.calls += 1;
             e.time += dt;
             e.flops += flops;
+        };
+        if let Ok(mut s) = self.stats.lock() {
+            add(s.entry(op).or_default());
+        }
+        if let Some(key) = key
+            && let Ok(mut s) = self.shapes.lock()
+        {
+            add(s.entry(key).or_default());
         }
         out
     }
@@ -190,7 +235,7 @@ impl<B: Backend> MatmulOps for Profiled<B> {
         let (sa, sb) = (self.shape(a), self.shape(b));
         let n = sb.last().copied().unwrap_or(0) as u64;
         let flops = 2 * product(sa) * n;
-        self.record("matmul", flops, || self.inner.matmul(a, b))
+        self.record_product("matmul", &[a, b], flops, || self.inner.matmul(a, b))
     }
 
     fn linear(
@@ -201,7 +246,9 @@ impl<B: Backend> MatmulOps for Profiled<B> {
     ) -> Result<Self::Tensor> {
         let out = self.shape(weight).first().copied().unwrap_or(0) as u64;
         let flops = 2 * product(self.shape(x)) * out;
-        self.record("linear", flops, || self.inner.linear(x, weight, bias))
+        self.record_product("linear", &[x, weight], flops, || {
+            self.inner.linear(x, weight, bias)
+        })
     }
 }
 
@@ -223,7 +270,9 @@ impl<B: Backend> ConvOps for Profiled<B> {
             [_, _, 1, 1] => "conv2d 1x1",
             _ => "conv2d 3x3",
         };
-        self.record(name, flops, || self.inner.conv2d(x, weight, bias, params))
+        self.record_product(name, &[x, weight], flops, || {
+            self.inner.conv2d(x, weight, bias, params)
+        })
     }
 
     fn upsample_nearest2x_conv2d(
@@ -234,7 +283,7 @@ impl<B: Backend> ConvOps for Profiled<B> {
         params: Conv2dParams,
     ) -> Result<Self::Tensor> {
         let flops = conv_flops(self.shape(x), self.shape(weight), params, 2);
-        self.record("upsample + conv2d 3x3", flops, || {
+        self.record_product("upsample + conv2d 3x3", &[x, weight], flops, || {
             self.inner
                 .upsample_nearest2x_conv2d(x, weight, bias, params)
         })
@@ -318,7 +367,7 @@ impl<B: Backend> AttentionOps for Profiled<B> {
             }
             _ => 0,
         };
-        self.record("attention", flops, || {
+        self.record_product("attention", &[q, k, v], flops, || {
             self.inner.attention(q, k, v, mask, scale)
         })
     }

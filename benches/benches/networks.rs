@@ -18,7 +18,8 @@
 //! machine's measured f32 GEMM peak (a 2048^3 product through the backend, measured in the
 //! same run), the average number of busy cores, and the peak resident memory of a process
 //! that ran only that network (each network runs in a child process of its own). `--profile`
-//! adds the time per operation. `--bf16` multiplies in bf16 (AVX512-BF16); `--dtype f16` or
+//! adds the time per operation in the timed passes, `--shapes` the products that took
+//! longest per operand shapes. `--bf16` multiplies in bf16 (AVX512-BF16); `--dtype f16` or
 //! `bf16` hands the networks half-precision weights.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -42,6 +43,7 @@ struct Options {
     names: Vec<String>,
     runs: usize,
     profile: bool,
+    shapes: bool,
     dtype: DType,
     child: bool,
     peak_gflops: Option<f64>,
@@ -53,6 +55,7 @@ fn options() -> Options {
         names: Vec::new(),
         runs: 3,
         profile: false,
+        shapes: false,
         dtype: DType::F32,
         child: false,
         peak_gflops: None,
@@ -63,6 +66,7 @@ fn options() -> Options {
         match a.as_str() {
             "--runs" => o.runs = args.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--profile" => o.profile = true,
+            "--shapes" => o.shapes = true,
             "--dtype" => {
                 o.dtype = sd_benches::parse_dtype(args.next().as_deref()).unwrap();
             }
@@ -112,7 +116,8 @@ fn measure(
     backend.reset();
     forward();
     let flops = backend.total_flops() as f64;
-    let warm = backend.stats();
+    // The profile covers the timed passes, not the warm-up (first touches of memory).
+    backend.reset();
     let cpu0 = cpu_time();
     let faults0 = minor_faults();
     let wall0 = Instant::now();
@@ -145,23 +150,45 @@ fn measure(
         faults * 4096.0 / (1 << 20) as f64
     );
     if o.profile {
-        let mut rows: Vec<_> = warm.into_iter().collect();
-        rows.sort_by_key(|r| std::cmp::Reverse(r.1.time));
-        let total: f64 = rows.iter().map(|r| r.1.time.as_secs_f64()).sum();
-        for (op, s) in rows {
-            let secs = s.time.as_secs_f64();
-            let rate = if s.flops > 0 {
-                format!("{:>6.1} GFLOP/s", s.flops as f64 / secs / 1e9)
-            } else {
-                String::new()
-            };
-            println!(
-                "          {op:<16} {:>5} calls {:>9.1} ms {:>5.1}%  {rate}",
-                s.calls,
-                secs * 1e3,
-                100.0 * secs / total
-            );
-        }
+        let rows: Vec<_> = backend.stats().into_iter().collect();
+        print_profile(rows, o.runs, usize::MAX);
+    }
+    if o.shapes {
+        println!("          the {SHAPE_ROWS} products that took longest, by operand shapes:");
+        print_profile(
+            backend.shape_stats().into_iter().collect(),
+            o.runs,
+            SHAPE_ROWS,
+        );
+    }
+}
+
+/// Rows of `--shapes`.
+const SHAPE_ROWS: usize = 30;
+
+/// Prints the first `rows` of a profile of `runs` passes, longest first, per pass.
+fn print_profile<K: std::fmt::Display>(
+    mut stats: Vec<(K, sd_benches::OpStats)>,
+    runs: usize,
+    rows: usize,
+) {
+    stats.sort_by_key(|r| std::cmp::Reverse(r.1.time));
+    let total: f64 = stats.iter().map(|r| r.1.time.as_secs_f64()).sum();
+    let runs = runs.max(1);
+    for (op, s) in stats.into_iter().take(rows) {
+        let secs = s.time.as_secs_f64();
+        let rate = if s.flops > 0 {
+            format!("{:>6.1} GFLOP/s", s.flops as f64 / secs / 1e9)
+        } else {
+            String::new()
+        };
+        println!(
+            "          {:<16} {:>5} calls {:>9.1} ms {:>5.1}%  {rate}",
+            op.to_string(),
+            s.calls / runs as u64,
+            secs * 1e3 / runs as f64,
+            100.0 * secs / total
+        );
     }
 }
 
@@ -169,6 +196,11 @@ fn run_one(name: &str, o: &Options) {
     let cpu = sd_benches::cpu_backend(o.bf16).expect("bf16 products need AVX512-BF16");
     let products = if o.bf16 { "bf16 products" } else { "f32" };
     let backend = Profiled::new(cpu, true);
+    let backend = if o.shapes {
+        backend.with_shapes()
+    } else {
+        backend
+    };
     let weights = RandomWeights::new(0).with_dtype(o.dtype);
     let dt = o.dtype;
     match name {
@@ -348,6 +380,9 @@ fn main() {
             .args(["--runs", &o.runs.to_string()])
             .args(["--peak", &peak.to_string()])
             .args(["--dtype", &o.dtype.name().to_lowercase()]);
+        if o.shapes {
+            cmd.arg("--shapes");
+        }
         if o.profile {
             cmd.arg("--profile");
         }
