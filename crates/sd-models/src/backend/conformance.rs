@@ -502,8 +502,16 @@ fn check_linear<B: Backend>(c: &mut Ctx<'_, B>) -> Result<()> {
 }
 
 fn check_conv2d<B: Backend>(c: &mut Ctx<'_, B>) -> Result<()> {
-    let cases: [(&[usize], &[usize], Conv2dParams, bool); 6] = [
+    let cases: [(&[usize], &[usize], Conv2dParams, bool); 8] = [
         (&[2, 4, 9, 7], &[6, 4, 3, 3], Conv2dParams::new(1, 1), true),
+        // Batches of small images, which a backend may run as one product.
+        (&[3, 5, 4, 4], &[6, 5, 3, 3], Conv2dParams::new(1, 1), true),
+        (
+            &[2, 3, 8, 6],
+            &[13, 3, 3, 3],
+            Conv2dParams::new(2, 1),
+            false,
+        ),
         (&[1, 3, 8, 8], &[5, 3, 3, 3], Conv2dParams::new(2, 1), true),
         (&[2, 8, 5, 6], &[4, 8, 1, 1], Conv2dParams::new(1, 0), true),
         (&[1, 2, 7, 9], &[3, 2, 3, 3], Conv2dParams::new(2, 0), false),

@@ -91,6 +91,14 @@ impl CpuBackend {
             Some(b) => Some(contiguous(b, "conv2d")?),
             None => None,
         };
+        let pixels = ho * wo;
+        let isa = self.isa();
+        // Images whose pixels fill less than two column tiles go through one product for
+        // the whole batch: the tiles are full and each weight, read from memory once, meets
+        // every image. Measured on the UNet's 4x4 layers (1280 channels, batch 2): 15-20%
+        // faster; on its 8x8 layers it was 5-10% slower, so larger images keep a product
+        // each.
+        let together = n > 1 && pixels < 2 * isa.nr();
         let geom = ConvGeom {
             c,
             h,
@@ -101,32 +109,57 @@ impl CpuBackend {
             params,
             ho,
             wo,
+            images: if together { n } else { 1 },
         };
-        let isa = self.isa();
         let precision = self.precision();
         let packed = weight.packed_rows(isa, precision, o, geom.k())?;
         // Every value is written by the product.
-        let mut out = super::pool::take(n * o * ho * wo);
+        let mut out = super::pool::take(n * o * pixels);
         let plane = c * h * w;
-        let products: Vec<Product<'_>> = (0..n)
-            .map(|img| Product {
-                m: o,
-                n: geom.n(),
-                k: geom.k(),
-                a: ASource::Packed(packed.panels(), geom.k()),
-                b: BSource::Conv(&xs[img * plane..(img + 1) * plane], geom),
-                start: bias.map_or(Start::Zero, Start::RowBias),
-                precision,
-            })
-            .collect();
-        let outputs: Vec<*mut f32> = out
-            .chunks_mut(o * ho * wo)
-            .map(<[f32]>::as_mut_ptr)
-            .collect();
-        // SAFETY: each product writes its own image's `[o, ho * wo]` block of `out`; the
-        // weights were packed for `isa`, which the backend checked is supported; the input
-        // slices hold `[c, h, w]` images and the bias `o` values (checked above).
-        unsafe { run(isa, &products, &outputs, ho * wo, threads()) };
+        let product = |b| Product {
+            m: o,
+            n: geom.n(),
+            k: geom.k(),
+            a: ASource::Packed(packed.panels(), geom.k()),
+            b: BSource::Conv(b, geom),
+            start: bias.map_or(Start::Zero, Start::RowBias),
+            precision,
+        };
+        if together {
+            // C is `[o, n * pixels]`, then each image's columns move to their place.
+            let mut c_all = super::pool::take(n * o * pixels);
+            // SAFETY: the product writes `[o, n * pixels]` into `c_all`; the weights were
+            // packed for `isa`, which the backend checked is supported; `xs` holds `n`
+            // `[c, h, w]` images and the bias `o` values (checked above).
+            unsafe {
+                run(
+                    isa,
+                    &[product(xs)],
+                    &[c_all.as_mut_ptr()],
+                    n * pixels,
+                    threads(),
+                )
+            };
+            for (img, dst) in out.chunks_exact_mut(o * pixels).enumerate() {
+                for (row, d) in dst.chunks_exact_mut(pixels).enumerate() {
+                    let at = (row * n + img) * pixels;
+                    d.copy_from_slice(&c_all[at..at + pixels]);
+                }
+            }
+            super::pool::give(c_all);
+        } else {
+            let products: Vec<Product<'_>> = (0..n)
+                .map(|img| product(&xs[img * plane..(img + 1) * plane]))
+                .collect();
+            let outputs: Vec<*mut f32> = out
+                .chunks_mut(o * pixels)
+                .map(<[f32]>::as_mut_ptr)
+                .collect();
+            // SAFETY: each product writes its own image's `[o, ho * wo]` block of `out`; the
+            // weights were packed for `isa`, which the backend checked is supported; the
+            // input slices hold `[c, h, w]` images and the bias `o` values (checked above).
+            unsafe { run(isa, &products, &outputs, pixels, threads()) };
+        }
         CpuTensor::from_vec(&[n, o, ho, wo], out)
     }
 }

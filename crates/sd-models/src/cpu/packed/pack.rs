@@ -325,7 +325,8 @@ pub(crate) fn pack_cols_into(b: Strided<'_>, n: usize, k: usize, nr: usize, dst:
 }
 
 /// The geometry of a convolution's implicit B operand: rows `k = (c, ki, kj)` (the weight's
-/// `[C, kh, kw]` order), columns `n = (oy, ox)` (the output's pixels). With `up == 2` the
+/// `[C, kh, kw]` order), columns `n = (image, oy, ox)` (the output's pixels of `images`
+/// images stored one after the other, side by side in the columns). With `up == 2` the
 /// convolution sees the `[C, H, W]` image upsampled by nearest neighbour to `2H x 2W`, read
 /// from the small one (pixel `(y, x)` of the large image is `(y / 2, x / 2)`); `up` is 1 or 2.
 #[derive(Debug, Clone, Copy)]
@@ -339,6 +340,8 @@ pub(crate) struct ConvGeom {
     pub params: Conv2dParams,
     pub ho: usize,
     pub wo: usize,
+    /// Images in the source, each `[C, H, W]`; their output pixels follow one another.
+    pub images: usize,
 }
 
 impl ConvGeom {
@@ -347,9 +350,9 @@ impl ConvGeom {
         self.c * self.kh * self.kw
     }
 
-    /// Columns of the unfolded input (output pixels).
+    /// Columns of the unfolded input (output pixels of every image).
     pub fn n(&self) -> usize {
-        self.ho * self.wo
+        self.images * self.ho * self.wo
     }
 }
 
@@ -370,14 +373,18 @@ pub(crate) fn pack_conv_b(
     let (sh, sw) = g.params.stride;
     let (ph, pw) = g.params.padding;
     let taps = g.kh * g.kw;
-    // The pixel block as runs along output rows: (first column j, oy, first ox, length).
-    let mut runs = [(0_usize, 0_usize, 0_usize, 0_usize); 64];
+    // The pixel block as runs along output rows: (first column j, offset of the image in
+    // `x`, oy, first ox, length).
+    let mut runs = [(0_usize, 0_usize, 0_usize, 0_usize, 0_usize); 64];
     let mut n_runs = 0;
     let mut j = 0;
+    let pixels = g.ho * g.wo;
+    let image = g.c * g.h * g.w;
     while j < cols && n_runs < runs.len() {
-        let (oy, ox) = ((n0 + j) / g.wo, (n0 + j) % g.wo);
+        let (img, pixel) = ((n0 + j) / pixels, (n0 + j) % pixels);
+        let (oy, ox) = (pixel / g.wo, pixel % g.wo);
         let len = (g.wo - ox).min(cols - j);
-        runs[n_runs] = (j, oy, ox, len);
+        runs[n_runs] = (j, img * image, oy, ox, len);
         n_runs += 1;
         j += len;
     }
@@ -390,9 +397,10 @@ pub(crate) fn pack_conv_b(
     let (mut c, tap) = (k0 / taps, k0 % taps);
     let (mut ki, mut kj) = (tap / g.kw, tap % g.kw);
     for d in dst[..kc * nr].chunks_exact_mut(nr) {
-        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        let channel = c * g.h * g.w;
         d[cols..].fill(0.0);
-        for &(j0, oy, ox0, len) in runs {
+        for &(j0, at, oy, ox0, len) in runs {
+            let plane = &x[at + channel..at + channel + g.h * g.w];
             let out = &mut d[j0..j0 + len];
             let iy = (oy * sh + ki) as isize - ph as isize;
             if iy < 0 || iy >= vh as isize {
