@@ -393,6 +393,8 @@ pub(crate) fn pack_conv_b(
     // the stored image's (`up` is 1 or 2).
     let (vh, vw) = (g.h * g.up, g.w * g.up);
     let shift = g.up.trailing_zeros();
+    #[cfg(target_arch = "x86_64")]
+    let wide = std::arch::is_x86_feature_detected!("avx512f");
     // (c, ki, kj) of row k0, then stepped along (no division per row).
     let (mut c, tap) = (k0 / taps, k0 % taps);
     let (mut ki, mut kj) = (tap / g.kw, tap % g.kw);
@@ -411,6 +413,15 @@ pub(crate) fn pack_conv_b(
             let row = &plane[iy * g.w..(iy + 1) * g.w];
             // Input column of output column ox: ox * sw + kj - pw.
             let first = (ox0 * sw + kj) as isize - pw as isize;
+            #[cfg(target_arch = "x86_64")]
+            if sw == 1 && g.up == 1 && wide {
+                // SAFETY: AVX-512F was detected.
+                unsafe { copy_clipped_avx512(out, row, first) };
+                let s = first.max(0) as usize;
+                prefetch(row, s + nr);
+                prefetch(row, s + nr + 16);
+                continue;
+            }
             if sw == 1 && g.up == 1 {
                 // A contiguous stretch of the row, clipped at both borders.
                 let lo = (-first).clamp(0, len as isize) as usize;
@@ -461,6 +472,33 @@ pub(crate) fn pack_conv_b(
     }
 }
 
+/// `out[t] = row[first + t]` where `first + t` lies in `row`, zero elsewhere: a stretch of
+/// an image row clipped at both borders, 16 values a masked load and store (a masked-off
+/// lane reads no memory, so the loads may start before the row or end after it).
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_clipped_avx512(out: &mut [f32], row: &[f32], first: isize) {
+    use std::arch::x86_64::*;
+    let (len, width) = (out.len(), row.len() as isize);
+    for t in (0..len).step_by(16) {
+        let n = (len - t).min(16) as u32;
+        let start = first + t as isize;
+        let lo = (-start).clamp(0, n as isize) as u32;
+        let hi = (width - start).clamp(0, n as isize) as u32;
+        let valid = ((1_u32 << hi) - 1) & !((1_u32 << lo) - 1);
+        // SAFETY: the loaded lanes are those of `row[start + lo .. start + hi]`, inside
+        // `row`; masked-off lanes are not read (the pointer to them is never dereferenced);
+        // the store covers `out[t .. t + n]`.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(valid as __mmask16, row.as_ptr().wrapping_offset(start));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(t), ((1_u32 << n) - 1) as __mmask16, v);
+        }
+    }
+}
+
 /// Asks for the cache line holding `data[at]` (nothing past the slice's end).
 #[inline(always)]
 fn prefetch(data: &[f32], at: usize) {
@@ -492,8 +530,68 @@ pub(crate) fn bf16_bits(x: f32) -> u32 {
 /// An f32 micro-panel of `kc` groups of `width` values as bf16 pairs: `kc.div_ceil(2)`
 /// groups of `width` `u32`, each holding groups `2p` (low half) and `2p + 1` (high half) of
 /// the same position; a missing last group is zero.
+///
+/// Where the CPU converts to bf16 itself (AVX512-BF16 with AVX512BW), it does, 16 values
+/// an instruction: the same bits as [`bf16_bits`] but for subnormal values, which become
+/// zero (as `vdpbf16ps`, the only reader of these pairs, reads subnormals anyway).
 #[inline(always)]
 pub(crate) fn pair_panel(src: &[f32], kc: usize, width: usize, dst: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+    {
+        // SAFETY: the features were detected.
+        unsafe { pair_panel_avx512(src, kc, width, dst) };
+        return;
+    }
+    pair_panel_scalar(src, kc, width, dst);
+}
+
+/// [`pair_panel`] with AVX512-BF16's conversion: two vectors of 16 f32 (rows `2p` and
+/// `2p + 1`) become 32 bf16 (`vcvtne2ps2bf16`), interleaved into 16 pairs (`vpermw`).
+///
+/// # Safety
+/// The CPU supports AVX-512F, AVX512BW and AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pair_panel_avx512(src: &[f32], kc: usize, width: usize, dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let pairs = kc.div_ceil(2);
+    let (src, dst) = (&src[..kc * width], &mut dst[..pairs * width]);
+    // Word 2j of the result is word j (row 2p, value j), word 2j + 1 is word 16 + j (row
+    // 2p + 1, value j).
+    let order: [i16; 32] = std::array::from_fn(|i| (i / 2 + 16 * (i % 2)) as i16);
+    // SAFETY: `order` holds 64 bytes.
+    let order = unsafe { _mm512_loadu_si512(order.as_ptr().cast()) };
+    for (p, d) in dst.chunks_exact_mut(width).enumerate() {
+        let even = &src[2 * p * width..(2 * p + 1) * width];
+        let odd = src.get((2 * p + 1) * width..(2 * p + 2) * width);
+        for j in (0..width).step_by(16) {
+            let mask: __mmask16 = if width - j >= 16 {
+                0xffff
+            } else {
+                (1_u16 << (width - j)) - 1
+            };
+            // SAFETY: the masks keep the loads inside `even` and `odd` and the store inside
+            // `d`, all `width` values long from `j`.
+            unsafe {
+                let e = _mm512_maskz_loadu_ps(mask, even.as_ptr().add(j));
+                let o = match odd {
+                    Some(odd) => _mm512_maskz_loadu_ps(mask, odd.as_ptr().add(j)),
+                    None => _mm512_setzero_ps(),
+                };
+                let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(o, e));
+                let paired = _mm512_permutexvar_epi16(order, both);
+                _mm512_mask_storeu_epi32(d.as_mut_ptr().add(j).cast(), mask, paired);
+            }
+        }
+    }
+}
+
+/// [`pair_panel`] one value at a time, with [`bf16_bits`].
+#[inline(always)]
+fn pair_panel_scalar(src: &[f32], kc: usize, width: usize, dst: &mut [u32]) {
     let pairs = kc.div_ceil(2);
     for (p, d) in dst[..pairs * width].chunks_exact_mut(width).enumerate() {
         let even = &src[2 * p * width..(2 * p + 1) * width];
@@ -528,6 +626,54 @@ pub(crate) fn pair_packing(packed: &[f32], k: usize, width: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CPU's conversion gives the bits of `bf16_bits` (rounding to nearest even, ties
+    /// included, infinities, signed zeros) on every width and an odd or even `kc`; a
+    /// subnormal becomes a zero of its sign.
+    #[test]
+    fn paired_panels_match_the_definition() {
+        let special = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.5,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            // Exactly halfway between two bf16 values, below and above an even one.
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x3f80_7fff),
+        ];
+        for width in [12, 16, 32] {
+            for kc in [1, 2, 7, 8, 33] {
+                let src: Vec<f32> = (0..kc * width)
+                    .map(|i| match i % 5 {
+                        0 => special[i / 5 % special.len()],
+                        _ => ((i as f32) * 0.618).sin() * 1e3_f32.powi((i % 7) as i32 - 3),
+                    })
+                    .collect();
+                let pairs = kc.div_ceil(2);
+                let mut fast = vec![7_u32; pairs * width + 3];
+                let mut slow = fast.clone();
+                pair_panel(&src, kc, width, &mut fast);
+                pair_panel_scalar(&src, kc, width, &mut slow);
+                assert_eq!(fast, slow, "width {width}, kc {kc}");
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            let tiny = [f32::from_bits(1), -f32::from_bits(0x7f_ffff)];
+            let mut d = [0_u32; 16];
+            pair_panel(&[tiny[0]; 16], 1, 16, &mut d);
+            assert_eq!(d, [0; 16]);
+            pair_panel(&[tiny[1]; 16], 1, 16, &mut d);
+            assert_eq!(d, [0x8000; 16]);
+        }
+    }
 
     /// Every line length around the 16-value blocks, every line count up to the widest
     /// panel, in groups as wide as each kernel's: the values land where the definition puts
