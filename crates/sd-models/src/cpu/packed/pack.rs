@@ -395,6 +395,8 @@ pub(crate) fn pack_conv_b(
     let shift = g.up.trailing_zeros();
     #[cfg(target_arch = "x86_64")]
     let wide = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
     // (c, ki, kj) of row k0, then stepped along (no division per row).
     let (mut c, tap) = (k0 / taps, k0 % taps);
     let (mut ki, mut kj) = (tap / g.kw, tap % g.kw);
@@ -440,6 +442,12 @@ pub(crate) fn pack_conv_b(
                     prefetch(row, s + nr + 16);
                 }
                 out[hi.max(lo)..].fill(0.0);
+            } else if sw == 1 && wide {
+                // SAFETY: AVX-512F was detected; `up` is 2 here.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    copy_clipped_doubled_avx512(out, row, first)
+                };
             } else if sw == 1 {
                 // Upsampled, stride 1: each input value twice, clipped at both borders.
                 let lo = (-first).clamp(0, len as isize) as usize;
@@ -495,6 +503,39 @@ unsafe fn copy_clipped_avx512(out: &mut [f32], row: &[f32], first: isize) {
         unsafe {
             let v = _mm512_maskz_loadu_ps(valid as __mmask16, row.as_ptr().wrapping_offset(start));
             _mm512_mask_storeu_ps(out.as_mut_ptr().add(t), ((1_u32 << n) - 1) as __mmask16, v);
+        }
+    }
+}
+
+/// `out[t] = row[(first + t) / 2]` where `first + t` lies in the row upsampled twice
+/// (`0 .. 2 * row.len()`), zero elsewhere: [`copy_clipped_avx512`] for an image upsampled by
+/// nearest neighbour. Each 16 values come from 9 loaded ones, each twice (`vpermps`).
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_clipped_doubled_avx512(out: &mut [f32], row: &[f32], first: isize) {
+    use std::arch::x86_64::*;
+    let (len, width) = (out.len(), row.len() as isize);
+    // Lane i of 16 starting at an even (odd) position reads loaded value i / 2 ((i + 1) / 2).
+    let even = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let odd = _mm512_setr_epi32(0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8);
+    let span = |from: isize, to: isize| (((1_u32 << to) - 1) & !((1_u32 << from) - 1)) as u16;
+    for t in (0..len).step_by(16) {
+        let n = (len - t).min(16) as isize;
+        let start = first + t as isize;
+        let valid = span((-start).clamp(0, n), (2 * width - start).clamp(0, n));
+        let base = start.div_euclid(2);
+        let loaded = span((-base).clamp(0, 9), (width - base).clamp(0, 9));
+        let order = if start.rem_euclid(2) == 0 { even } else { odd };
+        // SAFETY: the loaded lanes are those of `row[base + from .. base + to]`, inside
+        // `row`; a valid lane's value index lies in `row`, so it was loaded; the store covers
+        // `out[t .. t + n]`.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(loaded, row.as_ptr().wrapping_offset(base));
+            let doubled = _mm512_maskz_permutexvar_ps(valid, order, v);
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(t), span(0, n), doubled);
         }
     }
 }
