@@ -1,9 +1,10 @@
 //! 2-D convolution for the CPU backend: an implicit GEMM per image (the weights, packed once,
 //! times the unfolded input, packed tile by tile straight from the image: no im2col buffer).
 
-use super::packed::pack::ConvGeom;
-use super::packed::{ASource, BSource, Product, Start, run};
-use super::{CpuBackend, CpuTensor, PackLayout, contiguous, threads};
+use super::math::dispatch;
+use super::packed::pack::{ConvGeom, pack_conv_b, pair_packing};
+use super::packed::{ASource, BSource, Panels, Product, Start, run};
+use super::{CpuBackend, CpuPrecision, CpuTensor, PackLayout, contiguous, threads};
 use crate::backend::{Conv2dParams, ConvOps};
 use crate::error::{Error, Result};
 
@@ -126,20 +127,36 @@ impl CpuBackend {
             precision,
         };
         if together {
+            // The unfolded input is a few column tiles: packed once here, not by every task
+            // (the tasks split the rows, and with 4x4 images packing cost as much as the
+            // products).
+            let (k, cols, nr) = (geom.k(), geom.n(), isa.nr());
+            let mut unfolded = vec![0.0; cols.div_ceil(nr) * k * nr];
+            for (strip, dst) in unfolded.chunks_exact_mut(k * nr).enumerate() {
+                let j = strip * nr;
+                dispatch!(
+                    isa,
+                    pack_conv_b(xs, &geom, 0, k, j, nr.min(cols - j), nr, dst)
+                );
+            }
+            let pairs = match precision {
+                CpuPrecision::F32 => Vec::new(),
+                CpuPrecision::Bf16 => pair_packing(&unfolded, k, nr),
+            };
+            let packed_b = match precision {
+                CpuPrecision::F32 => Panels::F32(&unfolded),
+                CpuPrecision::Bf16 => Panels::Bf16(&pairs),
+            };
+            let p = Product {
+                b: BSource::Packed(packed_b),
+                ..product(xs)
+            };
             // C is `[o, n * pixels]`, then each image's columns move to their place.
             let mut c_all = super::pool::take(n * o * pixels);
             // SAFETY: the product writes `[o, n * pixels]` into `c_all`; the weights were
-            // packed for `isa`, which the backend checked is supported; `xs` holds `n`
-            // `[c, h, w]` images and the bias `o` values (checked above).
-            unsafe {
-                run(
-                    isa,
-                    &[product(xs)],
-                    &[c_all.as_mut_ptr()],
-                    n * pixels,
-                    threads(),
-                )
-            };
+            // packed for `isa`, which the backend checked is supported, and the input in
+            // its precision for its `nr`; the bias holds `o` values (checked above).
+            unsafe { run(isa, &[p], &[c_all.as_mut_ptr()], n * pixels, threads()) };
             for (img, dst) in out.chunks_exact_mut(o * pixels).enumerate() {
                 for (row, d) in dst.chunks_exact_mut(pixels).enumerate() {
                     let at = (row * n + img) * pixels;
