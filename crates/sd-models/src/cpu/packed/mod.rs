@@ -872,19 +872,23 @@ mod tests {
                     isa.mr(),
                     precision,
                 );
-                for threads in [1, 2] {
-                    let mut out = vec![f32::NAN; o * ho * wo];
+                // The convolution of the images in `x` laid out as `g` says, on `threads`.
+                let convolve = |x: &[f32], g: ConvGeom, threads: usize| {
+                    let mut out = vec![f32::NAN; o * g.n()];
                     let p = Product {
                         m: o,
                         n: g.n(),
                         k: g.k(),
                         a: ASource::Packed(pa.panels(), g.k()),
-                        b: BSource::Conv(&x, g),
+                        b: BSource::Conv(x, g),
                         start: Start::Zero,
                         precision,
                     };
                     unsafe { run(isa, &[p], &[out.as_mut_ptr()], g.n(), threads) };
-                    close(&out, &want, g.k());
+                    out
+                };
+                for threads in [1, 2] {
+                    close(&convolve(&x, g, threads), &want, g.k());
                 }
                 // Three images side by side in the columns: the second and third are the
                 // first scaled, so their outputs are the first's scaled (exact in binary).
@@ -893,17 +897,7 @@ mod tests {
                     .iter()
                     .flat_map(|&s| x.iter().map(move |v| v * s))
                     .collect();
-                let mut out = vec![f32::NAN; o * g3.n()];
-                let p = Product {
-                    m: o,
-                    n: g3.n(),
-                    k: g.k(),
-                    a: ASource::Packed(pa.panels(), g.k()),
-                    b: BSource::Conv(&x3, g3),
-                    start: Start::Zero,
-                    precision,
-                };
-                unsafe { run(isa, &[p], &[out.as_mut_ptr()], g3.n(), 2) };
+                let out = convolve(&x3, g3, 2);
                 let pixels = ho * wo;
                 let want3: Vec<f64> = (0..o * g3.n())
                     .map(|i| {
