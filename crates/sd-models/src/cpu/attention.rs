@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::math::{dispatch, exp};
-use super::packed::pack::{Strided, pack_a, pack_cols_into, pair_packing, pair_panel};
+use super::packed::pack::{Strided, pack_a, pack_cols_into, pair_panel};
 use super::packed::{ASource, BSource, Panels, Product, Scratch, Start, run_serial};
 use super::{CpuBackend, CpuIsa, CpuPrecision, CpuTensor, PackedData, contiguous, threads};
 use crate::backend::{AttentionMask, AttentionOps};
@@ -103,15 +103,9 @@ fn pack_head(isa: CpuIsa, g: &Geometry, k: &[f32], v: &[f32]) -> PackedHead {
             pack_a(block, p * mr, mr.min(g.dv - p * mr), 0, kb, mr, panel);
         }
     }
-    match g.precision {
-        CpuPrecision::F32 => PackedHead {
-            k: PackedData::F32(kp),
-            v: PackedData::F32(vp),
-        },
-        CpuPrecision::Bf16 => PackedHead {
-            k: PackedData::Bf16(pair_packing(&kp, g.d, mr)),
-            v: PackedData::Bf16(pair_packing(&vp, BK, mr)),
-        },
+    PackedHead {
+        k: PackedData::in_precision(kp, g.d, mr, g.precision),
+        v: PackedData::in_precision(vp, BK, mr, g.precision),
     }
 }
 

@@ -2,9 +2,9 @@
 //! times the unfolded input, packed tile by tile straight from the image: no im2col buffer).
 
 use super::math::dispatch;
-use super::packed::pack::{ConvGeom, pack_conv_b, pair_packing};
-use super::packed::{ASource, BSource, Panels, Product, Start, run};
-use super::{CpuBackend, CpuPrecision, CpuTensor, PackLayout, contiguous, threads};
+use super::packed::pack::{ConvGeom, pack_conv_b};
+use super::packed::{ASource, BSource, Product, Start, run};
+use super::{CpuBackend, CpuTensor, PackLayout, PackedData, contiguous, threads};
 use crate::backend::{Conv2dParams, ConvOps};
 use crate::error::{Error, Result};
 
@@ -139,16 +139,9 @@ impl CpuBackend {
                     pack_conv_b(xs, &geom, 0, k, j, nr.min(cols - j), nr, dst)
                 );
             }
-            let pairs = match precision {
-                CpuPrecision::F32 => Vec::new(),
-                CpuPrecision::Bf16 => pair_packing(&unfolded, k, nr),
-            };
-            let packed_b = match precision {
-                CpuPrecision::F32 => Panels::F32(&unfolded),
-                CpuPrecision::Bf16 => Panels::Bf16(&pairs),
-            };
+            let unfolded = PackedData::in_precision(unfolded, k, nr, precision);
             let p = Product {
-                b: BSource::Packed(packed_b),
+                b: BSource::Packed(unfolded.panels()),
                 ..product(xs)
             };
             // C is `[o, n * pixels]`, then each image's columns move to their place.

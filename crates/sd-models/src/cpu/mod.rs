@@ -185,6 +185,20 @@ pub(crate) enum PackedData {
 }
 
 impl PackedData {
+    /// A whole-`K` f32 packing (panels `width` wide of `k` groups each) as a product in
+    /// `precision` reads it: itself, or as bf16 pairs.
+    pub(crate) fn in_precision(
+        f32s: Vec<f32>,
+        k: usize,
+        width: usize,
+        precision: CpuPrecision,
+    ) -> Self {
+        match precision {
+            CpuPrecision::F32 => PackedData::F32(f32s),
+            CpuPrecision::Bf16 => PackedData::Bf16(packed::pack::pair_packing(&f32s, k, width)),
+        }
+    }
+
     fn precision(&self) -> CpuPrecision {
         match self {
             PackedData::Bf16(_) => CpuPrecision::Bf16,
@@ -384,10 +398,9 @@ impl CpuTensor {
             PackLayout::Rows { mr } => (packed::pack::prepack_rows(w, rows, k, mr), mr),
             PackLayout::Cols { nr } => (packed::pack::prepack_cols(w, rows, k, nr), nr),
         };
-        Ok(PanelsCow::Owned(match precision {
-            CpuPrecision::F32 => PackedData::F32(f32s),
-            CpuPrecision::Bf16 => PackedData::Bf16(packed::pack::pair_packing(&f32s, k, width)),
-        }))
+        Ok(PanelsCow::Owned(PackedData::in_precision(
+            f32s, k, width, precision,
+        )))
     }
 
     /// As [`CpuTensor::packed`], keeping a half-precision weight in its half precision for

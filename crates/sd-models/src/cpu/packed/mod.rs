@@ -594,6 +594,7 @@ mod tests {
     use super::pack::{prepack_cols, prepack_rows};
     use super::*;
     use crate::backend::Conv2dParams;
+    use crate::cpu::PackedData;
 
     fn data(n: usize, seed: f32) -> Vec<f32> {
         (0..n).map(|i| ((i as f32) * 0.618 + seed).sin()).collect()
@@ -638,33 +639,6 @@ mod tests {
         }
     }
 
-    /// A whole-`K` packing in `precision`.
-    fn in_precision(
-        packed: &[f32],
-        k: usize,
-        width: usize,
-        precision: CpuPrecision,
-    ) -> PackedOwned {
-        match precision {
-            CpuPrecision::F32 => PackedOwned::F32(packed.to_vec()),
-            CpuPrecision::Bf16 => PackedOwned::Bf16(pack::pair_packing(packed, k, width)),
-        }
-    }
-
-    enum PackedOwned {
-        F32(Vec<f32>),
-        Bf16(Vec<u32>),
-    }
-
-    impl PackedOwned {
-        fn panels(&self) -> Panels<'_> {
-            match self {
-                PackedOwned::F32(v) => Panels::F32(v),
-                PackedOwned::Bf16(v) => Panels::Bf16(v),
-            }
-        }
-    }
-
     fn close(got: &[f32], want: &[f64], k: usize) {
         assert_eq!(got.len(), want.len());
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -692,8 +666,18 @@ mod tests {
                 let bias_c = data(n, 0.4);
                 // Exact given the operands the kernels see (bf16-rounded for bf16).
                 let want = naive(m, n, k, &seen(&a, precision), &seen(&b, precision));
-                let pa = in_precision(&prepack_rows(&a, m, k, isa.mr()), k, isa.mr(), precision);
-                let pb = in_precision(&prepack_cols(&bt, n, k, isa.nr()), k, isa.nr(), precision);
+                let pa = PackedData::in_precision(
+                    prepack_rows(&a, m, k, isa.mr()),
+                    k,
+                    isa.mr(),
+                    precision,
+                );
+                let pb = PackedData::in_precision(
+                    prepack_cols(&bt, n, k, isa.nr()),
+                    k,
+                    isa.nr(),
+                    precision,
+                );
                 let sa = Strided {
                     data: &a,
                     rs: k,
@@ -866,8 +850,8 @@ mod tests {
                     ..g
                 };
                 let want = naive_conv(&seen(&big, precision), &seen(&wt, precision), &g_big, o);
-                let pa = in_precision(
-                    &prepack_rows(&wt, o, g.k(), isa.mr()),
+                let pa = PackedData::in_precision(
+                    prepack_rows(&wt, o, g.k(), isa.mr()),
                     g.k(),
                     isa.mr(),
                     precision,
