@@ -393,10 +393,6 @@ pub(crate) fn pack_conv_b(
     // the stored image's (`up` is 1 or 2).
     let (vh, vw) = (g.h * g.up, g.w * g.up);
     let shift = g.up.trailing_zeros();
-    #[cfg(target_arch = "x86_64")]
-    let wide = std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let wide = false;
     // (c, ki, kj) of row k0, then stepped along (no division per row).
     let (mut c, tap) = (k0 / taps, k0 % taps);
     let (mut ki, mut kj) = (tap / g.kw, tap % g.kw);
@@ -415,48 +411,16 @@ pub(crate) fn pack_conv_b(
             let row = &plane[iy * g.w..(iy + 1) * g.w];
             // Input column of output column ox: ox * sw + kj - pw.
             let first = (ox0 * sw + kj) as isize - pw as isize;
-            #[cfg(target_arch = "x86_64")]
-            if sw == 1 && g.up == 1 && wide {
-                // SAFETY: AVX-512F was detected.
-                unsafe { copy_clipped_avx512(out, row, first) };
+            if sw == 1 && g.up == 1 {
+                copy_clipped(out, row, first);
+                // The next micro-panel reads the next `nr` values of these rows: dozens of
+                // streams at once, more than the hardware prefetchers follow.
                 let s = first.max(0) as usize;
                 prefetch(row, s + nr);
                 prefetch(row, s + nr + 16);
-                continue;
-            }
-            if sw == 1 && g.up == 1 {
-                // A contiguous stretch of the row, clipped at both borders.
-                let lo = (-first).clamp(0, len as isize) as usize;
-                let hi = ((g.w as isize - first).clamp(0, len as isize)) as usize;
-                out[..lo].fill(0.0);
-                if hi > lo {
-                    let s = (first + lo as isize) as usize;
-                    // A loop, not copy_from_slice: a call to memmove per run of at most
-                    // `nr` values costs more than the copy.
-                    for (o, &v) in out[lo..hi].iter_mut().zip(&row[s..s + (hi - lo)]) {
-                        *o = v;
-                    }
-                    // The next micro-panel reads the next `nr` values of these rows: dozens
-                    // of streams at once, more than the hardware prefetchers follow.
-                    prefetch(row, s + nr);
-                    prefetch(row, s + nr + 16);
-                }
-                out[hi.max(lo)..].fill(0.0);
-            } else if sw == 1 && wide {
-                // SAFETY: AVX-512F was detected; `up` is 2 here.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    copy_clipped_doubled_avx512(out, row, first)
-                };
             } else if sw == 1 {
-                // Upsampled, stride 1: each input value twice, clipped at both borders.
-                let lo = (-first).clamp(0, len as isize) as usize;
-                let hi = ((vw as isize - first).clamp(0, len as isize)) as usize;
-                out[..lo].fill(0.0);
-                for (t, o) in out.iter_mut().enumerate().take(hi).skip(lo) {
-                    *o = row[(first + t as isize) as usize >> shift];
-                }
-                out[hi.max(lo)..].fill(0.0);
+                // Upsampled (`up` is 2), stride 1.
+                copy_clipped_doubled(out, row, first);
             } else {
                 for (t, o) in out.iter_mut().enumerate() {
                     let ix = first + (t * sw) as isize;
@@ -481,8 +445,71 @@ pub(crate) fn pack_conv_b(
 }
 
 /// `out[t] = row[first + t]` where `first + t` lies in `row`, zero elsewhere: a stretch of
-/// an image row clipped at both borders, 16 values a masked load and store (a masked-off
-/// lane reads no memory, so the loads may start before the row or end after it).
+/// an image row clipped at both borders.
+#[inline(always)]
+fn copy_clipped(out: &mut [f32], row: &[f32], first: isize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected.
+        unsafe { copy_clipped_avx512(out, row, first) };
+        return;
+    }
+    copy_clipped_scalar(out, row, first);
+}
+
+/// [`copy_clipped`] one value at a time.
+#[inline(always)]
+fn copy_clipped_scalar(out: &mut [f32], row: &[f32], first: isize) {
+    let len = out.len() as isize;
+    let lo = (-first).clamp(0, len) as usize;
+    let hi = (row.len() as isize - first).clamp(0, len) as usize;
+    out[..lo].fill(0.0);
+    if hi > lo {
+        let s = (first + lo as isize) as usize;
+        // A loop, not copy_from_slice: a call to memmove per run of at most `nr` values
+        // costs more than the copy.
+        for (o, &v) in out[lo..hi].iter_mut().zip(&row[s..s + (hi - lo)]) {
+            *o = v;
+        }
+    }
+    out[hi.max(lo)..].fill(0.0);
+}
+
+/// `out[t] = row[(first + t) / 2]` where `first + t` lies in the row upsampled twice by
+/// nearest neighbour (`0 .. 2 * row.len()`), zero elsewhere.
+#[inline(always)]
+fn copy_clipped_doubled(out: &mut [f32], row: &[f32], first: isize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected.
+        unsafe { copy_clipped_doubled_avx512(out, row, first) };
+        return;
+    }
+    copy_clipped_doubled_scalar(out, row, first);
+}
+
+/// [`copy_clipped_doubled`] one value at a time.
+#[inline(always)]
+fn copy_clipped_doubled_scalar(out: &mut [f32], row: &[f32], first: isize) {
+    let len = out.len() as isize;
+    let lo = (-first).clamp(0, len) as usize;
+    let hi = (2 * row.len() as isize - first).clamp(0, len) as usize;
+    out[..lo].fill(0.0);
+    for (t, o) in out.iter_mut().enumerate().take(hi).skip(lo) {
+        *o = row[(first + t as isize) as usize / 2];
+    }
+    out[hi.max(lo)..].fill(0.0);
+}
+
+/// The mask of lanes `from .. to` of 16 (`from <= to <= 16`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes(from: usize, to: usize) -> u16 {
+    (((1_u32 << to) - 1) & !((1_u32 << from) - 1)) as u16
+}
+
+/// [`copy_clipped`], 16 values a masked load and store (a masked-off lane reads no memory,
+/// so the loads may start before the row or end after it).
 ///
 /// # Safety
 /// The CPU supports AVX-512F.
@@ -492,24 +519,22 @@ unsafe fn copy_clipped_avx512(out: &mut [f32], row: &[f32], first: isize) {
     use std::arch::x86_64::*;
     let (len, width) = (out.len(), row.len() as isize);
     for t in (0..len).step_by(16) {
-        let n = (len - t).min(16) as u32;
+        let n = (len - t).min(16) as isize;
         let start = first + t as isize;
-        let lo = (-start).clamp(0, n as isize) as u32;
-        let hi = (width - start).clamp(0, n as isize) as u32;
-        let valid = ((1_u32 << hi) - 1) & !((1_u32 << lo) - 1);
+        let lo = (-start).clamp(0, n) as usize;
+        let hi = (width - start).clamp(0, n) as usize;
         // SAFETY: the loaded lanes are those of `row[start + lo .. start + hi]`, inside
         // `row`; masked-off lanes are not read (the pointer to them is never dereferenced);
         // the store covers `out[t .. t + n]`.
         unsafe {
-            let v = _mm512_maskz_loadu_ps(valid as __mmask16, row.as_ptr().wrapping_offset(start));
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(t), ((1_u32 << n) - 1) as __mmask16, v);
+            let v = _mm512_maskz_loadu_ps(lanes(lo, hi), row.as_ptr().wrapping_offset(start));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(t), lanes(0, n as usize), v);
         }
     }
 }
 
-/// `out[t] = row[(first + t) / 2]` where `first + t` lies in the row upsampled twice
-/// (`0 .. 2 * row.len()`), zero elsewhere: [`copy_clipped_avx512`] for an image upsampled by
-/// nearest neighbour. Each 16 values come from 9 loaded ones, each twice (`vpermps`).
+/// [`copy_clipped_doubled`]: each 16 values come from 9 loaded ones, each twice
+/// (`vpermps`).
 ///
 /// # Safety
 /// The CPU supports AVX-512F.
@@ -521,13 +546,15 @@ unsafe fn copy_clipped_doubled_avx512(out: &mut [f32], row: &[f32], first: isize
     // Lane i of 16 starting at an even (odd) position reads loaded value i / 2 ((i + 1) / 2).
     let even = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     let odd = _mm512_setr_epi32(0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8);
-    let span = |from: isize, to: isize| (((1_u32 << to) - 1) & !((1_u32 << from) - 1)) as u16;
+    let span = |from: isize, to: isize, most: isize| {
+        lanes(from.clamp(0, most) as usize, to.clamp(0, most) as usize)
+    };
     for t in (0..len).step_by(16) {
         let n = (len - t).min(16) as isize;
         let start = first + t as isize;
-        let valid = span((-start).clamp(0, n), (2 * width - start).clamp(0, n));
+        let valid = span(-start, 2 * width - start, n);
         let base = start.div_euclid(2);
-        let loaded = span((-base).clamp(0, 9), (width - base).clamp(0, 9));
+        let loaded = span(-base, width - base, 9);
         let order = if start.rem_euclid(2) == 0 { even } else { odd };
         // SAFETY: the loaded lanes are those of `row[base + from .. base + to]`, inside
         // `row`; a valid lane's value index lies in `row`, so it was loaded; the store covers
@@ -535,7 +562,7 @@ unsafe fn copy_clipped_doubled_avx512(out: &mut [f32], row: &[f32], first: isize
         unsafe {
             let v = _mm512_maskz_loadu_ps(loaded, row.as_ptr().wrapping_offset(base));
             let doubled = _mm512_maskz_permutexvar_ps(valid, order, v);
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(t), span(0, n), doubled);
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(t), lanes(0, n as usize), doubled);
         }
     }
 }
@@ -609,11 +636,7 @@ unsafe fn pair_panel_avx512(src: &[f32], kc: usize, width: usize, dst: &mut [u32
         let even = &src[2 * p * width..(2 * p + 1) * width];
         let odd = src.get((2 * p + 1) * width..(2 * p + 2) * width);
         for j in (0..width).step_by(16) {
-            let mask: __mmask16 = if width - j >= 16 {
-                0xffff
-            } else {
-                (1_u16 << (width - j)) - 1
-            };
+            let mask = lanes(0, (width - j).min(16));
             // SAFETY: the masks keep the loads inside `even` and `odd` and the store inside
             // `d`, all `width` values long from `j`.
             unsafe {
@@ -713,6 +736,48 @@ mod tests {
             assert_eq!(d, [0; 16]);
             pair_panel(&[tiny[1]; 16], 1, 16, &mut d);
             assert_eq!(d, [0x8000; 16]);
+        }
+    }
+
+    /// Both ways of copying a clipped stretch of a row, plain and upsampled, give the
+    /// definition's values for stretches starting before, inside and after the row and
+    /// ending before, inside and after it, over lengths around the 16-value blocks.
+    #[test]
+    fn clipped_row_copies_match_the_definition() {
+        let row: Vec<f32> = (1..=21).map(|v| v as f32).collect();
+        let width = row.len() as isize;
+        for len in [1, 5, 15, 16, 17, 32, 40] {
+            for first in -45..50_isize {
+                let plain: Vec<f32> = (0..len as isize)
+                    .map(|t| match first + t {
+                        i if (0..width).contains(&i) => row[i as usize],
+                        _ => 0.0,
+                    })
+                    .collect();
+                let doubled: Vec<f32> = (0..len as isize)
+                    .map(|t| match first + t {
+                        i if (0..2 * width).contains(&i) => row[i as usize / 2],
+                        _ => 0.0,
+                    })
+                    .collect();
+                let mut out = vec![f32::NAN; len];
+                copy_clipped_scalar(&mut out, &row, first);
+                assert_eq!(out, plain, "scalar, first {first}, len {len}");
+                out.fill(f32::NAN);
+                copy_clipped_doubled_scalar(&mut out, &row, first);
+                assert_eq!(out, doubled, "scalar doubled, first {first}, len {len}");
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    out.fill(f32::NAN);
+                    // SAFETY: AVX-512F was detected.
+                    unsafe { copy_clipped_avx512(&mut out, &row, first) };
+                    assert_eq!(out, plain, "AVX-512, first {first}, len {len}");
+                    out.fill(f32::NAN);
+                    // SAFETY: as above.
+                    unsafe { copy_clipped_doubled_avx512(&mut out, &row, first) };
+                    assert_eq!(out, doubled, "AVX-512 doubled, first {first}, len {len}");
+                }
+            }
         }
     }
 
