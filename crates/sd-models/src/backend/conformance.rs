@@ -502,7 +502,28 @@ fn check_linear<B: Backend>(c: &mut Ctx<'_, B>) -> Result<()> {
 }
 
 fn check_conv2d<B: Backend>(c: &mut Ctx<'_, B>) -> Result<()> {
-    let cases: [(&[usize], &[usize], Conv2dParams, bool); 8] = [
+    let cases: [(&[usize], &[usize], Conv2dParams, bool); 11] = [
+        // Whole blocks of 32 channels, which a backend may convolve directly on a
+        // channel-blocked copy: fewer output channels than a vector, a batch of small images
+        // with a remainder past 32, stride 2 with a row count that is not a tile's.
+        (
+            &[2, 32, 9, 7],
+            &[6, 32, 3, 3],
+            Conv2dParams::new(1, 1),
+            true,
+        ),
+        (
+            &[3, 64, 4, 4],
+            &[37, 64, 3, 3],
+            Conv2dParams::new(1, 1),
+            false,
+        ),
+        (
+            &[1, 32, 11, 10],
+            &[40, 32, 3, 3],
+            Conv2dParams::new(2, 1),
+            true,
+        ),
         (&[2, 4, 9, 7], &[6, 4, 3, 3], Conv2dParams::new(1, 1), true),
         // Batches of small images, which a backend may run as one product.
         (&[3, 5, 4, 4], &[6, 5, 3, 3], Conv2dParams::new(1, 1), true),

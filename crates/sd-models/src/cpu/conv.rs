@@ -2,6 +2,7 @@
 //! times the unfolded input, packed tile by tile straight from the image: no im2col buffer).
 
 use super::math::dispatch;
+use super::packed::blocked::{BAND_BYTES, Direct, convolve, runs_direct};
 use super::packed::pack::{ConvGeom, pack_conv_b};
 use super::packed::{ASource, BSource, Product, Start, run};
 use super::{CpuBackend, CpuTensor, PackLayout, PackedData, contiguous, threads};
@@ -17,12 +18,17 @@ impl ConvOps for CpuBackend {
                 found: format!("{:?}", weight.shape()),
             });
         }
-        let packed = weight.prepacked(
+        let s = weight.shape();
+        let layout = if runs_direct(self.isa(), s[1], s[2], s[3]) {
+            PackLayout::Taps {
+                nr: self.isa().nr(),
+            }
+        } else {
             PackLayout::Rows {
                 mr: self.isa().mr(),
-            },
-            self.precision(),
-        );
+            }
+        };
+        let packed = weight.prepacked(layout, self.precision());
         weight.discard();
         packed
     }
@@ -94,6 +100,42 @@ impl CpuBackend {
         };
         let pixels = ho * wo;
         let isa = self.isa();
+        let precision = self.precision();
+        if runs_direct(isa, c, kh, kw) {
+            let geom = ConvGeom {
+                c,
+                h,
+                w,
+                up,
+                kh,
+                kw,
+                params,
+                ho,
+                wo,
+                images: n,
+            };
+            let packed = weight.packed_taps(isa, precision, o, geom.k())?;
+            // Every value is written by the bands' transpositions.
+            let mut out = super::pool::take(n * o * pixels);
+            // SAFETY: the weight was packed for `isa` (which the backend checked) in
+            // `precision`, for this geometry's K; the bias holds `o` values (checked above).
+            unsafe {
+                convolve(
+                    isa,
+                    &Direct {
+                        x: xs,
+                        geom,
+                        o,
+                        weight: packed.panels(),
+                        bias,
+                        precision,
+                    },
+                    BAND_BYTES,
+                    &mut out,
+                );
+            }
+            return CpuTensor::from_vec(&[n, o, ho, wo], out);
+        }
         // Images whose pixels fill less than two column tiles go through one product for
         // the whole batch: the tiles are full and each weight, read from memory once, meets
         // every image. Measured on the UNet's 4x4 layers (1280 channels, batch 2): 15-20%
@@ -112,7 +154,6 @@ impl CpuBackend {
             wo,
             images: if together { n } else { 1 },
         };
-        let precision = self.precision();
         let packed = weight.packed_rows(isa, precision, o, geom.k())?;
         // Every value is written by the product.
         let mut out = super::pool::take(n * o * pixels);

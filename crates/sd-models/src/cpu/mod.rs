@@ -164,6 +164,9 @@ pub(crate) enum PackLayout {
     /// `[N, K]` as the B operand `K x N` in micro-panels of `nr` columns: a linear layer's
     /// weight.
     Cols { nr: usize },
+    /// `[O, C, kh, kw]` as [`PackLayout::Cols`] with each row's `K` reordered for a direct
+    /// convolution (channel block, tap, channel; see [`packed::blocked`]).
+    Taps { nr: usize },
 }
 
 /// A weight packed once for the GEMM, with its logical shape.
@@ -249,7 +252,9 @@ impl Packed {
         let k: usize = self.shape.iter().skip(1).product();
         let mut out = vec![0.0; rows * k];
         let p = match self.layout {
-            PackLayout::Rows { mr } | PackLayout::Cols { nr: mr } => mr,
+            PackLayout::Rows { mr } | PackLayout::Cols { nr: mr } | PackLayout::Taps { nr: mr } => {
+                mr
+            }
         };
         for (i, row) in out.chunks_exact_mut(k.max(1)).enumerate() {
             for (kk, v) in row.iter_mut().enumerate() {
@@ -267,8 +272,20 @@ impl Packed {
                 };
             }
         }
-        out
+        match self.layout {
+            PackLayout::Taps { .. } => {
+                let (c, taps) = channels_and_taps(&self.shape);
+                packed::blocked::channels_first(&out, c, taps)
+            }
+            _ => out,
+        }
     }
+}
+
+/// The input channels and kernel taps of a convolution weight's shape `[O, C, kh, kw]`.
+fn channels_and_taps(shape: &[usize]) -> (usize, usize) {
+    let c = shape.get(1).copied().unwrap_or(1);
+    (c, shape.iter().skip(2).product())
 }
 
 impl CpuTensor {
@@ -358,6 +375,18 @@ impl CpuTensor {
         self.packed(PackLayout::Rows { mr: isa.mr() }, precision, m, k)
     }
 
+    /// This `[O, C, kh, kw]` weight as B micro-panels of a direct convolution
+    /// ([`PackLayout::Taps`]) for `isa` in `precision`.
+    pub(crate) fn packed_taps(
+        &self,
+        isa: CpuIsa,
+        precision: CpuPrecision,
+        o: usize,
+        k: usize,
+    ) -> Result<PanelsCow<'_>> {
+        self.packed(PackLayout::Taps { nr: isa.nr() }, precision, o, k)
+    }
+
     /// This `[n, k]` weight as B micro-panels (of its transpose) for `isa` in `precision`.
     pub(crate) fn packed_cols(
         &self,
@@ -397,6 +426,11 @@ impl CpuTensor {
         let (f32s, width) = match layout {
             PackLayout::Rows { mr } => (packed::pack::prepack_rows(w, rows, k, mr), mr),
             PackLayout::Cols { nr } => (packed::pack::prepack_cols(w, rows, k, nr), nr),
+            PackLayout::Taps { nr } => {
+                let (c, taps) = channels_and_taps(self.shape());
+                let w = packed::blocked::taps_first(w, c, taps);
+                (packed::pack::prepack_cols(&w, rows, k, nr), nr)
+            }
         };
         Ok(PanelsCow::Owned(PackedData::in_precision(
             f32s, k, width, precision,

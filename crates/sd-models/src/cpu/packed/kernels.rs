@@ -203,6 +203,92 @@ pub(crate) unsafe fn avx512_bf16(
     }
 }
 
+/// `C (+)= A B` for a tile of `rows <= 12` by `cols <= 32` whose A rows are read where they
+/// lie (a direct convolution's channel-blocked image, [`super::blocked`]): row `r`'s values
+/// of block `q` are the `CB` values (f32) from `rows_at[r] + chunks[q]`; `b` holds `CB`
+/// groups of 32 values for every block, as for [`avx512_f32`].
+///
+/// # Safety
+/// The CPU supports AVX-512F; every `rows_at[r] + chunks[q]` addresses `CB` readable
+/// values; `b` holds `chunks.len() * CB * 32`; `c` and the `Init` pointer as for
+/// [`avx512_f32`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn avx512_f32_rows(
+    rows_at: &[*const f32; AVX512_MR],
+    chunks: &[usize],
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    init: Init,
+) {
+    use super::blocked::CB;
+    let masks = masks512(cols);
+    // SAFETY (whole body): as for `avx512_f32`, with A read at the caller's offsets.
+    unsafe {
+        let (mut lo, mut hi) = start512(init, c, ldc, rows, masks);
+        let mut b = b;
+        for &off in chunks {
+            let a: [*const f32; AVX512_MR] = std::array::from_fn(|r| rows_at[r].add(off));
+            for s in 0..CB {
+                let b0 = _mm512_loadu_ps(b);
+                let b1 = _mm512_loadu_ps(b.add(16));
+                for r in 0..AVX512_MR {
+                    let av = _mm512_set1_ps(*a[r].add(s));
+                    lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
+                    hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
+                }
+                b = b.add(AVX512_NR);
+            }
+        }
+        store512(&(lo, hi), c, ldc, rows, masks);
+    }
+}
+
+/// [`avx512_f32_rows`] on bf16 pairs: a block is `CB / 2` pairs of A (`u32`) and `CB / 2`
+/// groups of 32 pairs of B, as for [`avx512_bf16`].
+///
+/// # Safety
+/// As [`avx512_f32_rows`] in pairs, and the CPU supports AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn avx512_bf16_rows(
+    rows_at: &[*const u32; AVX512_MR],
+    chunks: &[usize],
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    init: Init,
+) {
+    use super::blocked::CB;
+    let masks = masks512(cols);
+    // SAFETY (whole body): as for `avx512_bf16`, with A read at the caller's offsets.
+    unsafe {
+        let (mut lo, mut hi) = start512(init, c, ldc, rows, masks);
+        let mut b = b;
+        for &off in chunks {
+            let a: [*const u32; AVX512_MR] = std::array::from_fn(|r| rows_at[r].add(off));
+            for s in 0..CB / 2 {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
+                for r in 0..AVX512_MR {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a[r].add(s) as i32));
+                    lo[r] = _mm512_dpbf16_ps(lo[r], av, b0);
+                    hi[r] = _mm512_dpbf16_ps(hi[r], av, b1);
+                }
+                b = b.add(AVX512_NR);
+            }
+        }
+        store512(&(lo, hi), c, ldc, rows, masks);
+    }
+}
+
 /// The portable tile: 6 rows by 16 columns, plain Rust that the compiler vectorises for the
 /// target (AVX2 and FMA where [`avx2_f32`] is used).
 pub(crate) const PORTABLE_MR: usize = 6;

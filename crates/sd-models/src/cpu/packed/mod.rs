@@ -12,6 +12,7 @@
 //! Every element of C sums its `K` terms in the same order (blocks of `KC`, then `k` within
 //! a block) however the work is split, so results do not depend on the number of threads.
 
+pub(crate) mod blocked;
 pub(crate) mod kernels;
 pub(crate) mod pack;
 
@@ -198,6 +199,9 @@ pub(crate) enum ASource<'a> {
     Packed(Panels<'a>, usize),
     /// A strided matrix, packed on the fly.
     Strided(Strided<'a>),
+    /// A direct convolution's channel-blocked image, read where it lies (AVX-512 only;
+    /// `K` a multiple of [`blocked::CB`]).
+    Rows(blocked::ConvRows<'a>),
 }
 
 /// Where B comes from.
@@ -300,6 +304,15 @@ fn blocks(isa: CpuIsa, p: &Product<'_>, threads: usize) -> Vec<Block> {
             rows = rows.max(want.div_ceil(cols).min(p.m.div_ceil(mr)));
         } else {
             cols = cols.max(want.div_ceil(rows).min(p.n.div_ceil(nr)));
+        }
+    }
+    // Neither operand packed on the fly (a direct convolution): rows split for free, so a
+    // few more make the count a multiple of the threads, and no thread is left to run the
+    // last task alone (9 tasks on 2 threads take 5 rounds of work for 4.5).
+    if threads > 1 && !a_on_the_fly && !b_on_the_fly {
+        let max_rows = p.m.div_ceil(mr);
+        while !(rows * cols).is_multiple_of(threads) && rows < max_rows {
+            rows += 1;
         }
     }
     let mut out = Vec::new();
@@ -500,7 +513,7 @@ unsafe fn run_block(
                     panels.widen((panel * stride + pc) * mr, kc * mr, dst);
                 }
             }
-            ASource::Packed(..) => {}
+            ASource::Packed(..) | ASource::Rows(_) => {}
         }
         let mut jr = blk.n0;
         while jr < blk.n1 {
@@ -535,6 +548,36 @@ unsafe fn run_block(
             let mut ir = blk.m0;
             while ir < blk.m1 {
                 let tile_rows = mr.min(blk.m1 - ir);
+                let init = match (pc, p.start) {
+                    (0, Start::Zero) => Init::Zero,
+                    (0, Start::RowBias(bias)) => Init::Row(bias[ir..].as_ptr()),
+                    (0, Start::ColBias(bias)) => Init::Col(bias[jr..].as_ptr()),
+                    _ => Init::Load,
+                };
+                let cp = c.0.wrapping_add(ir * ldc + jr);
+                #[cfg(target_arch = "x86_64")]
+                if let ASource::Rows(a) = p.a {
+                    // SAFETY: as below; rows past the tile's read its last pixel again
+                    // (never stored); the offsets address whole blocks of the image (made
+                    // with it), and K blocks are whole channel blocks.
+                    unsafe {
+                        direct_tile(
+                            a,
+                            ir,
+                            blk.m1 - 1,
+                            pc,
+                            kc,
+                            bpanel,
+                            cp,
+                            ldc,
+                            tile_rows,
+                            cols,
+                            init,
+                        )
+                    };
+                    ir += mr;
+                    continue;
+                }
                 let apanel = match p.a {
                     ASource::Packed(panels, stride) if !a_half => {
                         panels.panel(((ir / mr) * stride.div_ceil(per) + pg) * mr, kg * mr)
@@ -548,13 +591,6 @@ unsafe fn run_block(
                         }
                     }
                 };
-                let init = match (pc, p.start) {
-                    (0, Start::Zero) => Init::Zero,
-                    (0, Start::RowBias(bias)) => Init::Row(bias[ir..].as_ptr()),
-                    (0, Start::ColBias(bias)) => Init::Col(bias[jr..].as_ptr()),
-                    _ => Init::Load,
-                };
-                let cp = c.0.wrapping_add(ir * ldc + jr);
                 // SAFETY: the tile lies in this task's block of C (caller's contract); the
                 // panels hold `kg` groups; the bias slices hold the tile's rows or columns;
                 // a bf16 product runs only where AVX512-BF16 was checked.
@@ -584,6 +620,45 @@ unsafe fn run_block(
             jr += nr;
         }
         pc += kc;
+    }
+}
+
+/// One tile of a direct convolution: rows `ir ..` of the product read from the blocked
+/// image `a` (a row past `last` reads row `last`), K from `pc` for `kc`.
+///
+/// # Safety
+/// As for the kernels: the CPU has AVX-512F (and AVX512-BF16 for pairs); `a` was made for
+/// this product; `b`, `c` and `init` as [`run_block`] passes them.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn direct_tile(
+    a: blocked::ConvRows<'_>,
+    ir: usize,
+    last: usize,
+    pc: usize,
+    kc: usize,
+    b: Panel<'_>,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    init: Init,
+) {
+    use blocked::CB;
+    let chunks = &a.chunks[pc / CB..(pc + kc).div_ceil(CB)];
+    let at = |r: usize| a.data[a.pixels[(ir + r).min(last)]..].as_ptr();
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match b {
+            Panel::F32(b) => {
+                let rows_at = std::array::from_fn(at);
+                kernels::avx512_f32_rows(&rows_at, chunks, b.as_ptr(), c, ldc, rows, cols, init);
+            }
+            Panel::Bf16(b) => {
+                let rows_at = std::array::from_fn(|r| at(r).cast::<u32>());
+                kernels::avx512_bf16_rows(&rows_at, chunks, b.as_ptr(), c, ldc, rows, cols, init);
+            }
+        }
     }
 }
 

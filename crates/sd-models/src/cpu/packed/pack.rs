@@ -155,7 +155,7 @@ const MAX_LINES: usize = 32;
 /// same data movement), blocks of 16 lines by 16 values are transposed in registers;
 /// the rest is scattered one value at a time.
 #[inline(always)]
-fn transpose_lines<'a>(
+pub(crate) fn transpose_lines<'a>(
     dst: &mut [f32],
     width: usize,
     lines: usize,
@@ -229,7 +229,7 @@ fn transpose_round<const S: usize>(r: &mut [std::arch::x86_64::__m512; 16]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
+pub(crate) fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
     transpose_round::<8>(r);
     transpose_round::<4>(r);
     transpose_round::<2>(r);
@@ -504,7 +504,7 @@ fn copy_clipped_doubled_scalar(out: &mut [f32], row: &[f32], first: isize) {
 /// The mask of lanes `from .. to` of 16 (`from <= to <= 16`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn lanes(from: usize, to: usize) -> u16 {
+pub(crate) fn lanes(from: usize, to: usize) -> u16 {
     (((1_u32 << to) - 1) & !((1_u32 << from) - 1)) as u16
 }
 
