@@ -10,9 +10,10 @@
 //! Where the time goes, and how it is spent well:
 //! - every product (convolutions, linear layers, attention) runs on one BLIS-style GEMM with
 //!   register-blocked microkernels chosen at run time ([`CpuIsa`]); weights are packed once
-//!   when a layer is loaded (`prepare_*_weight`), convolutions are implicit GEMMs that pack
-//!   the unfolded input tile by tile from the image (no im2col buffer), and a nearest
-//!   upsampling before a convolution is read through the same packing;
+//!   when a layer is loaded (`prepare_*_weight`); a 3x3 convolution runs directly on a
+//!   channel-blocked copy of its input (AVX-512) or as an implicit GEMM that packs the
+//!   unfolded input tile by tile from the image (no im2col buffer either way), and a nearest
+//!   upsampling before a convolution is read through the same copy or packing;
 //! - attention is fused (tiled, online softmax; the scores never exist whole);
 //! - large outputs come from a pool that dropped tensors return to, so a network's steady
 //!   state neither maps fresh memory nor takes page faults;

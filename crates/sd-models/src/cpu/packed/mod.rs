@@ -6,8 +6,10 @@
 //! rayon's pool; each task walks `K` in blocks of [`KC`], packs what is not packed already
 //! and calls the kernel for every `MR x NR` tile. A convolution is the product of its
 //! weights (`[O, C kh kw]`, packed once) with its unfolded input, packed straight from the
-//! image, so no im2col buffer exists (implicit GEMM). A linear layer is the product of its
-//! input with its packed, transposed weight.
+//! image, so no im2col buffer exists (implicit GEMM); or, with AVX-512 and whole blocks of
+//! channels, the transposed product read straight from a channel-blocked copy of the image
+//! ([`blocked`]). A linear layer is the product of its input with its packed, transposed
+//! weight.
 //!
 //! Every element of C sums its `K` terms in the same order (blocks of `KC`, then `k` within
 //! a block) however the work is split, so results do not depend on the number of threads.
