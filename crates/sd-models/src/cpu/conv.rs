@@ -104,20 +104,22 @@ impl CpuBackend {
         let pixels = ho * wo;
         let isa = self.isa();
         let precision = self.precision();
+        // The whole batch's geometry; the implicit GEMM's products take one image each but
+        // for small images.
+        let batch = ConvGeom {
+            c,
+            h,
+            w,
+            up,
+            kh,
+            kw,
+            params,
+            ho,
+            wo,
+            images: n,
+        };
         if runs_direct(isa, c, kh, kw) {
-            let geom = ConvGeom {
-                c,
-                h,
-                w,
-                up,
-                kh,
-                kw,
-                params,
-                ho,
-                wo,
-                images: n,
-            };
-            let packed = weight.packed_taps(isa, precision, o, geom.k())?;
+            let packed = weight.packed_taps(isa, precision, o, batch.k())?;
             // Every value is written by the bands' transpositions.
             let mut out = super::pool::take(n * o * pixels);
             // SAFETY: the weight was packed for `isa` (which the backend checked) in
@@ -127,7 +129,7 @@ impl CpuBackend {
                     isa,
                     &Direct {
                         x: xs,
-                        geom,
+                        geom: batch,
                         o,
                         weight: packed.panels(),
                         bias,
@@ -146,16 +148,8 @@ impl CpuBackend {
         // each.
         let together = n > 1 && pixels < 2 * isa.nr();
         let geom = ConvGeom {
-            c,
-            h,
-            w,
-            up,
-            kh,
-            kw,
-            params,
-            ho,
-            wo,
             images: if together { n } else { 1 },
+            ..batch
         };
         let packed = weight.packed_rows(isa, precision, o, geom.k())?;
         // Every value is written by the product.
