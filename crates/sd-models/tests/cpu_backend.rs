@@ -69,14 +69,7 @@ fn half_precision_weights_stay_half_and_compute_the_same() {
             .collect::<Vec<_>>()
     };
     let x = cpu.upload(&data(70 * 48, 0.1), &[70, 48]).unwrap();
-    let img = cpu
-        .upload(&data(2 * 8 * 9 * 9, 0.2), &[2, 8, 9, 9])
-        .unwrap();
     let w16: Vec<f16> = data(40 * 48, 0.3).into_iter().map(f16::from_f32).collect();
-    let wb: Vec<bf16> = data(12 * 8 * 9, 0.4)
-        .into_iter()
-        .map(bf16::from_f32)
-        .collect();
     let lin_half = cpu
         .prepare_linear_weight(cpu.upload_half(HalfData::F16(&w16), &[40, 48]).unwrap())
         .unwrap();
@@ -97,29 +90,45 @@ fn half_precision_weights_stay_half_and_compute_the_same() {
         cpu.download(&cpu.linear(&x, &lin_f32, None).unwrap())
             .unwrap()
     );
-    let conv_half = cpu
-        .prepare_conv_weight(
-            cpu.upload_half(HalfData::BF16(&wb), &[12, 8, 3, 3])
-                .unwrap(),
-        )
-        .unwrap();
-    assert_eq!(cpu.dtype(&conv_half), DType::BF16);
-    let conv_f32 = cpu
-        .prepare_conv_weight(
-            cpu.upload(
-                &wb.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
-                &[12, 8, 3, 3],
+    // 8 input channels take the implicit GEMM, 32 the direct convolution (with AVX-512).
+    for c in [8, 32] {
+        let img = cpu
+            .upload(&data(2 * c * 9 * 9, 0.2), &[2, c, 9, 9])
+            .unwrap();
+        let wb: Vec<bf16> = data(12 * c * 9, 0.4)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let conv_half = cpu
+            .prepare_conv_weight(
+                cpu.upload_half(HalfData::BF16(&wb), &[12, c, 3, 3])
+                    .unwrap(),
             )
-            .unwrap(),
-        )
-        .unwrap();
-    let p = Conv2dParams::new(1, 1);
-    assert_eq!(
-        cpu.download(&cpu.conv2d(&img, &conv_half, None, p).unwrap())
-            .unwrap(),
-        cpu.download(&cpu.conv2d(&img, &conv_f32, None, p).unwrap())
-            .unwrap()
-    );
+            .unwrap();
+        assert_eq!(cpu.dtype(&conv_half), DType::BF16);
+        let conv_f32 = cpu
+            .prepare_conv_weight(
+                cpu.upload(
+                    &wb.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                    &[12, c, 3, 3],
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        let p = Conv2dParams::new(1, 1);
+        assert_eq!(
+            cpu.download(&cpu.conv2d(&img, &conv_half, None, p).unwrap())
+                .unwrap(),
+            cpu.download(&cpu.conv2d(&img, &conv_f32, None, p).unwrap())
+                .unwrap()
+        );
+        // The prepared half weight reads back as its values, whatever its layout.
+        assert_eq!(
+            cpu.download(&cpu.reshape(&conv_half, &[12, c, 3, 3]).unwrap())
+                .unwrap(),
+            wb.iter().map(|v| v.to_f32()).collect::<Vec<_>>()
+        );
+    }
     // The prepared half weight still reads back as its values.
     assert_eq!(
         cpu.download(&cpu.reshape(&lin_half, &[40, 48]).unwrap())

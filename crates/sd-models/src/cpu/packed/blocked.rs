@@ -6,8 +6,8 @@
 //! the input's, read where they lie: no operand is packed while the product runs.
 //!
 //! For that the input is first copied once into a channel-blocked layout
-//! `[C / CB][images][Hp][Wp][CB]` with its zero padding (and a nearest upsampling) written
-//! out: the [`CB`] channels of one pixel are 128 contiguous bytes (64 as bf16 pairs), so a
+//! `[C / CB][images][rows][Wp][CB]` (the padded image's rows, or a band of them for a large
+//! image, [`Band`]) with its zero padding (and a nearest upsampling) written out: the [`CB`] channels of one pixel are 128 contiguous bytes (64 as bf16 pairs), so a
 //! row of the product's A operand, the unfolded input of one output pixel, is a run of such
 //! blocks at offsets that depend only on the tap ([`BlockedImage`]). `K` runs in the order
 //! (channel block, tap, channel within the block), and the weight is reordered to match
