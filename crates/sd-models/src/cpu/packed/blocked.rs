@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use super::pack::{ConvGeom, pair_panel, transpose_lines};
 #[cfg(target_arch = "x86_64")]
 use super::pack::{lanes, transpose16};
-use super::{ASource, BSource, CpuIsa, CpuPrecision, Panels, Product, Start, run};
+use super::{ASource, BSource, CPtr, CpuIsa, CpuPrecision, Panels, Product, Start, run};
 use crate::cpu::pool;
 use crate::cpu::threads;
 
@@ -323,7 +323,7 @@ pub(crate) fn channels_out(src: &[f32], o: usize, band: Band, g: &ConvGeom, out:
     assert!(src.len() >= band.images * per_image * o);
     assert!(out.len() >= (band.img0 + band.images) * o * plane);
     let blocks = o.div_ceil(BLOCK);
-    let out = SharedOut(out.as_mut_ptr());
+    let out = CPtr(out.as_mut_ptr());
     (0..band.images * blocks).into_par_iter().for_each(|t| {
         let (img, o0) = (t / blocks, (t % blocks) * BLOCK);
         let width = BLOCK.min(o - o0);
@@ -393,19 +393,6 @@ unsafe fn transpose_block_avx512(
     for (j, v) in r.iter().enumerate().take(cols) {
         // SAFETY: the caller's contract; the mask keeps the store to `rows` values.
         unsafe { _mm512_mask_storeu_ps(to.add(j * ld_to), lanes(0, rows), *v) };
-    }
-}
-
-/// The output of [`channels_out`], which tasks write in disjoint blocks.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint elements, and the buffer outlives them.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
     }
 }
 

@@ -245,13 +245,21 @@ pub(crate) struct Product<'a> {
     pub precision: CpuPrecision,
 }
 
-/// A raw pointer to C that tasks share; each task writes a disjoint block.
+/// A raw pointer to an output that tasks share; each task writes a disjoint block (of C in
+/// [`run`], of the output in [`blocked::channels_out`]).
 #[derive(Clone, Copy)]
 struct CPtr(*mut f32);
-// SAFETY: tasks write disjoint blocks of C (see `run`), and C outlives them (`run` returns
-// only after every task finished).
+// SAFETY: tasks write disjoint blocks of the output (see `run` and `channels_out`), and it
+// outlives them (both return only after every task finished).
 unsafe impl Send for CPtr {}
 unsafe impl Sync for CPtr {}
+
+impl CPtr {
+    /// Element `i` (a method, so that closures capture the shared pointer, not its field).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
 
 /// A task: rows `m0..m1` and columns `n0..n1` of C.
 #[derive(Debug, Clone, Copy)]
@@ -556,7 +564,7 @@ unsafe fn run_block(
                     (0, Start::ColBias(bias)) => Init::Col(bias[jr..].as_ptr()),
                     _ => Init::Load,
                 };
-                let cp = c.0.wrapping_add(ir * ldc + jr);
+                let cp = c.at(ir * ldc + jr);
                 #[cfg(target_arch = "x86_64")]
                 if let ASource::Rows(a) = p.a {
                     // SAFETY: as below; rows past the tile's read its last pixel again
